@@ -1,0 +1,67 @@
+"""The ``qcrd`` command. Each subcommand lives in its own module of this package and is imported only when run,
+so ``qcrd --help`` stays fast (Ray and torch are not imported to print help)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module under qcrd_ray.cli, one-line purpose). Each module defines add_arguments(parser) and run(args).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "Run the whole pipeline (teach -> train -> eval -> report) on a local or remote Ray cluster"),
+    "teach": ("teach", "Sample K teacher rationales per question on Ray Data and split them by self-consistency"),
+    "train": ("train", "Train the student (qcrd | dss | finetune) with Ray Train; resumes an existing run"),
+    "eval": ("evaluate", "Score a trained student on a split (predict or explain mode)"),
+    "serve": ("serve", "Serve a trained student over HTTP with Ray Serve"),
+    "data": ("data", "Inspect a dataset: rows, rejected rows with reasons, label distribution"),
+    "config": ("config", "Show the resolved configuration (defaults <- YAML <- --set overrides)"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The two options every stage takes: a YAML file and ``--set section.key=value`` overrides."""
+    parser.add_argument("--config", "-c", help="YAML config file (see `qcrd config show` for every key)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.rounds=3 (repeatable)",
+    )
+
+
+def build_parser(load_subcommands: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qcrd",
+        description="Distil an LLM's reasoning into a small seq2seq student with QCRD, on Ray.",
+        epilog="Run `qcrd <command> --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, purpose) in COMMANDS.items():
+        p = sub.add_parser(name, help=purpose, description=purpose)
+        if name == load_subcommands:
+            importlib.import_module(f"qcrd_ray.cli.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(load_subcommands=command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from qcrd_ray.config import ConfigError
+
+    module = importlib.import_module(f"qcrd_ray.cli.{COMMANDS[args.command][0]}")
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:
+        print(f"qcrd {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qcrd {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

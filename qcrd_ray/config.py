@@ -1,0 +1,367 @@
+"""Configuration: one frozen dataclass per stage, the paper's defaults, loaded from YAML.
+
+The resolved config is the single source of truth for a run. Values come from (lowest to highest priority):
+the defaults below, a YAML file (``--config``), and ``--set section.key=value`` overrides. Every field is
+validated: an unknown section or key, a value of the wrong type, a choice outside its allowed set or a number
+out of range raises :class:`ConfigError` naming the key and what is allowed.
+
+Choices and ranges live in each field's metadata (``choices=...``, ``lo``/``hi``), so validation, error
+messages and ``qcrd config show`` all read the same declaration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _choice(default: Any, *choices: Any) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _num(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"lo": lo, "hi": hi})
+
+
+TASKS = ("synthetic", "svamp", "cqa", "anli1", "esnli")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # None = the built-in synthetic arithmetic task (no download); else a DSS-layout folder holding
+    # `<task>/<task>_<split>.json`, or a JSONL/Parquet file for a user task.
+    data_dir: str | None = None
+    task: str = "synthetic"  # one of TASKS, or a user task name when `format` is jsonl/parquet
+    format: str = _choice("dss", "dss", "jsonl", "parquet")
+    # user tasks: column mapping from the file's columns to ours (id, input, label, choices)
+    columns: dict = field(default_factory=dict)
+    answer_type: str = _choice("auto", "auto", "numeric", "choice", "text")
+    train_split: str = "train"
+    eval_split: str = "test"
+    valid_fraction: float = _num(0.1, 0.0, 0.5)  # carved from train where a dataset has no valid split
+    split_seed: int = 0
+    max_rows: int | None = _num(None, 1)  # cap rows per split (quick runs); None = all
+    synthetic_train_size: int = _num(600, 1)
+    synthetic_eval_size: int = _num(150, 1)
+    synthetic_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    backend: str = _choice("synthetic", "synthetic", "hf", "http", "vllm", "recorded")
+    model: str | None = None  # HF name/path (hf, vllm) or API model name (http)
+    k: int = _num(5, 1, 64)  # rationales sampled per question
+    temperature: float = _num(0.7, 0.0, 2.0)
+    max_tokens: int = _num(256, 1)
+    stop: tuple = ()
+    seed: int = 0
+    # Ray Data actor pool: autoscales between min_actors and max_actors with the backlog
+    min_actors: int = _num(1, 1)
+    max_actors: int = _num(2, 1)
+    batch_size: int = _num(16, 1)
+    num_cpus: float = _num(0.5, 0.0)  # per teacher actor (fractional on a laptop)
+    num_gpus: float = _num(0.0, 0.0)  # per teacher actor (vllm / hf on a GPU cluster)
+    shard_rows: int = _num(256, 1)  # examples per output Parquet shard (the unit of resumption)
+    # http backend (OpenAI-compatible)
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api: str = _choice("chat", "chat", "completions")
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = _num(60.0, 0.1)
+    max_retries: int = _num(4, 0)
+    backoff_s: float = _num(1.0, 0.0)
+    max_concurrency: int = _num(8, 1)
+    # vllm backend
+    tensor_parallel_size: int = _num(1, 1)
+    max_model_len: int = _num(4096, 64)
+    gpu_memory_utilization: float = _num(0.85, 0.05, 1.0)
+
+
+@dataclass(frozen=True)
+class SelfConsistencyConfig:
+    # majority (paper): the majority answer's rationales are positives; gold: positives answer the gold label
+    positive_rule: str = _choice("majority", "majority", "gold")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    # "tiny" = a small T5 built from the config below with a Unigram tokenizer trained on the task's text;
+    # anything else is a Hugging Face hub name or a local path (e.g. google/t5-v1_1-base)
+    model: str = "tiny"
+    max_input_len: int = _num(256, 8)
+    max_target_len: int = _num(128, 8)
+    tiny_vocab_size: int = _num(800, 64)
+    tiny_d_model: int = _num(64, 8)
+    tiny_d_ff: int = _num(128, 8)
+    tiny_layers: int = _num(2, 1)
+    tiny_heads: int = _num(4, 1)
+    dtype: str = _choice("float32", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha1: float = _num(0.5, 0.0)  # label task (L_pred)
+    alpha2: float = _num(0.5, 0.0)  # contrastive rationale loss (L_cl)
+    alpha3: float = _num(0.5, 0.0)  # discriminator loss (L_D), decayed each round
+    alpha3_decay: float = _num(0.9, 0.0, 1.0)
+    beta: float = _num(0.2, 0.0)  # weight of the negative term
+    delta: float = _num(3.0, 0.0)  # margin: negatives whose loss exceeds delta give no gradient
+    dss_lambda: float = _num(1.0, 0.0)  # DSS baseline: L_pred + lambda * L_rationale
+    positives: str = _choice("sc", "sc", "single")  # ED ablation: all SC positives, or one teacher rationale
+    negatives: str = _choice("both", "both", "none", "teacher", "student")  # NK ablation
+    quality_judge: bool = True  # QJ ablation: off => s_pos = 1, s_neg = 0
+    scheme: str = _choice("minmax", "minmax", "maxmin", "sampling", "mean", "wmean")  # many-to-one (Table 5)
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    share_encoder: bool = False  # True: D pools the student's encoder instead of its own copy
+    hidden: int = _num(256, 1)
+    pretrain_steps: int = _num(500, 0)  # upper bound on pre-training steps on teacher positives vs negatives
+    pretrain_batch_size: int = _num(16, 1)
+    refresh_steps: int = _num(20, 0)  # steps on new student negatives at each round end
+    lr: float = _num(1e-4, 0.0)
+    mask_prob: float = _num(0.15, 0.0, 1.0)  # augmentation: random word masking
+    replace_prob: float = _num(0.1, 0.0, 1.0)  # augmentation: random word replacement
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    j: int = _num(5, 0)  # negatives come from the student as it was j rounds ago
+    neg_source: str = _choice("lagged", "lagged", "fixed")  # fixed: always the initial student (round 0)
+    temperature: float = _num(1.5, 0.0, 5.0)
+    max_new_tokens: int = _num(64, 1)
+    sampler_actors: int = _num(1, 1)
+    sampler_num_cpus: float = _num(0.5, 0.0)
+    sampler_num_gpus: float = _num(0.0, 0.0)
+    sampler_batch_size: int = _num(32, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = _choice("qcrd", "qcrd", "dss", "finetune")
+    num_workers: int = _num(2, 1)
+    use_gpu: bool = False
+    num_cpus_per_worker: float = _num(0.5, 0.0)
+    batch_size: int = _num(8, 1)  # per worker
+    lr: float = _num(5e-4, 0.0)
+    weight_decay: float = _num(0.0, 0.0)
+    warmup_steps: int = _num(0, 0)
+    rounds: int = _num(6, 1)  # training length in rounds
+    round_steps: int = _num(0, 0)  # optimizer steps per round; 0 = one epoch
+    grad_clip: float = _num(1.0, 0.0)
+    keep_checkpoints: int = _num(2, 1)
+    log_every: int = _num(10, 1)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = _num(8000, 1, 65535)
+    max_batch_size: int = _num(16, 1)
+    batch_wait_timeout_s: float = _num(0.01, 0.0)
+    min_replicas: int = _num(1, 0)
+    max_replicas: int = _num(2, 1)
+    target_ongoing_requests: float = _num(4.0, 0.1)
+    max_ongoing_requests: int = _num(32, 1)
+    num_cpus: float = _num(0.5, 0.0)
+    max_input_chars: int = _num(2000, 1)
+    max_inputs_per_request: int = _num(32, 1)
+    max_new_tokens: int = _num(128, 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    self_consistency: SelfConsistencyConfig = field(default_factory=SelfConsistencyConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with some keys of some sections changed, validated: ``cfg.replace(train={"rounds": 2})``."""
+        return from_dict(_merge(self.to_dict(), sections))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's annotation, converting what YAML cannot tell apart (1 → 1.0)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(where, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("on", "off", "true", "false", "yes", "no"):
+            return value.lower() in ("on", "true", "yes")
+        raise ConfigError(f"{where}: expected true/false (or on/off), got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if annotation is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        if isinstance(value, str):
+            return (value,)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if annotation is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {name}.{unknown[0]}; allowed keys in '{name}': {', '.join(sorted(fields))}"
+        )
+    values = {}
+    for key, value in raw.items():
+        where = f"{name}.{key}"
+        f = fields[key]
+        value = _coerce(where, value, hints[key])
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+        if value is not None and lo is not None and value < lo:
+            raise ConfigError(f"{where}: {value!r} is out of range; must be >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+        if value is not None and hi is not None and value > hi:
+            raise ConfigError(f"{where}: {value!r} is out of range; must be <= {hi}" + (f" and >= {lo}" if lo is not None else ""))
+        values[key] = value
+    return cls(**values)
+
+
+def from_dict(raw: Mapping | None) -> Config:
+    raw = dict(raw or {})
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section '{unknown[0]}'; allowed sections: {', '.join(sections)}")
+    hints = typing.get_type_hints(Config)
+    cfg = Config(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: Config) -> None:
+    if cfg.teacher.min_actors > cfg.teacher.max_actors:
+        raise ConfigError(
+            f"teacher.min_actors ({cfg.teacher.min_actors}) must be <= teacher.max_actors ({cfg.teacher.max_actors})"
+        )
+    if cfg.serve.min_replicas > cfg.serve.max_replicas:
+        raise ConfigError(
+            f"serve.min_replicas ({cfg.serve.min_replicas}) must be <= serve.max_replicas ({cfg.serve.max_replicas})"
+        )
+    if cfg.teacher.backend == "recorded" and cfg.teacher.k != 1:
+        raise ConfigError("teacher.k: the recorded backend replays one rationale per example; set teacher.k=1")
+    if cfg.teacher.backend in ("hf", "vllm") and not cfg.teacher.model:
+        raise ConfigError(f"teacher.model: the {cfg.teacher.backend} backend needs a model name or path")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.rounds=3"`` → ``(["train", "rounds"], 3)``; the value is parsed as YAML (``3``, ``0.5``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, _, value = text.partition("=")
+    keys = path.strip().split(".")
+    if len(keys) != 2 or not all(keys):
+        raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. train.rounds=3)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file ← ``section.key=value`` overrides, validated."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping of keys")
+        raw[section][key] = value
+    return from_dict(raw)
