@@ -1,0 +1,115 @@
+"""Submit, follow, inspect and stop qcrd jobs on a Ray cluster (a thin layer over JobSubmissionClient).
+
+    python -m jobs.submit submit [--address URL] -- python -m jobs.pipeline --config configs/cpu/synthetic.yaml
+    python -m jobs.submit logs JOB_ID [--follow]
+    python -m jobs.submit status JOB_ID
+    python -m jobs.submit stop JOB_ID
+
+`submit` ships this directory as the job's working dir, follows the logs until the job ends (unless
+--no-follow) and exits 0 only if the job SUCCEEDED, so it can gate a shell script or CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+# Never shipped with the working dir: local environments, run outputs, VCS metadata.
+WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(address: str, entrypoint: list[str], working_dir: str = ".", job_id: str | None = None,
+           env: dict[str, str] | None = None) -> str:
+    """Submit ``entrypoint`` with ``working_dir`` shipped to the cluster; returns the job id."""
+    runtime_env = {"working_dir": str(Path(working_dir).resolve()), "excludes": WORKING_DIR_EXCLUDES}
+    if env:
+        runtime_env["env_vars"] = env
+    return _client(address).submit_job(
+        entrypoint=" ".join(entrypoint), runtime_env=runtime_env, submission_id=job_id
+    )
+
+
+def follow(address: str, job_id: str, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    client = _client(address)
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(tail())
+    return wait(address, job_id)
+
+
+def wait(address: str, job_id: str, timeout_s: float = float("inf"), poll_s: float = 1.0) -> str:
+    client = _client(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)
+
+
+def exit_code(status: str) -> int:
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                        help="the cluster's job server (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="<action>")
+    p = sub.add_parser("submit", help="submit an entrypoint (after --) and follow it to the end")
+    p.add_argument("--working-dir", default=".", help="directory shipped to the cluster (default: .)")
+    p.add_argument("--job-id", help="submission id (default: generated)")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return at once")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- python -m jobs.pipeline --config ...")
+    for name, purpose in (("logs", "print a job's logs"), ("status", "print a job's status"),
+                          ("stop", "stop a running job")):
+        q = sub.add_parser(name, help=purpose)
+        q.add_argument("job_id")
+        if name == "logs":
+            q.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+    args = parser.parse_args(argv)
+
+    if args.action == "submit":
+        entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+        if not entrypoint:
+            parser.error("submit needs an entrypoint after --, e.g. -- python -m jobs.pipeline")
+        job_id = submit(args.address, entrypoint, args.working_dir, args.job_id)
+        print(f"submitted {job_id} to {args.address}", file=sys.stderr)
+        if args.no_follow:
+            print(job_id)
+            return 0
+        status = follow(args.address, job_id)
+        print(f"job {job_id}: {status}", file=sys.stderr)
+        return exit_code(status)
+    client = _client(args.address)
+    if args.action == "logs":
+        if args.follow:
+            return exit_code(follow(args.address, args.job_id))
+        print(client.get_job_logs(args.job_id), end="")
+    elif args.action == "status":
+        print(client.get_job_status(args.job_id).value)
+    elif args.action == "stop":
+        stopped = client.stop_job(args.job_id)
+        print(f"job {args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
