@@ -1,0 +1,1 @@
+"""The data layer: row schemas, task kinds, loaders, answer parsing/scoring and prompts (pure, no Ray)."""
