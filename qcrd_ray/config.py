@@ -174,6 +174,7 @@ class ServeConfig:
     max_replicas: int = _num(2, 1)
     target_ongoing_requests: float = _num(4.0, 0.1)
     max_ongoing_requests: int = _num(32, 1)
+    max_queued_requests: int = _num(64, -1)  # per caller (the HTTP proxy); beyond it: 503. -1 = unbounded
     num_cpus: float = _num(0.5, 0.0)
     max_input_chars: int = _num(2000, 1)
     max_inputs_per_request: int = _num(32, 1)
