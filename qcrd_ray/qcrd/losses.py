@@ -1,0 +1,146 @@
+"""QCRD losses (DESIGN.md §1, paper Eq. 2-8) as pure functions of tensors.
+
+Candidate rationales of a batch are ragged (each example has its own number of positives and negatives), so the
+per-candidate quantities come as padded ``[B, C]`` tensors with a boolean ``mask`` marking the real candidates.
+
+Many-to-one schemes (paper Table 5) all reduce to a per-candidate weight ``w`` over an example's candidates:
+``minmax`` (the paper: min loss over positives, max over negatives), ``maxmin`` (the reverse), ``sampling`` (one
+candidate drawn uniformly), ``mean`` (uniform weights) and ``wmean`` (weights from the detached quality scores,
+normalised: positives ``w ∝ s``, negatives ``w ∝ 1 − s``, so better positives and worse negatives count more; with
+the quality judge off both reduce to ``mean``). One-hot schemes select a single candidate, which lets the training
+step give gradient to that candidate only (``qcrd/step.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+SCHEMES = ("minmax", "maxmin", "sampling", "mean", "wmean")
+ONE_HOT_SCHEMES = ("minmax", "maxmin", "sampling")
+
+
+def sequence_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy of each sequence, ``l(x, r) = −(1/|r|) Σ_t log p(r_t | r_<t, x)``.
+
+    ``logits`` ``[N, T, V]``, ``labels`` ``[N, T]`` with ``-100`` on padding; returns ``[N]``. A sequence with no
+    target token has loss 0 (it carries no signal, and 0/0 would poison the batch with NaN).
+    """
+    token = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    n_tokens = (labels != IGNORE_INDEX).sum(dim=1)
+    return token.sum(dim=1) / n_tokens.clamp(min=1)
+
+
+def margin(losses: torch.Tensor, delta: float) -> torch.Tensor:
+    """The negative margin of Eq. 7, ``min(l(x, r) − δ, 0)``: a negative whose loss already exceeds δ gives no
+    gradient, so the student is not pushed to make bad rationales infinitely unlikely."""
+    return torch.clamp(losses - delta, max=0.0)
+
+
+def candidate_weights(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scheme: str,
+    *,
+    positive: bool,
+    scores: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-candidate weights ``w`` ``[B, C]`` of a many-to-one scheme; each row sums to 1 (0 for a row with no
+    candidate). ``values`` are the candidates' (detached) losses, ``scores`` their detached D scores (``wmean``).
+
+    Eq. 6 takes ``min_{r ∈ P}`` over positives and Eq. 7 ``max_{r ∈ N}`` over negatives (``minmax``); selection is
+    on the raw loss ``l`` (the margin is monotone, so the max of ``min(l − δ, 0)`` is attained at the max of ``l``).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown many-to-one scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    values = values.detach()
+    maskf = mask.to(values.dtype)
+    has_any = mask.any(dim=1, keepdim=True)
+    if scheme in ONE_HOT_SCHEMES:
+        if scheme == "sampling":
+            noise = torch.rand(values.shape, generator=generator, device="cpu").to(values.device)
+            index = noise.masked_fill(~mask, -1.0).argmax(dim=1)
+        else:
+            take_min = (scheme == "minmax") == positive
+            if take_min:
+                index = values.masked_fill(~mask, float("inf")).argmin(dim=1)
+            else:
+                index = values.masked_fill(~mask, float("-inf")).argmax(dim=1)
+        return F.one_hot(index, values.shape[1]).to(values.dtype) * has_any.to(values.dtype)
+    if scheme == "mean" or scores is None:
+        raw = maskf
+    else:
+        quality = scores.detach() if positive else 1.0 - scores.detach()
+        raw = quality.clamp(min=1e-6) * maskf
+    return raw / raw.sum(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def positive_term(
+    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 6, ``l_pos_i = s_pos_i · min_{r ∈ P_i} l(x_i, r)`` with ``s_pos_i = D(x_i, argmin r)`` detached, in its
+    many-to-one form ``Σ_c w_c · s_c · l_c``. ``scores`` None = quality judge off (``s ≡ 1``).
+
+    Returns ``(l_pos [B], s_pos [B])`` where ``s_pos`` is the weighted (detached) score used.
+    """
+    s = torch.ones_like(losses) if scores is None else scores.detach()
+    return (weights * s * losses).sum(dim=1), (weights * s).sum(dim=1).detach()
+
+
+def negative_term(
+    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7 with the margin, ``l_neg_i = (1 − s_neg_i) · max_{r ∈ N_i} min(l(x_i, r) − δ, 0)`` with
+    ``s_neg_i = D(x_i, argmax r)`` detached, in its many-to-one form ``Σ_c w_c · (1 − s_c) · min(l_c − δ, 0)``.
+    ``scores`` None = quality judge off (``s_neg ≡ 0``). Returns ``(l_neg [B], s_neg [B])``.
+    """
+    s = torch.zeros_like(losses) if scores is None else scores.detach()
+    return (weights * (1.0 - s) * margin(losses, delta)).sum(dim=1), (weights * s).sum(dim=1).detach()
+
+
+def contrastive_loss(
+    l_pos: torch.Tensor, l_neg: torch.Tensor, has_pos: torch.Tensor, has_neg: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Eq. 3, ``L_cl = mean_i [ l_pos_i − β · l_neg_i ]``.
+
+    The mean runs over the examples with at least one positive: an example without a positive keeps only its
+    label task (DESIGN.md §1), and one without a negative keeps only ``l_pos``. A batch in which no example has a
+    positive gives 0 (still attached to the graph, so DDP sees every parameter used).
+    """
+    valid = has_pos.to(l_pos.dtype)
+    per_example = l_pos - beta * l_neg * has_neg.to(l_neg.dtype)
+    return (per_example * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def discriminator_loss(
+    scores: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 2 as printed, ``L_D = mean_i [ −log( Σ_{r ∈ P_i} exp(s(x_i, r)) / Σ_{r ∈ N_i} exp(s(x_i, r)) ) ]``.
+
+    ``scores`` ``[B, C]`` are D's outputs with gradient; ``pos_mask``/``neg_mask`` mark each example's positives
+    and negatives among them. The ratio is undefined without both kinds, so the mean runs over the examples that
+    have at least one positive and one negative; a batch with none gives 0 (attached to the graph). Since
+    ``s ∈ (0, 1)`` the loss is bounded in ``(−1 − log|P|+log|N|, 1 − log|P|+log|N|)``.
+    """
+    neg_inf = torch.finfo(scores.dtype).min
+    log_pos = torch.logsumexp(scores.masked_fill(~pos_mask, neg_inf), dim=1)
+    log_neg = torch.logsumexp(scores.masked_fill(~neg_mask, neg_inf), dim=1)
+    valid = (pos_mask.any(dim=1) & neg_mask.any(dim=1)).to(scores.dtype)
+    per_example = torch.where(valid.bool(), log_neg - log_pos, torch.zeros_like(log_pos))
+    return (per_example * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def total_loss(
+    l_pred: torch.Tensor, l_cl: torch.Tensor, l_d: torch.Tensor, alpha1: float, alpha2: float, alpha3: float
+) -> torch.Tensor:
+    """Eq. 8, ``L_total = α1 · L_pred + α2 · L_cl + α3 · L_D``."""
+    return alpha1 * l_pred + alpha2 * l_cl + alpha3 * l_d
+
+
+def alpha3_at_round(alpha3: float, decay: float, round_index: int) -> float:
+    """α3 after ``round_index`` completed rounds: α3 ← decay · α3 at each round end, i.e. ``α3 · decay^round``."""
+    if round_index < 0:
+        raise ValueError(f"round_index must be >= 0, got {round_index}")
+    return alpha3 * decay**round_index
