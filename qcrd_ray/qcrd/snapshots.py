@@ -1,0 +1,120 @@
+"""SnapshotStore: one named Ray actor holding the student as it was in the last j + 1 rounds.
+
+Snapshot ``r`` is the student's weights at the *start* of round ``r`` (round 0 = the initial student), so the
+negatives of round ``r`` come from snapshot ``r - j`` (DESIGN.md §1). Rank 0 publishes each snapshot in one remote
+call; the actor ``ray.put``s it itself, so the object is owned by the actor and outlives the trainer's workers
+(an object a worker puts dies with that worker). With ``persist_dir`` the actor also writes each snapshot to disk
+so a resumed run can rebuild the ring.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+_FILE = re.compile(r"^round_(\d{4,})\.safetensors$")
+
+
+def source_round(round_index: int, j: int, held: Iterable[int], neg_source: str = "lagged") -> int:
+    """The snapshot that supplies round ``round_index``'s negatives: ``round_index - j``, or the oldest held.
+
+    ``neg_source="fixed"`` always answers round 0 (the initial student). Pure, so it is tested without Ray.
+    """
+    held = sorted(held)
+    if not held:
+        raise LookupError("no snapshot has been published yet")
+    wanted = 0 if neg_source == "fixed" else max(round_index - j, 0)
+    if wanted in held:
+        return wanted
+    if wanted < held[0]:
+        return held[0]
+    raise LookupError(f"snapshot {wanted} (round {round_index} - j {j}) is not held; held rounds: {held}")
+
+
+def rounds_to_keep(held: Iterable[int], j: int, neg_source: str = "lagged") -> list[int]:
+    """The ring after a publish: the newest j + 1 rounds (plus round 0 when negatives always come from it)."""
+    held = sorted(held)
+    keep = set(held[-(j + 1):])
+    if neg_source == "fixed" and 0 in held:
+        keep.add(0)
+    return sorted(keep)
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as CPU tensors (no copy on CPU: the remote call serialises them before training goes on)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def snapshot_path(persist_dir: str | os.PathLike, round_index: int) -> Path:
+    return Path(persist_dir) / f"round_{round_index:04d}.safetensors"
+
+
+def persisted_rounds(persist_dir: str | os.PathLike) -> list[int]:
+    d = Path(persist_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _FILE.match(p.name)))
+
+
+@ray.remote(num_cpus=0)
+class SnapshotStore:
+    """Ring of ``round -> ObjectRef(state_dict)`` for the last j + 1 rounds (see the module docstring)."""
+
+    def __init__(self, j: int, neg_source: str = "lagged", persist_dir: str | None = None):
+        self.j = j
+        self.neg_source = neg_source
+        self.persist_dir = persist_dir
+        self._ring: dict[int, ray.ObjectRef] = {}
+        if persist_dir:
+            Path(persist_dir).mkdir(parents=True, exist_ok=True)
+
+    def publish(self, round_index: int, state_dict: dict[str, torch.Tensor]) -> list[int]:
+        """Hold ``state_dict`` as snapshot ``round_index`` (replacing one of that round); returns the held rounds."""
+        self._ring[round_index] = ray.put(state_dict)
+        if self.persist_dir:
+            path = snapshot_path(self.persist_dir, round_index)
+            tmp = path.with_suffix(".tmp")
+            # safetensors refuses tensors that share memory (tied embeddings): store contiguous clones
+            save_file({k: v.contiguous().clone() for k, v in state_dict.items()}, str(tmp))
+            os.replace(tmp, path)
+        return self._prune()
+
+    def restore(self, up_to_round: int) -> list[int]:
+        """Reload the persisted snapshots of rounds <= ``up_to_round`` (a resumed run); returns the held rounds."""
+        if not self.persist_dir:
+            raise RuntimeError("SnapshotStore.restore needs a persist_dir")
+        for r in persisted_rounds(self.persist_dir):
+            path = snapshot_path(self.persist_dir, r)
+            if r > up_to_round:
+                path.unlink()  # published after the checkpoint we resume from: will be republished
+            elif r not in self._ring:
+                self._ring[r] = ray.put(load_file(str(path)))
+        return self._prune()
+
+    def _prune(self) -> list[int]:
+        keep = rounds_to_keep(self._ring, self.j, self.neg_source)
+        for r in list(self._ring):
+            if r not in keep:
+                del self._ring[r]
+                if self.persist_dir:
+                    snapshot_path(self.persist_dir, r).unlink(missing_ok=True)
+        return sorted(self._ring)
+
+    def get(self, round_index: int) -> tuple[int, ray.ObjectRef]:
+        """``(snapshot round, ref to its state dict)`` supplying round ``round_index``'s negatives."""
+        r = source_round(round_index, self.j, self._ring, self.neg_source)
+        return r, self._ring[r]
+
+    def rounds(self) -> list[int]:
+        return sorted(self._ring)
+
+
+def snapshot_store(name: str, j: int, neg_source: str = "lagged", persist_dir: str | None = None):
+    """Get or create the named store (one per run; it lives as long as the driver that created it)."""
+    return SnapshotStore.options(name=name, get_if_exists=True).remote(j, neg_source, persist_dir)
