@@ -1,0 +1,261 @@
+"""The quality discriminator D (DESIGN.md §1): s(x, r) ∈ (0, 1), how good rationale r is for question x.
+
+D = T5 encoder → max pooling over the non-pad tokens → Linear → ReLU → Linear → sigmoid. Its encoder is by default
+a separate copy of the student's encoder (same architecture and initial weights); ``share_encoder`` makes it pool
+the student's own encoder instead, so D's updates also move the student.
+
+D reads one text per (question, rationale) pair, :func:`pair_text`: ``"question: <x> rationale: <r>"``, truncated
+to the student's ``max_input_len`` tokens from the end (the question comes first, so a very long question can cut
+the rationale short; such a pair is still scored on what fits).
+
+It is pre-trained (≤ ``pretrain_steps``) on teacher positives vs teacher negatives with binary cross-entropy; the
+rarer class is topped up with augmented copies (random word masking and random word replacement) so both classes
+are equally frequent. At each round end :func:`refresh` trains it a few steps on positives vs the new negatives.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from qcrd_ray.config import Config, DiscriminatorConfig
+
+log = logging.getLogger(__name__)
+
+
+def pair_text(question: str, rationale: str) -> str:
+    """The single text D reads for a (question, rationale) pair."""
+    return f"question: {question} rationale: {rationale}"
+
+
+class Discriminator(nn.Module):
+    """``s = sigmoid(W2 · relu(W1 · maxpool(encoder(x ⊕ r)) + b1) + b2)``."""
+
+    def __init__(self, encoder: nn.Module, d_model: int, hidden: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    @classmethod
+    def from_student(cls, student: nn.Module, cfg: DiscriminatorConfig) -> "Discriminator":
+        """D on top of ``student``'s encoder: a deep copy (default) or the same module (``share_encoder``)."""
+        encoder = student.get_encoder()
+        if not cfg.share_encoder:
+            encoder = copy.deepcopy(encoder)
+        return cls(encoder, student.config.d_model, cfg.hidden)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid scores ``[N]`` (binary cross-entropy on logits is the numerically stable form)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pad = ~attention_mask.bool().unsqueeze(-1)
+        pooled = hidden.masked_fill(pad, torch.finfo(hidden.dtype).min).max(dim=1).values
+        return self.head(pooled.to(self.head[0].weight.dtype)).squeeze(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Quality scores ``s ∈ (0, 1)``, shape ``[N]``."""
+        return torch.sigmoid(self.logits(input_ids, attention_mask))
+
+
+def encode_pairs(tokenizer, questions: Sequence[str], rationales: Sequence[str], max_len: int) -> dict:
+    """Tokenized, padded D inputs (``input_ids``, ``attention_mask``) for parallel lists of questions and rationales."""
+    texts = [pair_text(q, r) for q, r in zip(questions, rationales, strict=True)]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+
+def mask_words(text: str, prob: float, rng: random.Random, mask_token: str) -> str:
+    """Replace each word by ``mask_token`` with probability ``prob`` (at least one word when ``prob > 0``)."""
+    words = text.split()
+    if not words or prob <= 0:
+        return text
+    hits = [i for i in range(len(words)) if rng.random() < prob] or [rng.randrange(len(words))]
+    for i in hits:
+        words[i] = mask_token
+    return " ".join(words)
+
+
+def replace_words(text: str, prob: float, rng: random.Random, vocabulary: Sequence[str]) -> str:
+    """Replace each word by a random word of ``vocabulary`` with probability ``prob`` (at least one when ``prob > 0``)."""
+    words = text.split()
+    if not words or prob <= 0 or not vocabulary:
+        return text
+    hits = [i for i in range(len(words)) if rng.random() < prob] or [rng.randrange(len(words))]
+    for i in hits:
+        words[i] = rng.choice(vocabulary)
+    return " ".join(words)
+
+
+def augment(text: str, cfg: DiscriminatorConfig, rng: random.Random, mask_token: str, vocabulary: Sequence[str]) -> str:
+    """One augmented copy of a rationale: word masking, then word replacement."""
+    return replace_words(mask_words(text, cfg.mask_prob, rng, mask_token), cfg.replace_prob, rng, vocabulary)
+
+
+@dataclass(frozen=True)
+class Pair:
+    question: str
+    rationale: str
+    label: float  # 1 = good rationale (positive), 0 = bad (negative)
+    augmented: bool = False
+
+
+def balanced_pairs(
+    positives: Sequence[tuple[str, str]],
+    negatives: Sequence[tuple[str, str]],
+    cfg: DiscriminatorConfig,
+    rng: random.Random,
+    mask_token: str,
+) -> list[Pair]:
+    """All (question, rationale) pairs of both classes, the smaller class topped up with augmented copies of its
+    own members until both classes have the same size. Returns [] when a class is empty (nothing to contrast)."""
+    if not positives or not negatives:
+        return []
+    vocabulary = sorted({w for _, r in [*positives, *negatives] for w in r.split()})
+    pairs = [Pair(q, r, 1.0) for q, r in positives] + [Pair(q, r, 0.0) for q, r in negatives]
+    small, label = (negatives, 0.0) if len(negatives) < len(positives) else (positives, 1.0)
+    for _ in range(abs(len(positives) - len(negatives))):
+        q, r = rng.choice(small)
+        pairs.append(Pair(q, augment(r, cfg, rng, mask_token, vocabulary), label, augmented=True))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _mask_token(tokenizer) -> str:
+    # T5 tokenizers have no [MASK]; their first sentinel plays that role, else the unknown token
+    return getattr(tokenizer, "mask_token", None) or next(
+        iter(getattr(tokenizer, "additional_special_tokens", None) or []), None
+    ) or tokenizer.unk_token or "_"
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_on_pairs(
+    disc: Discriminator,
+    tokenizer,
+    pairs: Sequence[Pair],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    max_len: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+    desc: str = "discriminator",
+    progress: bool = True,
+) -> dict:
+    """``steps`` steps of binary cross-entropy on ``pairs`` (cycled in a seeded order); returns loss statistics."""
+    device = next(disc.parameters()).device
+    optimizer = optimizer or torch.optim.AdamW(disc.parameters(), lr=lr)
+    order = list(range(len(pairs)))
+    rng = random.Random(seed)
+    was_training = disc.training
+    disc.train()
+    losses: list[float] = []
+    cursor = len(order)
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        batch = []
+        while len(batch) < min(batch_size, len(pairs)):
+            if cursor == len(order):
+                rng.shuffle(order)
+                cursor = 0
+            batch.append(pairs[order[cursor]])
+            cursor += 1
+        enc = encode_pairs(tokenizer, [p.question for p in batch], [p.rationale for p in batch], max_len)
+        labels = torch.tensor([p.label for p in batch], device=device)
+        logits = disc.logits(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    disc.train(was_training)
+    head = losses[: max(1, len(losses) // 10)]
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": len(losses),
+        "loss_first": sum(head) / len(head) if losses else None,
+        "loss_last": sum(tail) / len(tail) if losses else None,
+    }
+
+
+def _teacher_pairs(rows: Iterable[Mapping], student_negatives: bool) -> tuple[list, list]:
+    positives, negatives = [], []
+    for row in rows:
+        q = row["input"]
+        positives += [(q, r) for r in row.get("positives") or []]
+        negatives += [(q, r) for r in row.get("negatives") or []]
+        if student_negatives:
+            negatives += [(q, r) for r in row.get("student_negatives") or []]
+    return positives, negatives
+
+
+def _train(disc, tokenizer, rows, cfg: Config, steps, *, student_negatives, seed, optimizer, progress, desc) -> dict:
+    positives, negatives = _teacher_pairs(rows, student_negatives)
+    stats = {"positives": len(positives), "negatives": len(negatives), "augmented": 0, "steps": 0,
+             "loss_first": None, "loss_last": None, "skipped": None}
+    if not positives or not negatives:
+        stats["skipped"] = f"no {'positives' if not positives else 'negatives'} to contrast"
+        log.warning("%s skipped: %s", desc, stats["skipped"])
+        return stats
+    pairs = balanced_pairs(positives, negatives, cfg.discriminator, random.Random(seed), _mask_token(tokenizer))
+    stats["augmented"] = sum(p.augmented for p in pairs)
+    stats.update(train_on_pairs(
+        disc, tokenizer, pairs, steps=steps, batch_size=cfg.discriminator.pretrain_batch_size,
+        lr=cfg.discriminator.lr, max_len=cfg.student.max_input_len, optimizer=optimizer, seed=seed,
+        desc=desc, progress=progress,
+    ))
+    return stats
+
+
+def pretrain_discriminator(
+    disc: Discriminator,
+    tokenizer,
+    rows: Iterable[Mapping],
+    cfg: Config,
+    steps: int | None = None,
+    *,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+) -> dict:
+    """Pre-train D on teacher positives (label 1) vs teacher negatives (label 0) of TEACHER_SCHEMA ``rows``, classes
+    balanced by augmentation, for ``min(steps, cfg.discriminator.pretrain_steps)`` steps.
+
+    Returns ``{positives, negatives, augmented, steps, loss_first, loss_last, skipped}``; ``skipped`` names why
+    nothing was trained (a class is missing: e.g. every example's samples agreed) and is None otherwise.
+    """
+    limit = cfg.discriminator.pretrain_steps
+    steps = limit if steps is None else min(steps, limit)
+    return _train(disc, tokenizer, rows, cfg, steps, student_negatives=False, seed=seed, optimizer=optimizer,
+                  progress=progress, desc="pretrain D")
+
+
+def refresh(
+    disc: Discriminator,
+    tokenizer,
+    rows: Iterable[Mapping],
+    cfg: Config,
+    steps: int | None = None,
+    *,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = False,
+) -> dict:
+    """Round-end update of D: ``steps`` (default ``cfg.discriminator.refresh_steps``) steps on teacher positives vs
+    teacher negatives ∪ the rows' new ``student_negatives``. Deterministic given ``rows`` and ``seed``, so every
+    DDP rank that calls it with the same rows ends with the same D. Same return value as
+    :func:`pretrain_discriminator`."""
+    steps = cfg.discriminator.refresh_steps if steps is None else steps
+    return _train(disc, tokenizer, rows, cfg, steps, student_negatives=True, seed=seed, optimizer=optimizer,
+                  progress=progress, desc="refresh D")
