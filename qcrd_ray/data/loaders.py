@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -88,9 +88,25 @@ def _svamp(raw: dict) -> dict:
     return {"input": _field(raw, "input"), "choices": [], "label": _numeric_label(_field(raw, "label"))}
 
 
-def _format_choices(question: str, choices: list[str]) -> str:
+def cqa_input(question: str, choices: Sequence[str]) -> str:
+    """A multiple-choice question as the student sees it: the question, then ``Answer Choices:`` (a) … (e) …"""
     letters = "abcdefghijklmnopqrstuvwxyz"
     return question + "\nAnswer Choices:" + "".join(f"\n({letters[i]}) {c}" for i, c in enumerate(choices))
+
+
+_CHOICES_TAIL = re.compile(r"\nAnswer Choices:(.*)$", re.S)
+_CHOICE_ITEM = re.compile(r"\(([a-z])\)\s*(.*?)\s*(?=\([a-z]\)|$)", re.S)
+
+
+def parse_choices(text: str) -> list[str]:
+    """The choices of a :func:`cqa_input` text (also accepts them on one line); [] when it has none."""
+    tail = _CHOICES_TAIL.search(text)
+    return [m.group(2) for m in _CHOICE_ITEM.finditer(tail.group(1))] if tail else []
+
+
+def nli_input(premise: str, hypothesis: str) -> str:
+    """An NLI pair as the student sees it."""
+    return f"premise: {premise} hypothesis: {hypothesis}"
 
 
 def _checked_choices(choices: Any) -> list[str]:
@@ -106,7 +122,7 @@ def _cqa(raw: dict) -> dict:
     choices = _checked_choices(_field(raw, "choices", list))
     if answer not in choices:
         raise _Reject("label_not_in_choices", f"answer {answer!r} is not among the choices {choices}"[:200])
-    return {"id": raw.get("id"), "input": _format_choices(question, choices), "choices": choices, "label": answer}
+    return {"id": raw.get("id"), "input": cqa_input(question, choices), "choices": choices, "label": answer}
 
 
 def _nli_label(label: Any) -> str:
@@ -123,7 +139,7 @@ def _nli(raw: dict) -> dict:
         raise _Reject("missing_field", "missing field 'label'")
     return {
         "id": raw.get("uid"),
-        "input": f"premise: {premise} hypothesis: {hypothesis}",
+        "input": nli_input(premise, hypothesis),
         "choices": list(NLI_LABELS),
         "label": _nli_label(raw["label"]),
     }
