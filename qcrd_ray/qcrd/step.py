@@ -1,0 +1,304 @@
+"""One training step of ``finetune``, ``dss`` or ``qcrd`` (no Ray): collate teacher rows, compute the losses.
+
+``make_batch`` turns TEACHER_SCHEMA rows (optionally with ``student_negatives`` and ``negative_round``) into padded
+tensors; ``DistillModel`` holds the student and, for ``qcrd`` with the quality judge on, the discriminator D, so one
+DDP wrapper syncs both; ``DistillModel(batch, alpha3)`` returns the step's loss and metrics.
+
+Targets of the ``explain:`` task (``prompts.explain_target(rationale, answer)``):
+
+- a positive: its rationale with the example's majority answer (the answer that made it a positive);
+- a teacher negative: its rationale with the answer the teacher gave in that sample (joined through ``samples`` by
+  rationale text), so the student is pushed away from the wrong reasoning *and* the wrong answer it led to; without
+  a matching sample the rationale alone (pushing away "reasoning + the right answer" would unteach the answer);
+- a student negative: the student's sampled ``explain:`` output verbatim (it already ends in its own answer);
+- ``dss`` / ``positives=single``: one teacher rationale, as distilling step-by-step has one per example: for
+  ``dss`` the first successfully parsed teacher sample with its own answer (the single-sample setting, whatever
+  its answer), else the first positive; for ``single`` the first positive.
+
+QCRD's fast path (one-hot many-to-one schemes): the ``explain:`` input is encoded once per example with gradient;
+the decoder scores every candidate rationale without gradient on the (detached, expanded) encoder states; the
+scheme selects one positive and one negative per example, and only those two get a forward/backward with
+gradient, through the shared encoder states. ``mean``/``wmean`` weight every candidate, so all of them are decoded
+with gradient (the encoder still runs once). ``naive=True`` is the reference: every candidate through the full
+model with gradient; it gives the same loss value (see tests/test_step.py) at several times the cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from qcrd_ray.config import Config
+from qcrd_ray.data import prompts
+from qcrd_ray.qcrd import losses as L
+from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
+
+METHODS = ("finetune", "dss", "qcrd")
+
+
+@dataclass
+class Batch:
+    """Padded tensors of one batch. Candidates (rationales) are flattened over the batch: candidate ``m`` belongs
+    to example ``cand_example[m]`` and sits in column ``cand_slot[m]`` of that example's ``[B, C]`` grid."""
+
+    method: str
+    pred_ids: torch.Tensor  # [B, Lx] "predict: x"
+    pred_mask: torch.Tensor
+    pred_labels: torch.Tensor  # [B, Ly] label tokens, -100 on padding
+    expl_ids: torch.Tensor | None = None  # [B, Lx] "explain: x"
+    expl_mask: torch.Tensor | None = None
+    cand_labels: torch.Tensor | None = None  # [M, Lr] explain targets, -100 on padding
+    cand_example: torch.Tensor | None = None  # [M] long
+    cand_slot: torch.Tensor | None = None  # [M] long
+    cand_positive: torch.Tensor | None = None  # [M] bool (False = negative)
+    disc_ids: torch.Tensor | None = None  # [M, Ld] D inputs "question: x rationale: r" (qcrd with QJ on)
+    disc_mask: torch.Tensor | None = None
+    n_slots: int = 0  # C
+    negative_rounds: list = field(default_factory=list)  # per example: round its student negative came from
+
+    @property
+    def size(self) -> int:
+        return self.pred_ids.shape[0]
+
+    def to(self, device) -> "Batch":
+        """A copy with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _sample_answers(row: Mapping) -> dict[str, str]:
+    return {s["rationale"].strip(): s["answer"] for s in row.get("samples") or []
+            if s.get("status") == "ok" and s.get("rationale") and s.get("answer")}
+
+
+def _dss_rationale(row: Mapping) -> str | None:
+    for s in sorted(row.get("samples") or [], key=lambda s: s.get("index", 0)):
+        if s.get("status") == "ok" and s.get("rationale") and s.get("answer"):
+            return prompts.explain_target(s["rationale"], s["answer"])
+    positives = row.get("positives") or []
+    if positives and row.get("majority_answer"):
+        return prompts.explain_target(positives[0], row["majority_answer"])
+    return None
+
+
+def candidate_targets(row: Mapping, cfg: Config, method: str) -> tuple[list[str], list[str]]:
+    """The explain-task targets ``(positives, negatives)`` of one row under ``method`` and the ED/NK switches."""
+    _check_method(method)
+    if method == "finetune":
+        return [], []
+    if method == "dss":
+        target = _dss_rationale(row)
+        return ([target] if target else []), []
+    answer = row.get("majority_answer")
+    positives = list(row.get("positives") or []) if answer else []
+    if cfg.loss.positives == "single":
+        positives = positives[:1]
+    pos = [prompts.explain_target(r, answer) for r in positives]
+    neg: list[str] = []
+    if cfg.loss.negatives in ("teacher", "both"):
+        answers = _sample_answers(row)
+        neg += [prompts.explain_target(r, answers[r.strip()]) if r.strip() in answers else r.strip()
+                for r in row.get("negatives") or []]
+    if cfg.loss.negatives in ("student", "both"):
+        neg += [t.strip() for t in row.get("student_negatives") or [] if t and t.strip()]
+    return pos, neg
+
+
+def _labels(tokenizer, texts: Sequence[str], max_len: int) -> torch.Tensor:
+    ids = tokenizer(text_target=list(texts), padding=True, truncation=True, max_length=max_len,
+                    return_tensors="pt")["input_ids"]
+    return ids.masked_fill(ids == tokenizer.pad_token_id, L.IGNORE_INDEX)
+
+
+def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config, method: str) -> Batch:
+    """Collate TEACHER_SCHEMA rows into a :class:`Batch` for ``method`` (``finetune``, ``dss`` or ``qcrd``)."""
+    _check_method(method)
+    if not rows:
+        raise ValueError("make_batch: empty batch")
+    s = cfg.student
+
+    def inputs(mode):
+        enc = tokenizer([prompts.student_input(mode, r["input"]) for r in rows], padding=True, truncation=True,
+                        max_length=s.max_input_len, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    pred_ids, pred_mask = inputs("predict")
+    batch = Batch(method, pred_ids, pred_mask, _labels(tokenizer, [r["label"] for r in rows], s.max_target_len),
+                  negative_rounds=[r.get("negative_round") for r in rows])
+    if method == "finetune":
+        return batch
+    batch.expl_ids, batch.expl_mask = inputs("explain")
+    texts, example, slot, positive, questions, rationales = [], [], [], [], [], []
+    for i, row in enumerate(rows):
+        pos, neg = candidate_targets(row, cfg, method)
+        for c, (text, is_pos) in enumerate([(t, True) for t in pos] + [(t, False) for t in neg]):
+            texts.append(text)
+            example.append(i)
+            slot.append(c)
+            positive.append(is_pos)
+            questions.append(row["input"])
+            rationales.append(text)
+    batch.cand_example = torch.tensor(example, dtype=torch.long)
+    batch.cand_slot = torch.tensor(slot, dtype=torch.long)
+    batch.cand_positive = torch.tensor(positive, dtype=torch.bool)
+    batch.n_slots = max(slot) + 1 if slot else 0
+    batch.cand_labels = (_labels(tokenizer, texts, s.max_target_len) if texts
+                         else torch.full((0, 1), L.IGNORE_INDEX, dtype=torch.long))
+    if method == "qcrd" and cfg.loss.quality_judge and texts:
+        enc = encode_pairs(tokenizer, questions, rationales, s.max_input_len)
+        batch.disc_ids, batch.disc_mask = enc["input_ids"], enc["attention_mask"]
+    return batch
+
+
+class DistillModel(nn.Module):
+    """The student and (``qcrd`` with the quality judge on) D as one module; ``forward(batch, alpha3)``."""
+
+    def __init__(self, student: nn.Module, disc: Discriminator | None, cfg: Config, method: str,
+                 *, naive: bool = False, score_chunk: int = 64):
+        super().__init__()
+        _check_method(method)
+        needs_disc = method == "qcrd" and cfg.loss.quality_judge
+        if needs_disc and disc is None:
+            raise ValueError("qcrd with loss.quality_judge on needs a discriminator")
+        self.student = student
+        self.disc = disc if needs_disc else None
+        self.cfg = cfg
+        self.method = method
+        self.naive = naive  # reference path: every candidate through the full model with gradient
+        self.score_chunk = score_chunk  # candidates per no-grad scoring chunk (bounds the [M, T, V] logits)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # the `sampling` scheme's draws
+
+    # ---- building blocks (also timed one by one by benchmarks/train_step.py)
+
+    def label_loss(self, batch: Batch) -> torch.Tensor:
+        """L_pred: mean over examples of the token-mean CE of the label given ``predict: x``."""
+        out = self.student(input_ids=batch.pred_ids, attention_mask=batch.pred_mask, labels=batch.pred_labels)
+        return L.sequence_ce(out.logits, batch.pred_labels).mean()
+
+    def encode_explain(self, batch: Batch) -> torch.Tensor:
+        """Encoder states of ``explain: x``, once per example: ``[B, Lx, d]``."""
+        return self.student.get_encoder()(input_ids=batch.expl_ids, attention_mask=batch.expl_mask).last_hidden_state
+
+    def decode_losses(self, batch: Batch, hidden: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """``l(x, r)`` of the candidates ``which`` (flat indices), decoding over the shared encoder states."""
+        ex = batch.cand_example[which]
+        labels = batch.cand_labels[which]
+        out = self.student(encoder_outputs=(hidden.index_select(0, ex),),
+                           attention_mask=batch.expl_mask.index_select(0, ex), labels=labels)
+        return L.sequence_ce(out.logits, labels)
+
+    @torch.no_grad()
+    def score_candidates(self, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
+        """``l(x, r)`` of every candidate without gradient, in chunks: ``[M]``."""
+        m = batch.cand_labels.shape[0]
+        return torch.cat([self.decode_losses(batch, hidden, torch.arange(i, min(i + self.score_chunk, m),
+                                                                         device=hidden.device))
+                          for i in range(0, m, self.score_chunk)])
+
+    def naive_losses(self, batch: Batch) -> torch.Tensor:
+        """Reference: each candidate through the full model (its own encoder pass) with gradient: ``[M]``."""
+        ex = batch.cand_example
+        out = self.student(input_ids=batch.expl_ids[ex], attention_mask=batch.expl_mask[ex], labels=batch.cand_labels)
+        return L.sequence_ce(out.logits, batch.cand_labels)
+
+    def disc_scores(self, batch: Batch) -> torch.Tensor:
+        """D's score of every (question, candidate) pair, with gradient: ``[M]``."""
+        return self.disc(batch.disc_ids, batch.disc_mask)
+
+    # ---- the step
+
+    def _grid(self, batch: Batch, flat: torch.Tensor) -> torch.Tensor:
+        grid = flat.new_zeros(batch.size, batch.n_slots)
+        return grid.index_put((batch.cand_example, batch.cand_slot), flat)
+
+    def forward(self, batch: Batch, alpha3: float | None = None) -> StepOutput:
+        if batch.method != self.method:
+            raise ValueError(f"batch was made for {batch.method!r}, model runs {self.method!r}")
+        l_pred = self.label_loss(batch)
+        if self.method == "finetune":
+            return StepOutput(l_pred, {"loss": l_pred.item(), "l_pred": l_pred.item(), "l_rationale": 0.0})
+        if self.method == "dss":
+            return self._dss(batch, l_pred)
+        return self._qcrd(batch, l_pred, self.cfg.loss.alpha3 if alpha3 is None else alpha3)
+
+    def _dss(self, batch: Batch, l_pred: torch.Tensor) -> StepOutput:
+        if batch.cand_labels.shape[0]:
+            hidden = self.encode_explain(batch)
+            l_rat = self.decode_losses(batch, hidden, torch.arange(batch.cand_labels.shape[0],
+                                                                   device=hidden.device)).mean()
+        else:
+            l_rat = l_pred * 0.0
+        loss = l_pred + self.cfg.loss.dss_lambda * l_rat
+        return StepOutput(loss, {"loss": loss.item(), "l_pred": l_pred.item(), "l_rationale": l_rat.item()})
+
+    def _qcrd(self, batch: Batch, l_pred: torch.Tensor, alpha3: float) -> StepOutput:
+        lc = self.cfg.loss
+        m = batch.cand_labels.shape[0]
+        device = l_pred.device
+        pos_mask = self._grid(batch, batch.cand_positive) if m else torch.zeros(batch.size, 0, dtype=torch.bool,
+                                                                               device=device)
+        neg_mask = self._grid(batch, ~batch.cand_positive) if m else pos_mask
+        zero = l_pred * 0.0
+        s_flat = self.disc_scores(batch) if (self.disc is not None and m) else None
+        s_grid = self._grid(batch, s_flat) if s_flat is not None else None
+        if m and self.naive:
+            loss_flat = self.naive_losses(batch)
+            loss_grid = self._grid(batch, loss_flat)
+            w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid)
+        elif m:
+            hidden = self.encode_explain(batch)
+            all_idx = torch.arange(m, device=device)
+            if lc.scheme in L.ONE_HOT_SCHEMES:
+                w_pos, w_neg = self._weights(self._grid(batch, self.score_candidates(batch, hidden)),
+                                             pos_mask, neg_mask, s_grid)
+                chosen = (w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0
+                which = all_idx[chosen]
+            else:
+                which = all_idx
+            loss_grid = self._grid(batch, zero.expand(m).clone().index_put(
+                (which,), self.decode_losses(batch, hidden, which)))
+            if lc.scheme not in L.ONE_HOT_SCHEMES:
+                w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid)
+        else:
+            loss_grid = zero.expand(batch.size, 0)
+            w_pos = w_neg = loss_grid.detach()
+        l_pos, s_pos = L.positive_term(loss_grid, w_pos, s_grid)
+        l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta)
+        has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
+        l_cl = L.contrastive_loss(l_pos, l_neg, has_pos, has_neg, lc.beta)
+        l_d = L.discriminator_loss(s_grid, pos_mask, neg_mask) if s_grid is not None else zero
+        loss = L.total_loss(l_pred, l_cl, l_d, lc.alpha1, lc.alpha2, alpha3)
+
+        def mean_over(values, mask):
+            return (values * mask).sum().item() / max(int(mask.sum().item()), 1)
+
+        metrics = {
+            "loss": loss.item(), "l_pred": l_pred.item(), "l_cl": l_cl.item(), "l_d": l_d.item(),
+            "l_pos": mean_over(l_pos.detach(), has_pos), "l_neg": mean_over(l_neg.detach(), has_neg),
+            "s_pos": mean_over(s_pos, has_pos), "s_neg": mean_over(s_neg, has_neg),
+            "alpha3": alpha3, "n_positives": int(pos_mask.sum()), "n_negatives": int(neg_mask.sum()),
+            "examples_without_positive": int((~has_pos).sum()),
+        }
+        return StepOutput(loss, metrics)
+
+    def _weights(self, loss_grid, pos_mask, neg_mask, s_grid):
+        scheme = self.cfg.loss.scheme
+        w_pos = L.candidate_weights(loss_grid, pos_mask, scheme, positive=True, scores=s_grid,
+                                    generator=self.generator)
+        w_neg = L.candidate_weights(loss_grid, neg_mask, scheme, positive=False, scores=s_grid,
+                                    generator=self.generator)
+        return w_pos, w_neg

@@ -1,0 +1,184 @@
+"""The training step: collation, every method and ablation, the fast path equals the naive computation."""
+
+import pytest
+import torch
+
+from qcrd_ray.config import Config, StudentConfig
+from qcrd_ray.data import prompts
+from qcrd_ray.qcrd.discriminator import Discriminator
+from qcrd_ray.qcrd.step import DistillModel, candidate_targets, make_batch
+from qcrd_ray.student import load_student, tiny_t5
+
+
+def sample(index, rationale, answer):
+    return {"index": index, "text": f"<Explanation>: {rationale} <Answer>: {answer}", "rationale": rationale,
+            "answer": answer, "status": "ok", "error": ""}
+
+
+def teacher_rows():
+    rows = []
+    for i in range(4):
+        a, b = i + 3, 2 * i + 2
+        good, bad = f"( {a} + {b} )", f"( {a} - {b} )"
+        pos = [f"Add {a} and {b} to get the total.", f"The total is {a} plus {b}.", f"We sum {a} and {b}."]
+        neg = [f"Take {b} away from {a}."]
+        rows.append({
+            "id": f"s{i}", "task": "synthetic", "input": f"Tom has {a} apples and gets {b} more. How many?",
+            "choices": [], "label": good, "positives": pos, "negatives": neg, "majority_answer": good,
+            "agreement": 0.75, "teacher_correct": True,
+            "samples": [sample(0, neg[0], bad)] + [sample(k + 1, p, good) for k, p in enumerate(pos)],
+            "student_negatives": [f"apples apples {a} The answer is {b}."], "negative_round": 0,
+        })
+    # no positive (the teacher never agreed): keeps only its label task
+    rows.append({**rows[0], "id": "nopos", "positives": [], "majority_answer": None, "samples": []})
+    # no negative at all
+    rows.append({**rows[1], "id": "noneg", "negatives": [], "student_negatives": []})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    rows = teacher_rows()
+    texts = [prompts.student_input(m, r["input"]) for r in rows for m in ("predict", "explain")]
+    texts += [t for r in rows for t in candidate_targets(r, Config(), "qcrd")[0] + candidate_targets(r, Config(), "qcrd")[1]]
+    texts += [r["label"] for r in rows] + ["question: rationale: The answer is"]
+    return load_student(StudentConfig(), texts)[1]
+
+
+def build(tok, method, cfg=None, naive=False, seed=0):
+    cfg = cfg or Config()
+    torch.manual_seed(seed)
+    student = tiny_t5(cfg.student, vocab_size=len(tok))
+    disc = Discriminator.from_student(student, cfg.discriminator) if method == "qcrd" else None
+    return DistillModel(student, disc, cfg, method, naive=naive)
+
+
+def test_candidate_targets_follow_the_switches():
+    row = teacher_rows()[0]
+    pos, neg = candidate_targets(row, Config(), "qcrd")
+    assert pos[0] == prompts.explain_target(row["positives"][0], row["majority_answer"])
+    # a teacher negative carries the wrong answer its own sample gave; the student's is verbatim
+    assert neg == [prompts.explain_target(row["negatives"][0], row["samples"][0]["answer"]),
+                   row["student_negatives"][0]]
+    only = lambda **kw: candidate_targets(row, Config().replace(loss=kw), "qcrd")  # noqa: E731
+    assert len(only(positives="single")[0]) == 1
+    assert only(negatives="none")[1] == []
+    assert only(negatives="teacher")[1] == neg[:1]
+    assert only(negatives="student")[1] == neg[1:]
+    # DSS: the first teacher sample, whatever its answer (one rationale per example, as distilling step-by-step)
+    assert candidate_targets(row, Config(), "dss") == ([neg[0]], [])
+    assert candidate_targets(row, Config(), "finetune") == ([], [])
+    assert candidate_targets(teacher_rows()[-2], Config(), "qcrd")[0] == []
+
+
+def test_make_batch_shapes(tok):
+    rows = teacher_rows()
+    b = make_batch(rows, tok, Config(), "qcrd")
+    n_cands = sum(len(p) + len(n) for p, n in (candidate_targets(r, Config(), "qcrd") for r in rows))
+    assert b.size == 6 and b.cand_labels.shape[0] == n_cands == b.disc_ids.shape[0]
+    assert b.n_slots == 5 and b.cand_example.max() == 5
+    assert b.negative_rounds == [0] * 6
+    assert (b.cand_labels == -100).any() and (b.pred_labels[:, 0] != -100).all()
+    f = make_batch(rows, tok, Config(), "finetune")
+    assert f.cand_labels is None and f.expl_ids is None
+    assert make_batch(rows, tok, Config().replace(loss={"quality_judge": "off"}), "qcrd").disc_ids is None
+    with pytest.raises(ValueError, match="finetune, dss, qcrd"):
+        make_batch(rows, tok, Config(), "distill")
+
+
+@pytest.mark.parametrize("method", ["finetune", "dss", "qcrd"])
+def test_one_step_per_method_reaches_student_and_discriminator(tok, method):
+    model = build(tok, method)
+    out = model(make_batch(teacher_rows(), tok, Config(), method), alpha3=0.5)
+    out.loss.backward()
+    expected = {"finetune": {"loss", "l_pred", "l_rationale"}, "dss": {"loss", "l_pred", "l_rationale"},
+                "qcrd": {"loss", "l_pred", "l_cl", "l_pos", "l_neg", "l_d", "s_pos", "s_neg"}}[method]
+    assert expected <= set(out.metrics)
+    assert torch.isfinite(out.loss)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["student.decoder.final_layer_norm.weight"].abs().sum() > 0
+    if method != "finetune":  # the explain task reaches the encoder through the rationale targets
+        assert grads["student.encoder.block.0.layer.0.SelfAttention.q.weight"].abs().sum() > 0
+    if method == "qcrd":
+        assert grads["disc.head.2.weight"].abs().sum() > 0
+        assert grads["disc.encoder.block.0.layer.0.SelfAttention.q.weight"].abs().sum() > 0
+        assert 0 < out.metrics["s_pos"] < 1 and 0 < out.metrics["s_neg"] < 1
+        assert out.metrics["examples_without_positive"] == 1
+
+
+@pytest.mark.parametrize("loss_cfg", [
+    {}, {"scheme": "maxmin"}, {"scheme": "sampling"}, {"scheme": "mean"}, {"scheme": "wmean"},
+    {"quality_judge": "off"}, {"negatives": "none"}, {"negatives": "student"}, {"positives": "single"},
+    {"delta": 0.5},
+])
+def test_fast_path_equals_naive_all_candidates_with_grad(tok, loss_cfg):
+    """The optimisation (encoder once, score without grad, grad on the selected only) changes cost, not the loss:
+    same value and the same gradients as every candidate through the full model with gradient."""
+    cfg = Config().replace(loss=loss_cfg)
+    batch = make_batch(teacher_rows(), tok, cfg, "qcrd")
+    fast, naive = build(tok, "qcrd", cfg), build(tok, "qcrd", cfg, naive=True)
+    naive.load_state_dict(fast.state_dict())
+    fast.eval(), naive.eval()  # dropout off: both paths see the same function
+    out_fast, out_naive = fast(batch, alpha3=0.5), naive(batch, alpha3=0.5)
+    assert out_fast.loss.item() == pytest.approx(out_naive.loss.item(), rel=1e-5, abs=1e-6)
+    for key in ("l_cl", "l_pos", "l_neg", "l_d", "s_pos", "s_neg"):
+        assert out_fast.metrics[key] == pytest.approx(out_naive.metrics[key], rel=1e-5, abs=1e-6), key
+    out_fast.loss.backward(), out_naive.loss.backward()
+    for (name, p), q in zip(fast.named_parameters(), naive.parameters()):
+        if p.grad is not None or q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_quality_judge_off_needs_no_discriminator(tok):
+    cfg = Config().replace(loss={"quality_judge": "off"})
+    model = build(tok, "qcrd", cfg)
+    assert model.disc is None
+    out = model(make_batch(teacher_rows(), tok, cfg, "qcrd"))
+    assert out.metrics["s_pos"] == 1.0 and out.metrics["s_neg"] == 0.0 and out.metrics["l_d"] == 0.0
+    with pytest.raises(ValueError, match="discriminator"):
+        DistillModel(model.student, None, Config(), "qcrd")
+
+
+def test_batch_without_any_rationale_trains_only_the_label_task(tok):
+    rows = [teacher_rows()[-2]]
+    rows[0] = {**rows[0], "negatives": [], "student_negatives": []}
+    model = build(tok, "qcrd")
+    out = model(make_batch(rows, tok, Config(), "qcrd"))
+    assert out.metrics["l_cl"] == 0.0 and out.metrics["l_d"] == 0.0
+    assert out.loss.item() == pytest.approx(0.5 * out.metrics["l_pred"])
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("method", ["finetune", "dss", "qcrd"])
+def test_a_few_optimizer_steps_lower_the_loss(tok, method):
+    cfg = Config()
+    model = build(tok, method, cfg)
+    batch = make_batch(teacher_rows(), tok, cfg, method)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.eval()  # dropout off so the comparison measures learning, not noise
+    losses = []
+    for _ in range(8):
+        out = model(batch, alpha3=0.5)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.metrics["l_pred"] + out.metrics.get("l_rationale", 0.0) + out.metrics.get("l_pos", 0.0))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_fast_path_gives_gradient_to_the_selected_candidates_only(tok):
+    model = build(tok, "qcrd")
+    batch = make_batch(teacher_rows(), tok, Config(), "qcrd")
+    decoded = []
+    inner = model.decode_losses
+
+    def spy(b, hidden, which):
+        decoded.append((torch.is_grad_enabled(), len(which)))
+        return inner(b, hidden, which)
+
+    model.decode_losses = spy
+    model(batch)
+    with_grad = sum(n for grad, n in decoded if grad)
+    # one positive per example that has one (5 of 6) + one negative per example that has one (5 of 6)
+    assert with_grad == 10
+    assert sum(n for grad, n in decoded if not grad) == batch.cand_labels.shape[0]
