@@ -81,7 +81,7 @@ def safe_eval(expr: str) -> float:
     try:
         tree = ast.parse(expr.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        raise ArithError(f"not an arithmetic expression: {expr!r}") from e
+        raise ArithError(f"not an arithmetic expression: {expr[:80]!r}") from e
     try:
         return _walk(tree.body)
     except RecursionError as e:

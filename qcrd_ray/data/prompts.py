@@ -153,7 +153,7 @@ def parse_recorded_cot(task: str | TaskSpec, text: str | None, choices: Sequence
     """Parse a recorded PaLM CoT string: cut the next few-shot exemplar (everything from the first blank line:
     ``\\n\\nQ:``, ``\\n\\nPremise:``), then take the answer from ``So the answer is X.`` or ``\\nAnswer: X``."""
     spec = as_task(task)
-    text = (text or "").strip().split("\n\n")[0].strip()
+    text = re.split(r"\n[ \t]*\n", text or "")[0].strip()
     if not text:
         return ParsedRationale("", None, "empty")
     match = _ESNLI_ANSWER.search(text)
