@@ -1,0 +1,214 @@
+"""The teacher stage on Ray Data: examples -> K sample rows each -> teacher actor pool -> parse -> group by
+example -> self-consistency -> Parquet shards, resumable.
+
+    ray.data.from_arrow(example blocks)
+      .map_batches(expand_samples)                       # K rows per example, own index and seed
+      .map_batches(TeacherWorker, compute=ActorPoolStrategy(min_actors, max_actors),
+                   batch_size, num_cpus, num_gpus)       # backend text/error, then parse (vLLM: its processor)
+      .iter_batches()  -> ShardCollector on the driver   # a shard is written the moment its samples are in
+
+Grouping happens on the driver per shard rather than with a Dataset groupby: a groupby is a barrier over the
+whole split, while per-shard grouping streams, so finished shards reach disk (and survive a crash) while the
+rest is still being generated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qcrd_ray.config import Config
+from qcrd_ray.data import prompts
+from qcrd_ray.data.loaders import load_split
+from qcrd_ray.data.schema import examples_table
+from qcrd_ray.data.tasks import TaskSpec, get_task
+from qcrd_ray.teacher.backends import backend_class
+from qcrd_ray.teacher.samples import expand_samples, parse_samples
+from qcrd_ray.teacher.shards import (
+    Shard,
+    ShardCollector,
+    check_manifest,
+    manifest,
+    plan_shards,
+    remove_partial_writes,
+    write_atomic,
+)
+from qcrd_ray.teacher.summary import format_table, summarize
+
+log = logging.getLogger(__name__)
+
+# CPUs of the light per-row steps (duplication, vLLM output parsing), so they never starve the teacher pool
+LIGHT_NUM_CPUS = 0.25
+# what the driver needs from a sample row (the prompt and the recorded rationales stay on the workers)
+RESULT_COLUMNS = ["shard", "id", "sample_index", "text", "error", "rationale", "answer", "status"]
+
+
+def parser_for(backend: str) -> Callable:
+    return prompts.parse_recorded_cot if backend == "recorded" else prompts.parse_teacher_output
+
+
+class TeacherWorker:
+    """One actor of the teacher pool: the backend (its model or HTTP client loaded once), then the parse."""
+
+    def __init__(self, cfg: Config, task: TaskSpec):
+        self.backend = backend_class(cfg.teacher.backend)(cfg)
+        self.parse = parser_for(cfg.teacher.backend)
+        self.task = task
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return parse_samples(self.backend(batch), self.parse, self.task).select(RESULT_COLUMNS)
+
+
+def _prompt_fn(cfg: Config, task: TaskSpec) -> Callable | None:
+    needs_prompt = cfg.teacher.backend == "vllm" or backend_class(cfg.teacher.backend).needs_prompt
+    return partial(prompts.teacher_prompt, task) if needs_prompt else None
+
+
+def _example_blocks(examples: list[dict], shards: list[Shard], examples_per_block: int) -> list[pa.Table]:
+    """Input blocks of a few examples each, tagged with their shard: enough blocks to keep every actor busy."""
+    blocks = []
+    for shard in shards:
+        for start in range(shard.start, shard.stop, examples_per_block):
+            rows = examples[start : min(start + examples_per_block, shard.stop)]
+            table = examples_table(rows)
+            blocks.append(table.append_column("shard", pa.array([shard.index] * len(rows), pa.int32())))
+    return blocks
+
+
+def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: list[Shard]):
+    """The lazy Ray Data pipeline producing parsed sample rows (RESULT_COLUMNS) of the given shards."""
+    import ray
+
+    t = cfg.teacher
+    # one input block ~ one teacher batch after K-fold duplication
+    ds = ray.data.from_arrow(_example_blocks(examples, shards, max(1, math.ceil(t.batch_size / t.k))))
+    ds = ds.map_batches(
+        expand_samples,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"k": t.k, "teacher_seed": t.seed, "prompt_fn": _prompt_fn(cfg, task)},
+        num_cpus=LIGHT_NUM_CPUS,
+    )
+    if t.backend == "vllm":
+        from qcrd_ray.teacher.backends import vllm
+
+        sample_columns = ["shard", "id", "sample_index", "seed", "choices"]
+        ds = vllm.apply(ds, cfg, sample_columns)
+        return ds.map_batches(
+            lambda b: parse_samples(b, parser_for("vllm"), task).select(RESULT_COLUMNS),
+            batch_format="pyarrow",
+            num_cpus=LIGHT_NUM_CPUS,
+        )
+    return ds.map_batches(
+        TeacherWorker,
+        fn_constructor_kwargs={"cfg": cfg, "task": task},
+        batch_size=t.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
+        num_cpus=t.num_cpus,
+        num_gpus=t.num_gpus,
+    )
+
+
+def _generate(cfg: Config, task: TaskSpec, examples: list[dict], todo: list[Shard], on_shard) -> None:
+    from qcrd_ray.ray_utils import init_ray
+
+    init_ray()
+    collector = ShardCollector(todo, examples, cfg.teacher.k, task, cfg.self_consistency.positive_rule)
+    ds = build_dataset(cfg, task, examples, todo)
+    done = examples_done = 0
+    started = time.monotonic()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for shard, table in collector.add(batch):
+            write_atomic(table, shard.path)
+            done += 1
+            examples_done += shard.size
+            not_ok = sum(s["status"] != "ok" for row in table.column("samples").to_pylist() for s in row)
+            log.info(
+                "shard %d written (%d/%d this run): %d examples, %d samples not ok, %.1f examples/s -> %s",
+                shard.index, done, len(todo), table.num_rows, not_ok,
+                examples_done / max(time.monotonic() - started, 1e-9), shard.path.name,
+            )
+            if on_shard is not None:
+                on_shard(shard, table)
+    if collector.unfinished:
+        raise RuntimeError(f"the pipeline ended with shards {collector.unfinished} incomplete")
+
+
+def iter_teacher_rows(out_dir: str | Path) -> Iterator[dict]:
+    """Every TEACHER_SCHEMA row of a teacher output folder, shard by shard."""
+    for path in sorted(Path(out_dir).glob("part-*.parquet")):
+        yield from pq.read_table(path).to_pylist()
+
+
+def _write_errors(out_dir: Path) -> None:
+    """errors.jsonl: every sample that is not ok, with its reason (rebuilt from the shards, so a resumed run
+    reports the same as an uninterrupted one)."""
+    with open(out_dir / "errors.jsonl", "w") as f:
+        for row in iter_teacher_rows(out_dir):
+            for s in row["samples"]:
+                if s["status"] != "ok":
+                    reason = s["error"] or ("no answer in the output" if s["status"] == "no_answer" else "empty output")
+                    f.write(json.dumps({"id": row["id"], "index": s["index"], "status": s["status"], "reason": reason,
+                                        "text": s["text"][:500]}) + "\n")
+
+
+def run_teacher(
+    cfg: Config,
+    out_dir: str | Path,
+    split: str | None = None,
+    *,
+    on_shard: Callable[[Shard, pa.Table], None] | None = None,
+) -> dict:
+    """Generate (or finish generating) the teacher output of one split into ``out_dir`` and return the run
+    summary (also written to ``summary.json``). Rerunning on the same folder skips finished shards.
+
+    ``on_shard(shard, table)`` is called after each shard is on disk (progress reporting, early stopping).
+    """
+    split = split or cfg.data.train_split
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(cfg.data.task, cfg.data.answer_type)
+    loaded = load_split(cfg.data, split, rejects_path=out / "rejects.jsonl")
+    examples = loaded.rows
+    ids = [ex["id"] for ex in examples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{cfg.data.task}/{split}: example ids are not unique; teacher output is keyed by id")
+    check_manifest(out, manifest(cfg, split, ids))
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    remove_partial_writes(out)
+
+    shards = plan_shards(len(examples), cfg.teacher.shard_rows, out)
+    todo = [s for s in shards if not s.path.exists()]
+    log.info(
+        "teacher %s on %s/%s: %d examples x K=%d in %d shards (%d already done), %d rejected rows",
+        cfg.teacher.backend, cfg.data.task, split, len(examples), cfg.teacher.k, len(shards),
+        len(shards) - len(todo), len(loaded.rejects),
+    )
+    if todo:
+        _generate(cfg, task, examples, todo, on_shard)
+
+    _write_errors(out)
+    summary = {
+        "task": cfg.data.task,
+        "split": split,
+        "backend": cfg.teacher.backend,
+        "k": cfg.teacher.k,
+        "positive_rule": cfg.self_consistency.positive_rule,
+        "shards": len(shards),
+        "rejected_rows": len(loaded.rejects),
+        **summarize(iter_teacher_rows(out)),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+__all__ = ["run_teacher", "build_dataset", "iter_teacher_rows", "format_table", "TeacherWorker"]

@@ -1,0 +1,130 @@
+"""Output shards: the unit of resumption.
+
+Examples are cut, in input order, into shards of ``shard_rows``; shard i is ``part-0000i.parquet`` in
+TEACHER_SCHEMA, written to a temporary name and renamed into place (atomic on one filesystem), so a shard file
+either holds all its examples or does not exist. A rerun regenerates exactly the missing shards; per-sample
+seeds make them equal to what an uninterrupted run writes. A manifest pins what the shards were made from, so
+a rerun with other data or other teacher settings fails loudly instead of mixing two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qcrd_ray.config import Config, ConfigError
+from qcrd_ray.data.schema import TEACHER_SCHEMA
+from qcrd_ray.teacher.consistency import teacher_row
+
+MANIFEST = "manifest.json"
+# teacher settings that change what is generated (pool sizes and batch sizes do not)
+OUTPUT_KEYS = ("backend", "model", "k", "temperature", "max_tokens", "stop", "seed", "api", "shard_rows")
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first example (position in the split)
+    stop: int  # one past the last example
+    path: Path
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(n_examples: int, shard_rows: int, out_dir: Path) -> list[Shard]:
+    return [
+        Shard(i, start, min(start + shard_rows, n_examples), Path(out_dir) / f"part-{i:05d}.parquet")
+        for i, start in enumerate(range(0, n_examples, shard_rows))
+    ]
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def remove_partial_writes(out_dir: Path) -> None:
+    """Temporary files of a run killed while writing a shard."""
+    for tmp in Path(out_dir).glob(".part-*.parquet.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def manifest(cfg: Config, split: str, ids: Sequence[str]) -> dict:
+    return {
+        "task": cfg.data.task,
+        "split": split,
+        "examples": len(ids),
+        "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "teacher": {key: _plain(getattr(cfg.teacher, key)) for key in OUTPUT_KEYS},
+        "positive_rule": cfg.self_consistency.positive_rule,
+    }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_manifest(out_dir: Path, current: dict) -> None:
+    """Write the manifest of a new output folder, or check that an existing one matches this run."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        path.write_text(json.dumps(current, indent=2) + "\n")
+        return
+    previous = json.loads(path.read_text())
+    if previous == current:
+        return
+    diff = [k for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]
+    if "teacher" in diff:
+        pt, ct = previous.get("teacher", {}), current["teacher"]
+        diff = [d for d in diff if d != "teacher"] + [f"teacher.{k}" for k in OUTPUT_KEYS if pt.get(k) != ct.get(k)]
+    raise ConfigError(
+        f"{out_dir} holds teacher output of a different run ({', '.join(diff)} differ); "
+        "use a new --out folder, or delete this one to start over"
+    )
+
+
+class ShardCollector:
+    """Gathers parsed sample rows, which arrive in any order, and returns each shard's TEACHER_SCHEMA table as
+    soon as all its ``size * k`` samples are in. Examples keep their input order, samples their index order."""
+
+    def __init__(self, shards: Sequence[Shard], examples: Sequence[Mapping], k: int, task, rule: str):
+        self.examples, self.k, self.task, self.rule = examples, k, task, rule
+        self.pending = {s.index: s for s in shards}
+        self.samples: dict[int, dict[str, list[dict]]] = {s.index: {} for s in shards}
+        self.counts = {s.index: 0 for s in shards}
+
+    def add(self, batch: pa.Table) -> list[tuple[Shard, pa.Table]]:
+        touched = set()
+        for row in batch.to_pylist():
+            shard = row["shard"]
+            if shard not in self.pending:
+                raise RuntimeError(f"sample of shard {shard} arrived after that shard was written")
+            self.samples[shard].setdefault(row["id"], []).append(
+                {"index": row["sample_index"], **{c: row.get(c) for c in ("text", "rationale", "answer", "status", "error")}}
+            )
+            self.counts[shard] += 1
+            touched.add(shard)
+        return [self._finish(i) for i in sorted(touched) if self.counts[i] == self.pending[i].size * self.k]
+
+    def _finish(self, index: int) -> tuple[Shard, pa.Table]:
+        shard = self.pending.pop(index)
+        by_id = self.samples.pop(index)
+        rows = [
+            teacher_row(ex, by_id.get(ex["id"], []), self.task, self.rule)
+            for ex in self.examples[shard.start : shard.stop]
+        ]
+        return shard, pa.Table.from_pylist(rows, schema=TEACHER_SCHEMA)
+
+    @property
+    def unfinished(self) -> list[int]:
+        return sorted(self.pending)
