@@ -1,0 +1,213 @@
+"""RUN/report.md: what a run did and how well, with the figures it embeds (matplotlib, RUN/figures/*.png).
+
+Sections: resolved config, data and rejects, teacher statistics, training curves of every loss term,
+discriminator score distributions for teacher positives / teacher negatives / student negatives (the paper's
+Figure 6), the accuracy table, and for the four paper datasets the paper's numbers beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from qcrd_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+# Test accuracy (%) reported by QCRD (arXiv 2405.13014), T5-base / T5-small students.
+PAPER_RESULTS = {
+    "svamp": {"dss": (65.5, 48.0), "qcrd": (69.0, 50.5)},
+    "cqa": {"dss": (63.23, 45.21), "qcrd": (63.64, 46.11)},
+    "anli1": {"dss": (52.80, 42.80), "qcrd": (54.00, 44.10)},
+    "esnli": {"dss": (90.09, 84.23), "qcrd": (90.26, 85.30)},
+}
+LOSS_TERMS = ("loss", "l_pred", "l_rationale", "l_cl", "l_pos", "l_neg", "l_d", "s_pos", "s_neg")
+MAX_SCORED = 256  # rationales of each kind scored by D for the distribution plot
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by an interrupted write; the rest of the file is still good
+    return rows
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(metrics: list[dict], path: Path, title: str) -> Path | None:
+    terms = [t for t in LOSS_TERMS if any(isinstance(m.get(t), (int, float)) for m in metrics)]
+    if not terms:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        points = [(m.get("step", i), m[term]) for i, m in enumerate(metrics) if isinstance(m.get(term), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2)
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_score_distributions(scores: Mapping[str, list[float]], path: Path, title: str) -> Path | None:
+    if not any(scores.values()):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, values in scores.items():
+        if values:
+            ax.hist(values, bins=20, range=(0, 1), alpha=0.5, label=f"{name} (n={len(values)})")
+    ax.set_xlabel("discriminator score s")
+    ax.set_ylabel("rationales")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_agreement(histogram: Mapping, path: Path) -> Path | None:
+    if not histogram:
+        return None
+    plt = _plt()
+    keys = sorted(histogram, key=float)
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.bar([str(k) for k in keys], [histogram[k] for k in keys])
+    ax.set_xlabel("agreement (share of samples with the majority answer)")
+    ax.set_ylabel("examples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def discriminator_scores(method_dir: Path, cfg: Config, teacher_rows: list[dict],
+                         student_negatives: Iterable[dict]) -> dict:
+    """Scores of the trained D for up to MAX_SCORED teacher positives, teacher negatives and student negatives."""
+    import torch
+
+    from qcrd_ray import student
+    from qcrd_ray.qcrd.discriminator import load_discriminator, encode_pairs
+
+    d_path = method_dir / "model" / "discriminator.pt"
+    if not d_path.exists():
+        return {}
+    model, tokenizer = student.load_pretrained(method_dir / "model")
+    disc = load_discriminator(d_path, model)
+    disc.eval()
+    questions = {r["id"]: r["input"] for r in teacher_rows}
+    kinds = {
+        "teacher positives": [(r["input"], p) for r in teacher_rows for p in r["positives"]],
+        "teacher negatives": [(r["input"], n) for r in teacher_rows for n in r["negatives"]],
+        "student negatives": [(questions[n["id"]], n["text"]) for n in student_negatives if n["id"] in questions],
+    }
+    out = {}
+    with torch.no_grad():
+        for name, pairs in kinds.items():
+            pairs = pairs[:MAX_SCORED]
+            scores: list[float] = []
+            for i in range(0, len(pairs), 32):
+                chunk = pairs[i:i + 32]
+                enc = encode_pairs(tokenizer, [q for q, _ in chunk], [r for _, r in chunk], cfg.student.max_input_len)
+                scores.extend(disc(**enc).tolist())
+            out[name] = scores
+    return out
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def accuracy_table(cfg: Config, results: Mapping[str, dict]) -> list[str]:
+    paper = PAPER_RESULTS.get(cfg.data.task)
+    head = "| method | predict acc % | explain acc % | n |" + (" paper T5-base % | paper T5-small % |" if paper else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for method, r in results.items():
+        pred, expl = r["eval"].get("predict", {}), r["eval"].get("explain", {})
+        row = f"| {method} | {_pct(pred.get('accuracy'))} | {_pct(expl.get('accuracy'))} | {pred.get('n', '-')} |"
+        if paper:
+            base, small = paper.get(method, ("-", "-"))
+            row += f" {base} | {small} |"
+        lines.append(row)
+    if paper:
+        lines.append("")
+        lines.append(f"Paper numbers are test accuracy on the full {cfg.data.task} test split; ours are on the "
+                     f"`{cfg.data.eval_split}` split with student `{cfg.student.model}`.")
+    return lines
+
+
+def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, results: Mapping[str, dict]) -> Path:
+    """Write RUN/report.md and RUN/figures/*.png; returns the report's path."""
+    import pyarrow.parquet as pq
+
+    run_dir = Path(run_dir)
+    figures = run_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    teacher_dir = run_dir / "teacher"
+    lines = [f"# QCRD run: {cfg.data.task}", ""]
+    lines += [f"Methods: {', '.join(results)}. Student: `{cfg.student.model}`. Teacher: `{cfg.teacher.backend}`"
+              f"{' (' + cfg.teacher.model + ')' if cfg.teacher.model else ''}, K = {cfg.teacher.k} at "
+              f"T = {cfg.teacher.temperature}.", ""]
+
+    lines += ["## Accuracy", ""] + accuracy_table(cfg, results) + [""]
+
+    lines += ["## Data and rejects", ""]
+    rejects = read_jsonl(teacher_dir / "rejects.jsonl")
+    lines.append(f"Examples taught: {teacher_summary.get('examples', '-')}; rejected rows: {len(rejects)}.")
+    if rejects:
+        reasons = Counter(str(r.get("reason", "?")).split(":")[0] for r in rejects)
+        lines += ["", "| reason | rows |", "|---|---|"] + [f"| {k} | {v} |" for k, v in reasons.most_common(10)]
+    lines.append("")
+
+    lines += ["## Teacher", ""]
+    scalars = {k: v for k, v in teacher_summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    lines += ["| statistic | value |", "|---|---|"]
+    lines += [f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in scalars.items()]
+    lines.append("")
+    agreement = plot_agreement(teacher_summary.get("agreement_histogram") or {}, figures / "teacher-agreement.png")
+    if agreement:
+        lines += [f"![teacher agreement](figures/{agreement.name})", ""]
+
+    teacher_rows = pq.read_table(teacher_dir).to_pylist() if any(teacher_dir.glob("*.parquet")) else []
+    for method, r in results.items():
+        method_dir = Path(r["dir"])
+        lines += [f"## Training: {method}", ""]
+        metrics = read_jsonl(method_dir / "train" / "metrics.jsonl")
+        curves = plot_training_curves(metrics, figures / f"{method}-training.png", f"{method}: loss terms")
+        lines += [f"![{method} training curves](figures/{curves.name})" if curves else "No training metrics.", ""]
+        if method == "qcrd":
+            try:
+                scores = discriminator_scores(method_dir, cfg, teacher_rows, read_jsonl(method_dir / "train" / "negatives.jsonl"))
+            except Exception as e:  # the report must not fail a finished run
+                log.warning("discriminator scores skipped: %s", e)
+                scores = {}
+            fig = plot_score_distributions(scores, figures / f"{method}-discriminator.png",
+                                           "discriminator scores (cf. paper Fig. 6)")
+            if fig:
+                means = ", ".join(f"{k}: mean {sum(v) / len(v):.3f}" for k, v in scores.items() if v)
+                lines += ["### Discriminator scores", "", f"![discriminator scores](figures/{fig.name})", "", means, ""]
+
+    lines += ["## Resolved config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
