@@ -1,0 +1,116 @@
+"""Negative sampler: actors that write the student negatives of a round from the lagged snapshot.
+
+For round ``r`` each actor fetches snapshot ``r - j`` from the :class:`~qcrd_ray.qcrd.snapshots.SnapshotStore`
+(the oldest held during the first rounds), samples one ``explain:`` output per training example at temperature
+``snapshots.temperature`` (1.5) with batched ``student.generate``, and tags each with the snapshot's round. The
+trainer asks for round ``r + 1`` when round ``r`` starts, so sampling overlaps training; at the next round start
+the workers only collect the finished result (the wait is logged as ``neg_wait_s``).
+
+The actors are asyncio actors: generation runs in one background thread, so a worker collecting a finished round
+is answered at once even while the next round is being sampled, whatever order the requests arrive in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from typing import Sequence
+
+import ray
+
+from qcrd_ray import student
+from qcrd_ray.config import SnapshotConfig
+from qcrd_ray.data import prompts
+
+# A snapshot can be asked for just before rank 0's publish of it has reached the store (j = 0); wait this long.
+_SNAPSHOT_WAIT_S = 600.0
+_POLL_S = 0.05
+
+Negatives = dict[str, tuple[str, int]]  # example id -> (sampled explain output, snapshot round it came from)
+
+
+@ray.remote
+class NegativeSampler:
+    """Samples the negatives of one shard of the training examples (see the module docstring)."""
+
+    def __init__(self, model_dir: str, store, examples: Sequence[tuple[str, str]], cfg: SnapshotConfig, seed: int):
+        import torch
+
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.model, self.tokenizer = student.load_pretrained(model_dir)
+        self.model.eval()
+        self.store = store
+        self.ids = [i for i, _ in examples]
+        self.inputs = [prompts.student_input("explain", text) for _, text in examples]
+        self.cfg = cfg
+        self.seed = seed
+        self.loaded_round: int | None = None
+        self._rounds: dict[int, asyncio.Future] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one generation at a time
+
+    async def sample(self, round_index: int) -> Negatives:
+        """The negatives of ``round_index`` (started on the first request, shared by every later one)."""
+        if round_index not in self._rounds:
+            self._rounds[round_index] = asyncio.ensure_future(self._sample(round_index))
+            for old in [r for r in self._rounds if r < round_index - 1]:
+                del self._rounds[old]  # rounds the trainer has moved past
+        return await asyncio.shield(self._rounds[round_index])
+
+    async def _sample(self, round_index: int) -> Negatives:
+        deadline = time.monotonic() + _SNAPSHOT_WAIT_S
+        while True:
+            try:
+                snap_round, ref = await self.store.get.remote(round_index)
+                break
+            except LookupError:  # Ray re-raises the actor's LookupError as a subclass of it
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(_POLL_S)
+        state = await ref
+        loop = asyncio.get_running_loop()
+        texts = await loop.run_in_executor(self._pool, self._generate, snap_round, state, round_index)
+        return {i: (t, snap_round) for i, t in zip(self.ids, texts)}
+
+    def _generate(self, snap_round: int, state: dict, round_index: int) -> list[str]:
+        if snap_round != self.loaded_round:
+            self.model.load_state_dict(state)
+            self.loaded_round = snap_round
+        return student.generate(
+            self.model, self.tokenizer, self.inputs,
+            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+            seed=self.seed + 7919 * round_index, batch_size=self.cfg.sampler_batch_size,
+        )
+
+
+class NegativePool:
+    """The sampler actors of a run, sharded over the examples; a plain object, so it travels to train workers."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    @classmethod
+    def start(cls, model_dir: str, store, examples: Sequence[tuple[str, str]], cfg: SnapshotConfig,
+              seed: int = 0) -> "NegativePool":
+        n = min(cfg.sampler_actors, max(1, len(examples)))
+        options = {"num_cpus": cfg.sampler_num_cpus, "num_gpus": cfg.sampler_num_gpus}
+        return cls([
+            NegativeSampler.options(**options).remote(model_dir, store, list(examples[i::n]), cfg, seed + i)
+            for i in range(n)
+        ])
+
+    def request(self, round_index: int) -> None:
+        """Start sampling ``round_index``'s negatives in the background (returns at once)."""
+        for actor in self.actors:
+            actor.sample.remote(round_index)
+
+    def fetch(self, round_index: int) -> Negatives:
+        """Every example's negative for ``round_index`` (waits only if sampling has not finished)."""
+        out: Negatives = {}
+        for part in ray.get([actor.sample.remote(round_index) for actor in self.actors]):
+            out.update(part)
+        return out
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

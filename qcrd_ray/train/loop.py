@@ -1,0 +1,239 @@
+"""The training loop every Ray Train worker runs, top to bottom: data shard → model → resume → rounds.
+
+One loop serves ``finetune``, ``dss`` and ``qcrd`` (the step itself is ``qcrd.step.DistillModel``). A round is
+``train.round_steps`` optimizer steps (0 = one epoch of this worker's shard). At each round end: collect the next
+round's student negatives (sampled meanwhile from the lagged snapshot), refresh D on them, checkpoint, publish the
+new snapshot, decay α3.
+
+Everything a worker needs comes in ``loop_config`` (see ``trainer.run_training``): ``cfg``, ``method``,
+``run_dir``, ``init_model_dir``, ``store`` (SnapshotStore handle, qcrd only), ``negatives`` (NegativePool or None)
+and ``fail_after_round`` (test hook: raise once that many rounds are checkpointed, to kill a run mid-way).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from qcrd_ray import student as student_lib
+from qcrd_ray.qcrd import losses
+from qcrd_ray.qcrd.discriminator import Discriminator, pretrain_discriminator, refresh
+from qcrd_ray.qcrd.snapshots import cpu_state_dict
+from qcrd_ray.qcrd.step import DistillModel, make_batch
+from qcrd_ray.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+# Ray Data hands the shard over in blocks of this many rows (the shard is then held in memory, see shard_rows).
+_READ_BATCH = 1024
+
+
+def shard_rows(shard) -> list[dict]:
+    """This worker's teacher rows as dicts. Held in memory so a round can end mid-epoch and a resumed run can
+    replay the exact data order (a seeded permutation per epoch) without re-reading the stream."""
+    rows: list[dict] = []
+    for table in shard.iter_batches(batch_size=_READ_BATCH, batch_format="pyarrow"):
+        rows.extend(table.to_pylist())
+    return sorted(rows, key=lambda r: r["id"])  # independent of the order blocks arrive in
+
+
+def batch_rows(rows: list[dict], step: int, batch_size: int, steps_per_epoch: int, seed: int) -> list[dict]:
+    """The rows of optimizer step ``step``: epoch ``step // steps_per_epoch`` of a seeded shuffle (pure)."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+    return [rows[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+
+def with_negatives(rows: list[dict], negatives: dict) -> list[dict]:
+    """Attach each row's student negative ``(text, snapshot round)`` as ``student_negatives`` / ``negative_round``."""
+    out = []
+    for row in rows:
+        if row["id"] in negatives:
+            text, snap_round = negatives[row["id"]]
+            row = {**row, "student_negatives": [text], "negative_round": snap_round}
+        out.append(row)
+    return out
+
+
+def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def _all_reduce_min(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s weights (after a step taken outside DDP, such as D's refresh on rank 0)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=src)
+
+
+class MetricsLog:
+    """Rank 0's metrics: one JSON line per log step in RUN/train/metrics.jsonl and TensorBoard scalars."""
+
+    def __init__(self, train_dir: Path, resume_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = train_dir / "metrics.jsonl"
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint: it is replayed
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(train_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, metrics: dict) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, metrics["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg, method = loop_config["cfg"], loop_config["method"]
+    tc = cfg.train
+    run_dir = Path(loop_config["run_dir"])
+    store, pool = loop_config.get("store"), loop_config.get("negatives")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed + rank)
+
+    # ---- data: this worker's shard of the teacher rows; every rank takes the same number of steps per epoch
+    rows = shard_rows(ray.train.get_dataset_shard("train"))
+    steps_per_epoch = _all_reduce_min(len(rows) // tc.batch_size, device)
+    if steps_per_epoch == 0:
+        raise ValueError(f"a worker holds fewer than train.batch_size={tc.batch_size} rows; lower the batch "
+                         f"size or the number of workers ({world})")
+    round_steps = tc.round_steps or steps_per_epoch
+
+    # ---- model: resume from the last checkpoint, else the initial student the driver built
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+        resume_dir = Path(resume_dir) if resume_dir else None
+        model_dir = resume_dir / ckpt.MODEL_DIR if resume_dir else Path(loop_config["init_model_dir"])
+        student, tokenizer = student_lib.load_pretrained(model_dir, dtype=cfg.student.dtype)
+        needs_disc = method == "qcrd" and cfg.loss.quality_judge
+        disc = Discriminator.from_student(student, cfg.discriminator) if needs_disc else None
+        model = DistillModel(student, disc, cfg, method)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / (tc.warmup_steps + 1)))  # linear warmup, then constant
+        if resume_dir:
+            state = ckpt.load_state(resume_dir)
+            if disc is not None:
+                disc.load_state_dict(torch.load(resume_dir / ckpt.DISC_FILE))
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            if len(state.rng) == world:
+                ckpt.set_rng_state(state.rng[rank])
+            start_round, global_step = state.completed_rounds, state.global_step
+            log.info("rank %d: resuming at round %d (step %d)", rank, start_round, global_step)
+    if not resume_dir:
+        start_round, global_step = 0, 0
+        if disc is not None and rank == 0:  # DDP's wrap below hands rank 0's pre-trained D to every rank
+            stats = pretrain_discriminator(disc, tokenizer, rows, cfg, seed=tc.seed)
+            log.info("discriminator pre-training: %s", stats)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": method == "qcrd"})
+    core = model.module if hasattr(model, "module") else model
+
+    # ---- negatives: publish the student this round starts from; the sampler works one round ahead
+    if rank == 0 and store is not None:
+        store.publish.remote(start_round, cpu_state_dict(core.student))
+    metrics_log = MetricsLog(run_dir / "train", global_step) if rank == 0 else None
+    negatives, neg_wait = {}, 0.0
+    if pool is not None and start_round < tc.rounds:
+        t0 = time.perf_counter()
+        negatives = pool.fetch(start_round)
+        neg_wait = time.perf_counter() - t0
+
+    for round_index in range(start_round, tc.rounds):
+        if rank == 0 and pool is not None and round_index + 1 < tc.rounds:
+            pool.request(round_index + 1)
+        alpha3 = losses.alpha3_at_round(cfg.loss.alpha3, cfg.loss.alpha3_decay, round_index)
+        round_start = tick = time.perf_counter()
+        since_log = 0
+        model.train()
+        for _ in range(round_steps):
+            rows_now = with_negatives(batch_rows(rows, global_step, tc.batch_size, steps_per_epoch, tc.seed),
+                                      negatives)
+            batch = make_batch(rows_now, tokenizer, cfg, method).to(device)
+            out = model(batch, alpha3)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            since_log += 1
+            if global_step % tc.log_every == 0:
+                step_metrics = dict(out.metrics)
+                if pool is not None:  # rounds between this round and the snapshot its negatives came from
+                    step_metrics["neg_lag"] = float(np.mean([round_index - r for r in batch.negative_rounds]))
+                metrics = _all_reduce_mean(step_metrics, device)
+                now = time.perf_counter()
+                metrics.update(step=global_step, round=round_index, lr=scheduler.get_last_lr()[0],
+                               alpha3=alpha3, examples_per_s=world * tc.batch_size * since_log / (now - tick),
+                               neg_wait_s=neg_wait)
+                tick, since_log = now, 0
+                if metrics_log:
+                    metrics_log.write(metrics)
+                ray.train.report(metrics)
+
+        # ---- round end: next negatives, D refresh, checkpoint, snapshot
+        completed = round_index + 1
+        round_s = time.perf_counter() - round_start
+        neg_wait = 0.0
+        if pool is not None and completed < tc.rounds:
+            t0 = time.perf_counter()
+            negatives = pool.fetch(completed)
+            neg_wait = time.perf_counter() - t0
+            if core.disc is not None:
+                if rank == 0:
+                    refresh(core.disc, tokenizer, with_negatives(rows, negatives), cfg, seed=tc.seed + completed)
+                _broadcast_module(core.disc)
+        rng = [None] * world
+        dist.all_gather_object(rng, ckpt.rng_state())
+        round_metrics = {"step": global_step, "round": completed, "round_s": round_s, "alpha3": alpha3,
+                         "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0}
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:
+                state = ckpt.TrainerState(completed, global_step, alpha3, optimizer.state_dict(),
+                                          scheduler.state_dict(), rng)
+                saved = ray.train.Checkpoint.from_directory(
+                    str(ckpt.save(tmp, core.student, tokenizer, core.disc, state)))
+            ray.train.report(round_metrics, checkpoint=saved, checkpoint_dir_name=ckpt.round_dir_name(completed))
+        if metrics_log:
+            metrics_log.write(round_metrics)
+        if rank == 0 and store is not None and completed < tc.rounds:
+            store.publish.remote(completed, cpu_state_dict(core.student))  # after the checkpoint: see trainer.py
+        if loop_config.get("fail_after_round") == completed:
+            raise RuntimeError(f"fail_after_round={completed}: simulated worker failure (test hook)")
+    if metrics_log:
+        metrics_log.close()
