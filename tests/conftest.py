@@ -31,7 +31,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # address="local": a cluster someone started with `ray start` must not capture the tests
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()
 
