@@ -12,6 +12,7 @@ messages and ``qcrd config show`` all read the same declaration.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -226,6 +227,9 @@ def _merge(base: dict, update: Mapping) -> dict:
     return out
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's annotation, converting what YAML cannot tell apart (1 → 1.0)."""
     origin = typing.get_origin(annotation)
@@ -255,6 +259,8 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 5e-4 as a string
+            return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -264,6 +270,8 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     if annotation is tuple:
         if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, str) for v in value):  # YAML reads [Q:] as [{Q: null}]
+                raise ConfigError(f"{where}: expected a list of strings, got {value!r} (quote items containing ':')")
             return tuple(value)
         if isinstance(value, str):
             return (value,)
