@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray per test session, the shared benchmark data, a tiny trained student."""
+"""Shared fixtures: one local Ray per test session and the shared benchmark data."""
 
 from __future__ import annotations
 
