@@ -130,3 +130,11 @@ def test_user_tasks_with_and_without_choices():
     assert get_task("cqa", "text") == TaskSpec("cqa", "text")
     with pytest.raises(ValueError):
         get_task("x", "bogus")
+
+
+def test_negated_nli_label_is_no_answer():
+    from qcrd_ray.data.answers import parse_answer
+
+    assert parse_answer("anli1", "not entailment") is None
+    assert parse_answer("esnli", "It is not a contradiction") is None
+    assert parse_answer("esnli", "contradiction") == "contradiction"

@@ -29,6 +29,8 @@ _NLI_WORDS = [
     (re.compile(r"^\W*yes\b"), "entailment"),
     (re.compile(r"^\W*no\b"), "contradiction"),
 ]
+# "not entailment" names a label only to deny it: no answer rather than the label it mentions.
+_NLI_NEGATED = re.compile(r"\b(?:not|no|isn't|is not)\s+(?:an?\s+)?(?:entail\w*|contradict\w*|neutral)\b")
 _LETTER_IN_PARENS = re.compile(r"\(\s*([a-zA-Z])\s*\)")
 _LONE_LETTER = re.compile(r"^\s*\(?([a-zA-Z])\s*[).:]?\s*(.*)$", re.S)
 _NUMBER_WITH_UNIT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*[A-Za-z][A-Za-z ]*$")
@@ -66,6 +68,8 @@ def _choice_list(spec: TaskSpec, choices: Sequence[str]) -> list[str]:
 
 def _parse_nli(text: str) -> str | None:
     low = text.lower()
+    if _NLI_NEGATED.search(low):
+        return None
     found = {label for pattern, label in _NLI_WORDS if pattern.search(low)}
     return found.pop() if len(found) == 1 else None
 
