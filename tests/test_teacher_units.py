@@ -85,8 +85,8 @@ def test_majority_answer_rationales_are_positives_and_the_rest_negatives():
     samples = [s(0, "8"), s(1, "( 5 + 3 )"), s(2, "9"), s(3, None, status="no_answer"), s(4, "8.0")]
     sc = self_consistency("synthetic", samples, "( 5.0 + 3.0 )")
     assert sc.majority_answer == "8"  # "8", "( 5 + 3 )" and "8.0" are one answer
-    assert sc.positives == ["r0 The answer is 8.", "r1 The answer is ( 5 + 3 ).", "r4 The answer is 8.0."]
-    assert sc.negatives == ["r2 The answer is 9."]  # the unanswered sample is neither
+    assert sc.positives == ["r0", "r1", "r4"]
+    assert sc.negatives == ["r2"]  # the unanswered sample is neither
     assert sc.agreement == pytest.approx(3 / 4) and sc.teacher_correct
 
 
@@ -105,7 +105,7 @@ def test_tie_is_won_by_the_answer_matching_gold_else_lexically_first():
 def test_all_wrong_majority_rule_keeps_a_wrong_positive_and_gold_rule_keeps_none():
     samples = [s(0, "9"), s(1, "9"), s(2, "7")]
     majority = self_consistency("synthetic", samples, "( 5.0 + 3.0 )", rule="majority")
-    assert majority.positives == ["r0 The answer is 9.", "r1 The answer is 9."] and not majority.teacher_correct
+    assert majority.positives == ["r0", "r1"] and not majority.teacher_correct
     gold = self_consistency("synthetic", samples, "( 5.0 + 3.0 )", rule="gold")
     assert gold.positives == [] and len(gold.negatives) == 3
     assert gold.majority_answer == "9"  # the teacher's vote is still reported
@@ -114,12 +114,12 @@ def test_all_wrong_majority_rule_keeps_a_wrong_positive_and_gold_rule_keeps_none
 def test_gold_rule_takes_every_correct_sample_even_in_the_minority():
     samples = [s(0, "9"), s(1, "9"), s(2, "8")]
     gold = self_consistency("synthetic", samples, "( 5.0 + 3.0 )", rule="gold")
-    assert gold.positives == ["r2 The answer is 8."] and gold.negatives == ["r0 The answer is 9.", "r1 The answer is 9."]
+    assert gold.positives == ["r2"] and gold.negatives == ["r0", "r1"]
 
 
 def test_k1_and_no_answer_cases():
     one = self_consistency("synthetic", [s(0, "8")], "( 5.0 + 3.0 )")
-    assert one.positives == ["r0 The answer is 8."] and one.negatives == [] and one.agreement == 1.0
+    assert one.positives == ["r0"] and one.negatives == [] and one.agreement == 1.0
     none = self_consistency("synthetic", [s(0, None, status="no_answer"), s(1, "", status="request_error")], "( 5.0 + 3.0 )")
     assert none.positives == [] and none.majority_answer is None and none.agreement == 0.0 and not none.teacher_correct
 
@@ -131,9 +131,10 @@ def test_choice_tasks_group_letters_and_words():
     assert sc.teacher_correct and sc.agreement == pytest.approx(2 / 3) and len(sc.negatives) == 1
 
 
-def test_duplicate_rationales_are_kept_once():
-    samples = [{**s(i, "8"), "rationale": "same"} for i in range(3)]
-    assert self_consistency("synthetic", samples, "( 5.0 + 3.0 )").positives == ["same The answer is 8."]
+def test_duplicate_rationales_are_kept_once_and_answers_without_rationale_only_vote():
+    samples = [{**s(i, "8"), "rationale": " same "} for i in range(3)] + [{**s(3, "9"), "rationale": ""}]
+    sc = self_consistency("synthetic", samples, "( 5.0 + 3.0 )")
+    assert sc.positives == ["same"] and sc.negatives == [] and sc.agreement == 0.75
 
 
 def test_unknown_rule_is_an_error():

@@ -3,6 +3,10 @@
 Pure: no Ray, no torch. Answers are grouped by `answers.answer_key` (so ``8``, ``8.0`` and ``( 5.0 + 3.0 )``
 are one answer). Samples without a usable answer (failed request, no ``<Answer>``, an answer that has no key)
 neither vote nor become negatives: they stay visible in the row's ``samples`` with their status.
+
+Positives and negatives are rationale texts (without their answer; the trainer appends the majority answer to a
+positive and, through ``samples``, a negative's own answer). An answer given without any rationale votes but
+adds no rationale.
 """
 
 from __future__ import annotations
@@ -10,26 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from qcrd_ray.data import answers, prompts
+from qcrd_ray.data import answers
 
 POSITIVE_RULES = ("majority", "gold")
 
 
 @dataclass(frozen=True)
 class Consistency:
-    positives: list[str]  # `explain:` targets, "<rationale> The answer is <answer>."
+    positives: list[str]  # rationales, distinct, in sample order
     negatives: list[str]
     majority_answer: str | None  # as the first sample of the winning group wrote it
     agreement: float  # share of answered samples that gave the majority answer (0.0 when none answered)
     teacher_correct: bool  # the majority answer is correct against gold
 
 
-def _dedupe(texts: list[str]) -> list[str]:
-    return list(dict.fromkeys(texts))
-
-
-def _target(sample: Mapping) -> str:
-    return prompts.explain_target(sample.get("rationale") or "", sample["answer"])
+def _rationales(samples) -> list[str]:
+    return list(dict.fromkeys(r for s in samples if (r := (s.get("rationale") or "").strip())))
 
 
 def self_consistency(
@@ -63,15 +63,11 @@ def self_consistency(
     n_answered = sum(len(g) for g in groups.values())
     majority = groups[winner][0]["answer"]
 
-    if rule == "majority":
-        positives = [_target(s) for s in groups[winner]]
-        negatives = [_target(s) for key, g in groups.items() if key != winner for s in g]
-    else:
-        positives = [_target(s) for key, g in groups.items() if correct[key] for s in g]
-        negatives = [_target(s) for key, g in groups.items() if not correct[key] for s in g]
+    in_order = sorted(((key, s) for key, g in groups.items() for s in g), key=lambda ks: ks[1]["index"])
+    is_positive = (lambda key: key == winner) if rule == "majority" else (lambda key: correct[key])
     return Consistency(
-        positives=_dedupe(positives),
-        negatives=_dedupe(negatives),
+        positives=_rationales(s for key, s in in_order if is_positive(key)),
+        negatives=_rationales(s for key, s in in_order if not is_positive(key)),
         majority_answer=majority,
         agreement=len(groups[winner]) / n_answered,
         teacher_correct=correct[winner],

@@ -67,7 +67,7 @@ class TeacherWorker:
         return parse_samples(self.backend(batch), self.parse, self.task).select(RESULT_COLUMNS)
 
 
-def _prompt_fn(cfg: Config, task: TaskSpec) -> Callable | None:
+def prompt_fn_for(cfg: Config, task: TaskSpec) -> Callable | None:
     needs_prompt = cfg.teacher.backend == "vllm" or backend_class(cfg.teacher.backend).needs_prompt
     return partial(prompts.teacher_prompt, task) if needs_prompt else None
 
@@ -94,7 +94,7 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: lis
         expand_samples,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"k": t.k, "teacher_seed": t.seed, "prompt_fn": _prompt_fn(cfg, task)},
+        fn_kwargs={"k": t.k, "teacher_seed": t.seed, "prompt_fn": prompt_fn_for(cfg, task)},
         num_cpus=LIGHT_NUM_CPUS,
     )
     if t.backend == "vllm":
