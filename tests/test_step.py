@@ -182,3 +182,17 @@ def test_fast_path_gives_gradient_to_the_selected_candidates_only(tok):
     # one positive per example that has one (5 of 6) + one negative per example that has one (5 of 6)
     assert with_grad == 10
     assert sum(n for grad, n in decoded if not grad) == batch.cand_labels.shape[0]
+
+
+def test_shared_encoder_discriminator_trains_the_student_encoder_through_l_d(tok):
+    cfg = Config().replace(discriminator={"share_encoder": True})
+    model = build(tok, "qcrd", cfg)
+    assert model.disc.encoder is model.student.get_encoder()
+    batch = make_batch(teacher_rows(), tok, cfg, "qcrd")
+    s = model._grid(batch, model.disc_scores(batch))
+    from qcrd_ray.qcrd.losses import discriminator_loss
+
+    discriminator_loss(s, model._grid(batch, batch.cand_positive), model._grid(batch, ~batch.cand_positive)).backward()
+    assert model.student.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model(batch).loss.backward()
