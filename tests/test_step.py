@@ -196,3 +196,15 @@ def test_shared_encoder_discriminator_trains_the_student_encoder_through_l_d(tok
     assert model.student.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
     model.zero_grad()
     model(batch).loss.backward()
+
+
+def test_param_groups_give_the_discriminator_its_own_lr(tok):
+    model = build(tok, "qcrd")
+    student_group, disc_group = model.param_groups()
+    assert disc_group["lr"] == Config().discriminator.lr and "lr" not in student_group
+    n = sum(p.numel() for g in (student_group, disc_group) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+    shared = build(tok, "qcrd", Config().replace(discriminator={"share_encoder": True}))
+    assert sum(p.numel() for g in shared.param_groups() for p in g["params"]) == sum(
+        p.numel() for p in shared.parameters())  # the shared encoder is listed once, in the student's group
+    assert len(build(tok, "dss").param_groups()) == 1

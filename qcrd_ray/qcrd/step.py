@@ -182,6 +182,16 @@ class DistillModel(nn.Module):
         self.score_chunk = score_chunk  # candidates per no-grad scoring chunk (bounds the [M, T, V] logits)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # the `sampling` scheme's draws
 
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups: the student at the optimizer's lr, D's own parameters (not a shared
+        encoder) at ``discriminator.lr``."""
+        student = list(self.student.parameters())
+        if self.disc is None:
+            return [{"params": student}]
+        seen = {id(p) for p in student}
+        own = [p for p in self.disc.parameters() if id(p) not in seen]
+        return [{"params": student}, {"params": own, "lr": self.cfg.discriminator.lr}]
+
     # ---- building blocks (also timed one by one by benchmarks/train_step.py)
 
     def label_loss(self, batch: Batch) -> torch.Tensor:
