@@ -219,7 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _broadcast_module(core.disc)
         rng = [None] * world
         dist.all_gather_object(rng, ckpt.rng_state())
-        round_metrics = {"step": global_step, "round": completed, "round_s": round_s, "alpha3": alpha3,
+        round_metrics = {"step": global_step, "completed_rounds": completed, "round_s": round_s,
                          "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0}
         with tempfile.TemporaryDirectory() as tmp:
             saved = None

@@ -93,6 +93,9 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round
         model, tokenizer = student_lib.load_student(cfg.student, tokenizer_texts(table))
         student_lib.save_student(model, tokenizer, init_dir)
 
+    # Read before the trainer and the sampler hold their CPUs: on a small machine the read's planning tasks
+    # would otherwise wait forever for a whole free CPU.
+    dataset = ray.data.read_parquet(files, ray_remote_args={"num_cpus": _READ_NUM_CPUS}).materialize()
     store = pool = None
     if needs_student_negatives(cfg, method):
         name = "qcrd-snapshots-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
@@ -117,7 +120,7 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),  # a failed run is resumed by rerunning
         ),
-        datasets={"train": ray.data.read_parquet(files, ray_remote_args={"num_cpus": _READ_NUM_CPUS})},
+        datasets={"train": dataset},
         # the same rows go to the same worker on every run, so a resumed run replays the interrupted one's order
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )

@@ -1,0 +1,82 @@
+"""Accuracy of a trained student on one split, in one of the two modes of DESIGN.md §1.
+
+- ``predict``: greedy decoding of ``predict: x``; the output is the answer.
+- ``explain``: greedy decoding of ``explain: x``; the student writes its rationale and ``The answer is …``, and the
+  answer is parsed from that sentence.
+
+Answers are parsed and scored with the task's own rules (``answers.parse_answer`` / ``answers.is_correct``). Each
+example's input, gold label, raw output, parsed prediction, rationale and verdict go to ``predictions.jsonl``; the
+totals go to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from qcrd_ray import student as student_lib
+from qcrd_ray.config import Config
+from qcrd_ray.data import answers, prompts
+from qcrd_ray.data.loaders import load_split
+from qcrd_ray.data.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+MODES = ("predict", "explain")
+_CHUNK = 64  # examples per progress-bar tick
+
+
+def score_output(task, mode: str, output: str, gold: str, choices) -> dict:
+    """One generated output → ``{prediction, rationale, correct}`` (pure)."""
+    if mode == "explain":
+        rationale, answer_text = prompts.split_explanation(output)
+    else:
+        rationale, answer_text = "", output
+    prediction = answers.parse_answer(task, answer_text, choices)
+    return {"prediction": prediction, "rationale": rationale,
+            "correct": answers.is_correct(task, prediction, gold, choices)}
+
+
+def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=None, *,
+             batch_size: int = 32) -> dict:
+    """Score the student at ``model_dir`` (a run directory or an HF model directory) on ``split`` of
+    ``cfg.data``. Writes ``predictions.jsonl`` and ``metrics.json`` to ``out_dir`` when given. Returns the metrics:
+    ``task, split, mode, n, correct, accuracy, unparsed, rejected, model``."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    model_path = student_lib.resolve_model_dir(model_dir)
+    data = load_split(cfg.data, split, rejects_path=Path(out_dir) / "rejects.jsonl" if out_dir else None)
+    if not data.rows:
+        raise ValueError(f"{cfg.data.task} {split}: no rows to evaluate ({data.summary.get('rejected', 0)} rejected)")
+    task = get_task(cfg.data.task, cfg.data.answer_type)
+    model, tokenizer = student_lib.load_pretrained(model_path, dtype=cfg.student.dtype)
+    max_new_tokens = cfg.student.max_target_len
+
+    records = []
+    with tqdm(total=len(data.rows), desc=f"eval {split} ({mode})", unit="ex") as bar:
+        for start in range(0, len(data.rows), _CHUNK):
+            rows = data.rows[start:start + _CHUNK]
+            outputs = student_lib.generate(
+                model, tokenizer, [prompts.student_input(mode, r["input"]) for r in rows],
+                max_new_tokens=max_new_tokens, batch_size=batch_size, max_input_len=cfg.student.max_input_len)
+            for row, output in zip(rows, outputs):
+                records.append({"id": row["id"], "input": row["input"], "gold": row["label"], "output": output,
+                                **score_output(task, mode, output, row["label"], row["choices"])})
+            bar.update(len(rows))
+
+    correct = sum(r["correct"] for r in records)
+    metrics = {"task": cfg.data.task, "split": split, "mode": mode, "n": len(records), "correct": correct,
+               "accuracy": correct / len(records), "unparsed": sum(r["prediction"] is None for r in records),
+               "rejected": len(data.rejects), "model": str(model_path)}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "predictions.jsonl").open("w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("%s %s (%s): accuracy %.4f on %d examples", cfg.data.task, split, mode, metrics["accuracy"], len(records))
+    return metrics
