@@ -1,0 +1,267 @@
+"""The Ray Serve application: the distilled student behind a batched, autoscaled, validated HTTP API.
+
+Routes (FastAPI through ``@serve.ingress``; OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
+
+- ``POST /v1/predict``       task + input (or structured fields) → label (+ rationale with ``explain``)
+- ``POST /v1/completions``   OpenAI-compatible completions (``prompt``, ``max_tokens``, ``temperature``, ``n``, ``stop``)
+- ``GET  /v1/models``        the served model (OpenAI schema)
+- ``GET  /v1/stats``         this replica's dynamic-batching counters (how many batches of each size it ran)
+- ``GET  /healthz``          liveness (also Serve's health check)
+
+Every input a request carries (a list, or ``n`` samples) is queued separately into one ``@serve.batch`` queue,
+so inputs from concurrent requests share a ``generate`` call. A batch is split by (temperature, max_new_tokens,
+seed), the settings ``generate`` takes per call. Overload is bounded: a replica takes at most
+``serve.max_ongoing_requests`` requests, the proxy queues at most ``serve.max_queued_requests`` more, and the
+rest get HTTP 503 at once.
+
+Run it with ``qcrd serve --model RUN_OR_DIR``, ``serve run serve/config.yaml`` or
+``serve run serve.app:build_app model=RUN_OR_DIR``.
+"""
+
+# no `from __future__ import annotations`: FastAPI must resolve the route annotations on the ingress class
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from qcrd_ray.config import Config, ServeConfig, load_config
+from serve.schemas import (
+    CompletionRequest,
+    CompletionResponse,
+    Limits,
+    PredictBatchResponse,
+    PredictRequest,
+    PredictResponse,
+    RequestError,
+    completion_response,
+    describe_validation_errors,
+    error_body,
+    interpret_output,
+    models_response,
+    plan_completion,
+    plan_predict,
+    served_tasks,
+)
+
+logger = logging.getLogger("qcrd.serve")
+
+DEPLOYMENT_NAME = "StudentServer"
+
+api = FastAPI(
+    title="qcrd student",
+    description="A QCRD-distilled seq2seq student: task predictions with rationales, and OpenAI-compatible "
+    "completions.",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    status, message, param = describe_validation_errors(exc.errors())
+    return JSONResponse(error_body(message, param), status_code=status)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.param), status_code=exc.status)
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One text to generate for: the unit queued for dynamic batching."""
+
+    text: str
+    temperature: float
+    max_new_tokens: int
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model_dir: str
+    name: str  # what clients see in responses and /v1/models
+    task: str | None  # the training task (predict's default), when the run's config says
+    max_input_len: int  # inputs are truncated as in training and evaluation
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=2, health_check_timeout_s=30)
+@serve.ingress(api)
+class StudentServer:
+    def __init__(self, served: ServedModel, serve_cfg: dict):
+        import torch
+
+        from qcrd_ray.student import load_pretrained
+
+        self.cfg = ServeConfig(**serve_cfg)
+        self.limits = Limits.from_config(self.cfg)
+        self.model_name = served.name
+        self.train_task = served.task
+        self.max_input_len = served.max_input_len
+        self.tasks = served_tasks(served.task)
+        self.created = int(time.time())
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.model, self.tokenizer = load_pretrained(served.model_dir)
+        self.model.eval()
+        self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        logger.info("serving %s from %s (task %s)", served.name, served.model_dir, served.task)
+
+    # ---------------------------------------------------------------------------------------------- batching
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset from ServeConfig in __init__
+    async def _generate_batch(self, items: list[GenerationItem]) -> list[str | Exception]:
+        self.batch_sizes[len(items)] += 1
+        # generate() runs off the event loop so the replica keeps accepting (and batching) requests meanwhile
+        return await asyncio.to_thread(self._generate_groups, items)
+
+    def _generate_groups(self, items: list[GenerationItem]) -> list[str | Exception]:
+        from qcrd_ray.student import generate
+
+        outputs: list[str | Exception] = [""] * len(items)
+        key = lambda i: (items[i].temperature, items[i].max_new_tokens, items[i].seed)  # noqa: E731
+        for (temperature, max_new_tokens, seed), group in itertools.groupby(sorted(range(len(items)), key=key), key):
+            group = list(group)
+            try:
+                texts = generate(self.model, self.tokenizer, [items[i].text for i in group],
+                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                 batch_size=len(group), max_input_len=self.max_input_len)
+            except Exception as e:  # one bad group fails its own requests (500), not the batch's others
+                logger.exception("generation failed for a group of %d", len(group))
+                texts = [e] * len(group)
+            for i, text in zip(group, texts):
+                outputs[i] = text
+        return outputs
+
+    async def _generate(self, texts: list[str], temperature: float, max_new_tokens: int, seed: int | None) -> list[str]:
+        results = await asyncio.gather(
+            *(self._generate_batch(GenerationItem(t, temperature, max_new_tokens, seed)) for t in texts)
+        )
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise RequestError(500, f"generation failed: {type(failed).__name__}: {failed}")
+        return results
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    # ------------------------------------------------------------------------------------------------ routes
+
+    @api.post("/v1/predict", response_model=PredictResponse | PredictBatchResponse,
+              responses={400: {"description": "body is not JSON"}, 422: {"description": "invalid request"},
+                         503: {"description": "overloaded; retry later"}})
+    async def predict(self, req: PredictRequest) -> PredictResponse | PredictBatchResponse:
+        """Label one question (``input`` a string, or the structured fields) or several (``input`` a list)."""
+        from qcrd_ray.data import prompts
+
+        plan = plan_predict(req, self.limits, self.tasks, self.train_task)
+        outputs = await self._generate([prompts.student_input(plan.mode, t) for t in plan.texts],
+                                       plan.temperature, plan.max_new_tokens, plan.seed)
+        predictions = [interpret_output(plan.task, plan.mode, out, choices)
+                       for out, choices in zip(outputs, plan.choices)]
+        if plan.is_list:
+            return PredictBatchResponse(model=self.model_name, predictions=predictions)
+        return PredictResponse(model=self.model_name, **predictions[0].model_dump())
+
+    @api.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(self, req: CompletionRequest) -> CompletionResponse:
+        """OpenAI-compatible text completion; the prompt is the student's input verbatim."""
+        plan = plan_completion(req, self.limits, self.model_name)
+        texts = [p for p in plan.prompts for _ in range(plan.n)]  # prompt-major, as OpenAI numbers choices
+        outputs = await self._generate(texts, plan.temperature, plan.max_new_tokens, plan.seed)
+        return completion_response(
+            self.model_name, plan, outputs,
+            prompt_tokens=[self._count_tokens(p) for p in plan.prompts],
+            output_tokens=[self._count_tokens(o) for o in outputs],
+        )
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return models_response(self.model_name, self.created)
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        """Dynamic-batching counters of the replica that answers (each replica counts its own)."""
+        return {
+            "replica": self.replica_id,
+            "max_batch_size": self.cfg.max_batch_size,
+            "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
+            "batches": sum(self.batch_sizes.values()),
+            "items": sum(size * count for size, count in self.batch_sizes.items()),
+            "batch_size_counts": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+        }
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model_name}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building the application
+
+
+def resolve_served_model(path: str | Path, cfg: Config, name: str | None = None) -> ServedModel:
+    """A run directory (its ``model/``) or an HF model directory → what the deployment needs.
+
+    The name defaults to the run directory's name (or the model directory's); the task and input length come
+    from the run's ``config.yaml`` when there is one, else from ``cfg``.
+    """
+    from qcrd_ray.student import resolve_model_dir
+
+    model_dir = resolve_model_dir(path).resolve()
+    run_dir = model_dir.parent if model_dir.name == "model" else None
+    task = None
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml")
+        task = cfg.data.task
+    return ServedModel(str(model_dir), name or (run_dir or model_dir).name, task, cfg.student.max_input_len)
+
+
+def deployment_options(cfg: ServeConfig) -> dict:
+    """Ray Serve deployment options from the serve config (replicas, autoscaling, overload bounds, CPUs)."""
+    return {
+        "autoscaling_config": {
+            "min_replicas": cfg.min_replicas,
+            "initial_replicas": max(cfg.min_replicas, 1),
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        },
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+    }
+
+
+def build(model: str | Path, cfg: Config | None = None, name: str | None = None) -> Application:
+    """The bound application for ``serve.run`` (the CLI, tests and the benchmark call this)."""
+    cfg = cfg or Config()
+    served = resolve_served_model(model, cfg, name)
+    return StudentServer.options(**deployment_options(cfg.serve)).bind(served, dataclasses.asdict(cfg.serve))
+
+
+def build_app(args: Mapping[str, Any]) -> Application:
+    """Application builder for ``serve run`` / ``serve deploy`` (``import_path: serve.app:build_app``).
+
+    args: ``model`` (required: a run or HF model directory), ``config`` (a qcrd YAML), ``set`` (overrides, a
+    list or a comma-separated string of ``serve.key=value``), ``name`` (the model name clients see).
+    """
+    if not args.get("model"):
+        raise ValueError("serve.app:build_app needs args.model: a run directory or an HF model directory")
+    overrides = args.get("set") or []
+    if isinstance(overrides, str):
+        overrides = [s for s in overrides.split(",") if s.strip()]
+    cfg = load_config(args.get("config"), overrides)
+    return build(args["model"], cfg, args.get("name"))

@@ -1,0 +1,390 @@
+"""The Serve application: request validation as pure functions, then the real service over HTTP on 127.0.0.1
+with a tiny trained student (schema, parity with greedy evaluation, the official openai client, dynamic batching,
+every bad-request case, overload → 503, a crashed replica replaced)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from qcrd_ray.config import Config
+from serve.schemas import (
+    CompletionPlan,
+    CompletionRequest,
+    Limits,
+    PredictRequest,
+    RequestError,
+    apply_stop,
+    completion_response,
+    describe_validation_errors,
+    interpret_output,
+    plan_completion,
+    plan_predict,
+    served_tasks,
+)
+
+LIMITS = Limits(max_input_chars=100, max_inputs_per_request=4, max_new_tokens=32)
+TASKS = served_tasks("synthetic")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation without Ray
+
+
+def _plan(**body):
+    return plan_predict(PredictRequest.model_validate(body), LIMITS, TASKS, "synthetic")
+
+
+def test_plan_predict_single_and_list():
+    plan = _plan(input="Tom has 3 apples.", explain=True, temperature=0.5, max_new_tokens=8, seed=1)
+    assert (plan.task, plan.texts, plan.mode, plan.temperature, plan.max_new_tokens, plan.seed, plan.is_list) == (
+        "synthetic", ("Tom has 3 apples.",), "explain", 0.5, 8, 1, False)
+    plan = _plan(task="svamp", input=["a", "b"])
+    assert plan.texts == ("a", "b") and plan.is_list and plan.mode == "predict"
+    assert plan.max_new_tokens == LIMITS.max_new_tokens  # the default is the limit
+
+
+def test_plan_predict_structured_fields_are_formatted_as_the_loaders_do():
+    from qcrd_ray.data import loaders
+
+    plan = _plan(task="cqa", question="Where do plates go?", choices=["table", "cupboard", "oven"])
+    assert plan.texts == (loaders.cqa_input("Where do plates go?", ["table", "cupboard", "oven"]),)
+    assert plan.choices == (("table", "cupboard", "oven"),)
+    plan = _plan(task="esnli", premise="A man plays.", hypothesis="A man is idle.")
+    assert plan.texts == (loaders.nli_input("A man plays.", "A man is idle."),)
+    # a CQA question given as formatted text keeps its choices, so "(b)" parses to the choice word
+    plan = _plan(task="cqa", input=loaders.cqa_input("Where?", ["table", "cupboard"]))
+    assert plan.choices == (("table", "cupboard"),)
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"task": "mnist", "input": "x"}, "task", "unknown task 'mnist'"),
+        ({"input": ""}, "input", "must not be empty"),
+        ({"input": "   "}, "input", "must not be empty"),
+        ({"input": []}, "input", "empty list"),
+        ({"input": ["ok", ""]}, "input[1]", "must not be empty"),
+        ({"input": "x" * 101}, "input", "101 characters is over the limit of 100"),
+        ({"input": ["x"] * 5}, "input", "5 inputs in one request is over the limit of 4"),
+        ({"input": "x", "max_new_tokens": 33}, "max_new_tokens", "over the limit of 32"),
+        ({}, "input", "required"),
+        ({"input": "x", "question": "q"}, "input", "not both"),
+        ({"task": "cqa", "question": "q"}, "question", "go together"),
+        ({"task": "svamp", "premise": "p", "hypothesis": "h"}, "premise", "only for anli1/esnli"),
+        ({"task": "cqa", "question": "q", "choices": ["only one"]}, "choices", "2 to 26"),
+    ],
+)
+def test_plan_predict_refuses_with_a_reason(body, param, words):
+    with pytest.raises(RequestError) as err:
+        _plan(**body)
+    assert err.value.status == 422 and err.value.param == param and words in err.value.message
+
+
+def test_plan_predict_needs_a_task_when_the_model_does_not_say():
+    with pytest.raises(RequestError, match="task: required"):
+        plan_predict(PredictRequest(input="x"), LIMITS, served_tasks(None), None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": 42},  # numbers are not text
+        {"input": ["ok", 3]},
+        {"input": "x", "temperature": "hot"},
+        {"input": "x", "temperature": "0.5"},  # strict: a string is not a number
+        {"input": "x", "temperature": 2.5},
+        {"input": "x", "temperature": -0.1},
+        {"input": "x", "explain": "yes"},
+        {"input": "x", "max_new_tokens": 0},
+        {"input": "x", "max_new_tokens": 1.5},
+        {"input": "x", "colour": "red"},  # unknown fields are refused, not ignored
+    ],
+)
+def test_predict_request_types_are_strict(body):
+    with pytest.raises(ValidationError):
+        PredictRequest.model_validate(body)
+
+
+def test_validation_errors_become_one_message():
+    try:
+        PredictRequest.model_validate({"input": "x", "temperature": 9})
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+    status, message, param = describe_validation_errors(errors)
+    assert (status, param) == (422, "temperature") and message.startswith("temperature: ") and "2" in message
+    assert describe_validation_errors([{"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error",
+                                        "ctx": {"error": "Expecting value"}}])[:2] == (
+        400, "request body is not valid JSON: Expecting value")
+
+
+def test_interpret_output_reads_labels_like_evaluation():
+    assert interpret_output("synthetic", "predict", "( 3.0 + 4.0 )").label == "( 3.0 + 4.0 )"
+    assert interpret_output("synthetic", "predict", "lots").label is None
+    p = interpret_output("synthetic", "explain", "Add them. The answer is ( 3.0 + 4.0 ).")
+    assert (p.rationale, p.label) == ("Add them.", "( 3.0 + 4.0 )")
+    # a model writing code gets it read as text: nothing generated is executed
+    assert interpret_output("synthetic", "predict", "__import__('os').system('true')").label is None
+    assert interpret_output("cqa", "predict", "(b)", ("table", "cupboard")).label == "cupboard"
+    assert interpret_output("esnli", "explain", "No. The answer is contradiction.").label == "contradiction"
+
+
+def test_plan_completion_and_refusals():
+    plan = plan_completion(CompletionRequest(model="m", prompt=["a", "b"], n=2, stop="\n", max_tokens=8), LIMITS, "m")
+    assert (plan.prompts, plan.n, plan.stop, plan.max_new_tokens, plan.temperature) == (("a", "b"), 2, ("\n",), 8, 1.0)
+    for body, status, words in [
+        ({"model": "gpt-4", "prompt": "a"}, 404, "not served here"),
+        ({"prompt": "a", "stream": True}, 422, "stream: not supported"),
+        ({"prompt": "a", "logprobs": 2}, 422, "logprobs: not supported"),
+        ({"prompt": ["a", "b", "c"], "n": 2}, 422, "6 inputs"),
+        ({"prompt": []}, 422, "empty list"),
+        ({"prompt": ""}, 422, "must not be empty"),
+        ({"prompt": "a", "max_tokens": 64}, 422, "max_tokens: 64 is over the limit of 32"),
+        ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 422, "at most 4"),
+    ]:
+        with pytest.raises(RequestError) as err:
+            plan_completion(CompletionRequest.model_validate(body), LIMITS, "m")
+        assert err.value.status == status and words in err.value.message, body
+
+
+def test_completion_response_follows_the_openai_schema():
+    plan = CompletionPlan(prompts=("p",), n=3, temperature=0.0, max_new_tokens=4, stop=("|",), seed=None)
+    resp = completion_response("m", plan, ["ab|cd", "abcd", "ab"], prompt_tokens=[5], output_tokens=[4, 4, 2])
+    body = resp.model_dump()
+    assert body["object"] == "text_completion" and body["model"] == "m" and body["id"].startswith("cmpl-")
+    assert [(c["text"], c["index"], c["finish_reason"], c["logprobs"]) for c in body["choices"]] == [
+        ("ab", 0, "stop", None), ("abcd", 1, "length", None), ("ab", 2, "stop", None)]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    assert apply_stop("a.b,c", [",", "."]) == ("a", True) and apply_stop("abc", []) == ("abc", False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the service over HTTP
+
+
+def _train_tiny_student(path) -> None:
+    """A tiny T5 trained for a few dozen steps on the synthetic task (both modes), so greedy outputs are stable
+    and short; saved in HF format like a run's model/."""
+    import torch
+
+    from qcrd_ray import student
+    from qcrd_ray.config import StudentConfig
+    from qcrd_ray.data import prompts, synthetic
+
+    rows = synthetic.make_split("train", train_size=200, eval_size=20, seed=0)
+    pairs = []
+    for r in rows:
+        pairs.append((prompts.student_input("predict", r["input"]), r["label"]))
+        pairs.append((prompts.student_input("explain", r["input"]),
+                      prompts.explain_target("We use the numbers in the question.", r["label"])))
+    model, tok = student.load_student(StudentConfig(), [t for pair in pairs for t in pair])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared: more threads only spin against each other
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(100):
+        batch = pairs[(step * 16) % len(pairs):][:16]
+        enc = tok([a for a, _ in batch], text_target=[b for _, b in batch], return_tensors="pt", padding=True)
+        enc["labels"][enc["labels"] == tok.pad_token_id] = -100
+        loss = model(**enc).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    student.save_student(model, tok, path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+QUESTIONS = [
+    "Tom has 5 apples. He buys 3 more.\nHow many apples does he have now?",
+    "Anna packs 70 books into bags of 10.\nHow many bags does she fill?",
+    "Mia has 54 marbles. A friend has 36 marbles.\nHow many more marbles does Mia have than the friend?",
+    "Leo buys 4 cards every day for 6 days.\nHow many cards does he buy in total?",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as training leaves it: RUN/config.yaml and RUN/model/."""
+    run = tmp_path_factory.mktemp("serve") / "tiny-run"
+    _train_tiny_student(run / "model")
+    (run / "config.yaml").write_text(Config().to_yaml())
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, run_dir):
+    from ray import serve
+
+    from serve.app import build
+
+    port = _free_port()
+    cfg = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_batch_size": 8,
+                                  "batch_wait_timeout_s": 0.05, "max_input_chars": 500,
+                                  "max_inputs_per_request": 8, "max_new_tokens": 48})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(run_dir, cfg), name="qcrd-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+    """The evaluation path: the saved student loaded again and decoded greedily, no server involved."""
+    from qcrd_ray import student
+
+    model, tok = student.load_pretrained(run_dir / "model")
+    return lambda texts, max_new_tokens=48: student.generate(model, tok, texts, max_new_tokens=max_new_tokens,
+                                                              max_input_len=Config().student.max_input_len)
+
+
+def test_health_models_and_docs(server):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok", "model": "tiny-run"}
+    models = httpx.get(f"{server}/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-run"]
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert {"/v1/predict", "/v1/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
+    assert httpx.get(f"{server}/docs").status_code == 200
+
+
+def test_predict_matches_greedy_evaluation(server, reference):
+    from qcrd_ray.data import prompts
+
+    expected = reference([prompts.student_input("predict", q) for q in QUESTIONS])
+    resp = httpx.post(f"{server}/v1/predict", json={"task": "synthetic", "input": QUESTIONS}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "tiny-run" and len(body["predictions"]) == len(QUESTIONS)
+    assert [p["output"] for p in body["predictions"]] == expected
+    assert [p["label"] for p in body["predictions"]] == [interpret_output("synthetic", "predict", e).label
+                                                          for e in expected]
+    assert all(p["rationale"] is None for p in body["predictions"])
+
+    # one question, the task from the run's config, explain mode: the documented flat schema
+    [explained] = reference([prompts.student_input("explain", QUESTIONS[0])])
+    resp = httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0], "explain": True}, timeout=60)
+    body = resp.json()
+    assert set(body) == {"label", "rationale", "output", "model"}
+    want = interpret_output("synthetic", "explain", explained)
+    assert (body["output"], body["rationale"], body["label"]) == (explained, want.rationale, want.label)
+    assert body["rationale"]  # the tiny student learned to write one
+
+
+def test_openai_client_gets_completions(server, reference):
+    import openai
+
+    from qcrd_ray.data import prompts
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    prompt = [prompts.student_input("predict", q) for q in QUESTIONS[:2]]
+    resp = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=24, temperature=0)
+    assert resp.object == "text_completion" and resp.model == "tiny-run"
+    assert [c.text for c in resp.choices] == reference(prompt, max_new_tokens=24)
+    assert [c.index for c in resp.choices] == [0, 1] and {c.finish_reason for c in resp.choices} <= {"stop", "length"}
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens > 0
+
+    sampled = client.completions.create(model="tiny-run", prompt=prompt[0], max_tokens=8, temperature=1.0, n=3,
+                                        stop=[")"])
+    assert len(sampled.choices) == 3 and all(")" not in c.text for c in sampled.choices)
+
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-4", prompt="hi")
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        client.completions.create(model="tiny-run", prompt="hi", temperature=5)
+
+
+def test_concurrent_requests_are_batched(server, reference):
+    from qcrd_ray.data import prompts
+
+    before = httpx.get(f"{server}/v1/stats").json()
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(
+            lambda q: httpx.post(f"{server}/v1/predict", json={"input": q}, timeout=60), questions))
+    assert [r.status_code for r in responses] == [200] * 16
+    # batching must not change answers: each equals the same question decoded alone
+    alone = dict(zip(QUESTIONS, reference([prompts.student_input("predict", q) for q in QUESTIONS])))
+    assert [r.json()["output"] for r in responses] == [alone[q] for q in questions]
+    after = httpx.get(f"{server}/v1/stats").json()
+    assert after["items"] - before["items"] == 16
+    new_sizes = {int(k) for k, v in after["batch_size_counts"].items() if v > before["batch_size_counts"].get(k, 0)}
+    assert max(new_sizes) > 1, after  # 16 requests did not run one at a time
+    assert max(new_sizes) <= after["max_batch_size"] == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, words",
+    [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": ["a list", "not an object"]}, 422, "valid dictionary"),
+        ({"json": {"input": 42}}, 422, "input"),
+        ({"json": {"input": "x", "temperature": "hot"}}, 422, "temperature"),
+        ({"json": {"task": "mnist", "input": "x"}}, 422, "unknown task 'mnist'"),
+        ({"json": {"input": ""}}, 422, "must not be empty"),
+        ({"json": {"input": "x" * 501}}, 422, "over the limit of 500"),
+        ({"json": {"input": ["x"] * 9}}, 422, "9 inputs in one request is over the limit of 8"),
+        ({"json": {"input": "x", "temperature": 2.5}}, 422, "temperature"),
+        ({"json": {"input": "x", "temperature": -1}}, 422, "temperature"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(server, kwargs, status, words):
+    resp = httpx.post(f"{server}/v1/predict", timeout=30, **kwargs)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+    # the service is still up and answering
+    assert httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=60).status_code == 200
+
+
+def test_overload_answers_503_instead_of_queueing(server, run_dir):
+    """A deployment allowed 1 request in flight and 1 queued: a burst gets fast 503s, the rest succeed."""
+    from ray import serve
+
+    from serve.app import build
+
+    tight = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1,
+                                    "max_queued_requests": 1, "max_batch_size": 1})
+    serve.run(build(run_dir, tight, name="tight"), name="tight", route_prefix="/tight")
+    try:
+        body = {"input": QUESTIONS[2], "explain": True, "max_new_tokens": 128}
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{server}/tight/v1/predict", json=body, timeout=120)
+                                  .status_code, range(12)))
+        assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
+        assert httpx.post(f"{server}/tight/v1/predict", json=body, timeout=60).status_code == 200
+    finally:
+        serve.delete("tight")
+
+
+def test_crashed_replica_is_replaced(server):
+    """Runs last: kills the only replica's actor; Serve starts a new one and requests succeed again."""
+    import ray
+
+    old = httpx.get(f"{server}/v1/stats").json()["replica"]
+    [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::qcrd-test#StudentServer#")]
+    assert name.endswith(old)
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+    deadline, resp = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=30)
+            if resp.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    assert resp is not None and resp.status_code == 200, resp and resp.text
+    assert httpx.get(f"{server}/v1/stats").json()["replica"] != old
