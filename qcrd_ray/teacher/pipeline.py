@@ -72,13 +72,16 @@ def prompt_fn_for(cfg: Config, task: TaskSpec) -> Callable | None:
     return partial(prompts.teacher_prompt, task) if needs_prompt else None
 
 
-def _example_blocks(examples: list[dict], shards: list[Shard], examples_per_block: int) -> list[pa.Table]:
-    """Input blocks of a few examples each, tagged with their shard: enough blocks to keep every actor busy."""
+def _example_blocks(examples: list[dict], shards: list[Shard], examples_per_block: int, keep_rationales: bool) -> list[pa.Table]:
+    """Input blocks of a few examples each, tagged with their shard: enough blocks to keep every actor busy.
+    Recorded rationales travel only to the backend that replays them."""
     blocks = []
     for shard in shards:
         for start in range(shard.start, shard.stop, examples_per_block):
             rows = examples[start : min(start + examples_per_block, shard.stop)]
             table = examples_table(rows)
+            if not keep_rationales:
+                table = table.drop_columns(["rationales"])
             blocks.append(table.append_column("shard", pa.array([shard.index] * len(rows), pa.int32())))
     return blocks
 
@@ -89,7 +92,8 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: lis
 
     t = cfg.teacher
     # one input block ~ one teacher batch after K-fold duplication
-    ds = ray.data.from_arrow(_example_blocks(examples, shards, max(1, math.ceil(t.batch_size / t.k))))
+    blocks = _example_blocks(examples, shards, max(1, math.ceil(t.batch_size / t.k)), t.backend == "recorded")
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         expand_samples,
         batch_format="pyarrow",
