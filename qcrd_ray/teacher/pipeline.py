@@ -41,7 +41,7 @@ from qcrd_ray.teacher.shards import (
     remove_partial_writes,
     write_atomic,
 )
-from qcrd_ray.teacher.summary import format_table, summarize
+from qcrd_ray.teacher.summary import summarize
 
 log = logging.getLogger(__name__)
 
@@ -215,4 +215,4 @@ def run_teacher(
     return summary
 
 
-__all__ = ["run_teacher", "build_dataset", "iter_teacher_rows", "format_table", "TeacherWorker"]
+__all__ = ["run_teacher", "build_dataset", "iter_teacher_rows", "TeacherWorker"]
