@@ -60,6 +60,19 @@ def test_parse_samples_marks_failed_requests_and_unparsable_outputs():
     assert rows[3]["answer"] is None
 
 
+def test_a_parser_crash_is_recorded_on_its_sample():
+    def parser(task, text, choices):
+        if "boom" in text:
+            raise RecursionError("too deep")
+        return prompts.parse_teacher_output(task, text, choices)
+
+    batch = expand_samples(examples_table(EXAMPLES[:1]), k=2, teacher_seed=0)
+    batch = batch.append_column("text", pa.array(["<Answer>: 8", "boom"])).append_column("error", pa.array(["", ""]))
+    rows = parse_samples(batch, parser, "synthetic").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "no_answer"]
+    assert rows[0]["error"] == "" and rows[1]["error"] == "parse failed: RecursionError: too deep"
+
+
 class _Broken(TeacherBackend):
     def complete(self, rows):
         raise TimeoutError("engine stalled")

@@ -39,25 +39,30 @@ def parse_samples(batch: pa.Table, parse_fn, task) -> pa.Table:
 
     ``parse_fn(task, text, choices)`` is `prompts.parse_teacher_output` or `prompts.parse_recorded_cot`;
     ``task`` is the run's task name or `TaskSpec` (a user task's answer type comes from the config).
-    A row with an ``error`` is a failed request (status ``request_error``) and is not parsed.
+    A row with an ``error`` is a failed request (status ``request_error``) and is not parsed; an output the
+    parser chokes on is a ``no_answer`` sample with the parser's error.
     """
-    rationales, answers, statuses = [], [], []
+    rationales, answers, statuses, errors = [], [], [], []
     for text, error, choices in zip(
         batch.column("text").to_pylist(),
         batch.column("error").to_pylist(),
         batch.column("choices").to_pylist(),
     ):
         if error:
-            rationales.append("")
-            answers.append(None)
-            statuses.append("request_error")
-            continue
-        parsed = parse_fn(task, text or "", tuple(choices or ()))
-        rationales.append(parsed.rationale or "")
-        answers.append(parsed.answer)
-        statuses.append(parsed.status)
+            rationale, answer, status = "", None, "request_error"
+        else:
+            try:
+                rationale, answer, status = parse_fn(task, text or "", tuple(choices or ()))
+            except Exception as e:  # one odd output must not fail the batch: it is a sample without an answer
+                rationale, answer, status = "", None, "no_answer"
+                error = f"parse failed: {type(e).__name__}: {e}"
+        rationales.append(rationale or "")
+        answers.append(answer)
+        statuses.append(status)
+        errors.append(error or "")
     return (
-        batch.append_column("rationale", pa.array(rationales, pa.string()))
+        batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+        .append_column("rationale", pa.array(rationales, pa.string()))
         .append_column("answer", pa.array(answers, pa.string()))
         .append_column("status", pa.array(statuses, pa.string()))
     )
