@@ -45,6 +45,8 @@ def describe_validation_errors(errors: Sequence[dict]) -> tuple[int, str, str | 
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
         return 400, f"request body is not valid JSON{': ' + str(detail) if detail else ''}", None
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return 422, "request body must be a JSON object (Content-Type: application/json)", None
     parts, first = [], None
     for e in errors:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]

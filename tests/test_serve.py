@@ -327,7 +327,9 @@ def test_concurrent_requests_are_batched(server, reference):
     "kwargs, status, words",
     [
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-        ({"json": ["a list", "not an object"]}, 422, "valid dictionary"),
+        ({"json": ["a list", "not an object"]}, 422, "must be a JSON object"),
+        ({"content": b"input=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 422,
+         "must be a JSON object"),
         ({"json": {"input": 42}}, 422, "input"),
         ({"json": {"input": "x", "temperature": "hot"}}, 422, "temperature"),
         ({"json": {"task": "mnist", "input": "x"}}, 422, "unknown task 'mnist'"),
@@ -365,6 +367,19 @@ def test_overload_answers_503_instead_of_queueing(server, run_dir):
         assert httpx.post(f"{server}/tight/v1/predict", json=body, timeout=60).status_code == 200
     finally:
         serve.delete("tight")
+
+
+def test_teacher_http_backend_can_use_this_server(server, reference):
+    """The teacher's OpenAI-compatible backend pointed at the student server gets the student's completions."""
+    from qcrd_ray.data import prompts
+    from qcrd_ray.teacher.backends.http import HTTPBackend
+
+    cfg = Config().replace(teacher={"backend": "http", "base_url": f"{server}/v1", "api": "completions",
+                                    "model": "tiny-run", "temperature": 0.0, "max_tokens": 24, "max_retries": 0})
+    rows = [{"prompt": prompts.student_input("predict", q), "seed": i} for i, q in enumerate(QUESTIONS)]
+    completions = HTTPBackend(cfg).complete(rows)
+    assert [c.error for c in completions] == [""] * len(rows)
+    assert [c.text for c in completions] == reference([r["prompt"] for r in rows], max_new_tokens=24)
 
 
 def test_crashed_replica_is_replaced(server):

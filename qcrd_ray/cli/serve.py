@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import time
 
 from qcrd_ray.cli import add_config_arguments
@@ -23,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "keys of the config (`qcrd config show`).")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from qcrd_ray.config import load_config
 
@@ -38,13 +44,18 @@ def run(args: argparse.Namespace) -> int:
     from qcrd_ray.ray_utils import init_ray
     from serve.app import build
 
-    app = build(args.model, cfg, args.name)  # a missing model directory fails here, before Serve starts
+    try:
+        app = build(args.model, cfg, args.name)  # a missing model fails here, before Ray starts
+    except FileNotFoundError as e:
+        print(f"qcrd serve: {e}", file=sys.stderr)
+        return 2
     init_ray(args.address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name="qcrd", route_prefix="/", blocking=False)
     host = "localhost" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     print(f"qcrd serve: serving {args.model} at http://{host}:{cfg.serve.port} "
           f"(POST /v1/predict, /v1/completions; docs at /docs). Ctrl-C stops it.", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` and process managers stop it as cleanly as Ctrl-C
     try:
         while True:
             time.sleep(1)
