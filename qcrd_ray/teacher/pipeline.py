@@ -72,7 +72,9 @@ def prompt_fn_for(cfg: Config, task: TaskSpec) -> Callable | None:
     return partial(prompts.teacher_prompt, task) if needs_prompt else None
 
 
-def _example_blocks(examples: list[dict], shards: list[Shard], examples_per_block: int, keep_rationales: bool) -> list[pa.Table]:
+def _example_blocks(
+    examples: list[dict], shards: list[Shard], examples_per_block: int, keep_rationales: bool
+) -> list[pa.Table]:
     """Input blocks of a few examples each, tagged with their shard: enough blocks to keep every actor busy.
     Recorded rationales travel only to the backend that replays them."""
     blocks = []
