@@ -38,6 +38,7 @@ from ray import serve
 from ray.serve import Application
 
 from qcrd_ray.config import Config, ServeConfig, load_config
+from qcrd_ray.data.tasks import get_task
 from serve.schemas import (
     CompletionRequest,
     CompletionResponse,
@@ -93,6 +94,7 @@ class ServedModel:
     model_dir: str
     name: str  # what clients see in responses and /v1/models
     task: str | None  # the training task (predict's default), when the run's config says
+    answer_type: str  # how the training task's answers are parsed (data.answer_type; user tasks need it)
     max_input_len: int  # inputs are truncated as in training and evaluation
 
 
@@ -108,6 +110,7 @@ class StudentServer:
         self.limits = Limits.from_config(self.cfg)
         self.model_name = served.name
         self.train_task = served.task
+        self.train_spec = get_task(served.task, served.answer_type) if served.task else None
         self.max_input_len = served.max_input_len
         self.tasks = served_tasks(served.task)
         self.created = int(time.time())
@@ -170,7 +173,8 @@ class StudentServer:
         plan = plan_predict(req, self.limits, self.tasks, self.train_task)
         outputs = await self._generate([prompts.student_input(plan.mode, t) for t in plan.texts],
                                        plan.temperature, plan.max_new_tokens, plan.seed)
-        predictions = [interpret_output(plan.task, plan.mode, out, choices)
+        task = self.train_spec if plan.task == self.train_task else plan.task
+        predictions = [interpret_output(task, plan.mode, out, choices)
                        for out, choices in zip(outputs, plan.choices)]
         if plan.is_list:
             return PredictBatchResponse(model=self.model_name, predictions=predictions)
@@ -227,7 +231,8 @@ def resolve_served_model(path: str | Path, cfg: Config, name: str | None = None)
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         cfg = load_config(run_dir / "config.yaml")
         task = cfg.data.task
-    return ServedModel(str(model_dir), name or (run_dir or model_dir).name, task, cfg.student.max_input_len)
+    return ServedModel(str(model_dir), name or (run_dir or model_dir).name, task, cfg.data.answer_type,
+                       cfg.student.max_input_len)
 
 
 def deployment_options(cfg: ServeConfig) -> dict:

@@ -13,11 +13,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from qcrd_ray.config import TASKS, ServeConfig
+from qcrd_ray.data.tasks import TaskSpec
 
 MAX_TEMPERATURE = 2.0  # the OpenAI range; the student is useless well before it
 MAX_STOP_SEQUENCES = 4  # as in the OpenAI API
@@ -210,16 +211,14 @@ def plan_predict(req: PredictRequest, limits: Limits, tasks: Sequence[str], defa
     )
 
 
-def interpret_output(task: str, mode: str, output: str, choices: Sequence[str] = ()) -> Prediction:
-    """A generated text → label (+ rationale in explain mode), the way evaluation reads it. Text only: nothing
-    the model writes is ever executed (numeric answers are read by the AST-walking ``safe_eval``)."""
-    from qcrd_ray.data import answers, prompts
+def interpret_output(task: str | TaskSpec, mode: str, output: str, choices: Sequence[str] = ()) -> Prediction:
+    """A generated text → label (+ rationale in explain mode), read exactly as ``qcrd eval`` reads it. Text only:
+    nothing the model writes is ever executed (numeric answers are read by the AST-walking ``safe_eval``)."""
+    from qcrd_ray.evaluate import score_output
 
-    if mode == "explain":
-        rationale, answer_text = prompts.split_explanation(output)
-        label = answers.parse_answer(task, answer_text, choices) if answer_text is not None else None
-        return Prediction(label=label, rationale=rationale, output=output)
-    return Prediction(label=answers.parse_answer(task, output, choices), rationale=None, output=output)
+    scored = score_output(task, mode, output, gold=None, choices=choices)
+    return Prediction(label=scored["prediction"], rationale=scored["rationale"] if mode == "explain" else None,
+                      output=output)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -349,7 +348,3 @@ def models_response(model_name: str, created: int) -> dict:
 def served_tasks(train_task: str | None) -> tuple[str, ...]:
     """The tasks a request may name: the built-in ones plus the (possibly user-defined) training task."""
     return TASKS + ((train_task,) if train_task and train_task not in TASKS else ())
-
-
-def as_dict(model: Any) -> dict:
-    return model.model_dump() if isinstance(model, BaseModel) else dict(model)
