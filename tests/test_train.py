@@ -4,6 +4,7 @@ a run killed mid-way resumes where it stopped and ends like an uninterrupted one
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -52,6 +53,8 @@ def test_killed_run_resumes_at_its_round_and_matches_an_uninterrupted_run(
         ray_session, teacher_dir, tmp_path, monkeypatch):
     cfg = small_config(train={"rounds": 4, "round_steps": 2})
     whole = run_training(cfg, teacher_dir, tmp_path / "whole", "qcrd")
+    # Start both runs from the same initial student (the tiny tokenizer's training is not bit-reproducible).
+    shutil.copytree(tmp_path / "whole" / "train" / "init_model", tmp_path / "killed" / "train" / "init_model")
 
     monkeypatch.setenv(FAIL_AFTER_ROUND_ENV, "2")
     with pytest.raises(Exception, match="simulated worker failure"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
+import torch
 import ray.train
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -90,6 +91,7 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round
     table = pq.read_table(files, columns=["id", "input", "label", "majority_answer", "positives", "negatives"])
     init_dir = train_dir / "init_model"
     if not (init_dir / "config.json").is_file():  # one vocabulary for every worker and the sampler
+        torch.manual_seed(cfg.train.seed)  # a tiny student's random init is part of the run's reproducibility
         model, tokenizer = student_lib.load_student(cfg.student, tokenizer_texts(table))
         student_lib.save_student(model, tokenizer, init_dir)
 

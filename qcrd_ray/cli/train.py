@@ -1,0 +1,32 @@
+"""``qcrd train``: train the student with Ray Train; rerunning on the same run directory resumes it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from qcrd_ray.cli import add_config_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, metavar="TEACHER_OUT",
+                        help="folder of teacher shards (the output of `qcrd teach`, e.g. RUN/teacher)")
+    parser.add_argument("--out", required=True, metavar="RUN",
+                        help="run directory: checkpoints and metrics go to RUN/train, the final student to RUN/model; "
+                             "an existing run resumes from its last checkpoint")
+    parser.add_argument("--method", choices=("qcrd", "dss", "finetune"),
+                        help="training method (default: train.method of the config)")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qcrd_ray.config import load_config
+    from qcrd_ray.ray_utils import init_ray
+    from qcrd_ray.train.trainer import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray(args.address)
+    summary = run_training(cfg, args.teacher, args.out, method=args.method)
+    print(json.dumps(summary, indent=2))
+    return 0
