@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -143,9 +143,10 @@ def main() -> None:
                 per_client = max(args.requests_per_client, -(-64 // clients))
                 row = asyncio.run(_load(url, questions, clients, per_client, args.max_new_tokens))
                 results[mode].append(row)
+                row["load_average"] = os.getloadavg()[0]  # the machine is shared: say how busy it was
                 print(f"{mode:9s} clients={clients:3d}  {row['rps']:7.2f} req/s  p50 {row['p50_ms']:7.1f} ms  "
                       f"p99 {row['p99_ms']:7.1f} ms  p99/p50 {row['p99_ms'] / row['p50_ms']:.2f}  "
-                      f"errors {row['errors']}", flush=True)
+                      f"errors {row['errors']}  load {row['load_average']:.1f}", flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()

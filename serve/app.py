@@ -23,7 +23,6 @@ Run it with ``qcrd serve --model RUN_OR_DIR``, ``serve run serve/config.yaml`` o
 import asyncio
 import collections
 import dataclasses
-import itertools
 import logging
 import os
 import time
@@ -89,6 +88,16 @@ class GenerationItem:
     seed: int | None
 
 
+def batch_groups(items: list[GenerationItem]) -> dict[tuple, list[int]]:
+    """Positions of a batch's items by the settings one ``generate`` call takes: (temperature, max_new_tokens,
+    seed). Greedy decoding ignores the seed, so all greedy items with the same budget share one call."""
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        seed = item.seed if item.temperature > 0 else None
+        groups.setdefault((item.temperature, item.max_new_tokens, seed), []).append(i)
+    return groups
+
+
 @dataclass(frozen=True)
 class ServedModel:
     model_dir: str
@@ -135,9 +144,7 @@ class StudentServer:
         from qcrd_ray.student import generate
 
         outputs: list[str | Exception] = [""] * len(items)
-        key = lambda i: (items[i].temperature, items[i].max_new_tokens, items[i].seed)  # noqa: E731
-        for (temperature, max_new_tokens, seed), group in itertools.groupby(sorted(range(len(items)), key=key), key):
-            group = list(group)
+        for (temperature, max_new_tokens, seed), group in batch_groups(items).items():
             try:
                 texts = generate(self.model, self.tokenizer, [items[i].text for i in group],
                                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,

@@ -163,6 +163,52 @@ def test_completion_response_follows_the_openai_schema():
     assert apply_stop("a.b,c", [",", "."]) == ("a", True) and apply_stop("abc", []) == ("abc", False)
 
 
+def test_a_batch_is_split_by_generation_settings():
+    from serve.app import GenerationItem, batch_groups
+
+    items = [GenerationItem("a", 0.0, 8, None), GenerationItem("b", 0.7, 8, 1), GenerationItem("c", 0.0, 8, 5),
+             GenerationItem("d", 0.7, 8, None), GenerationItem("e", 0.0, 16, None), GenerationItem("f", 0.7, 8, 1)]
+    assert batch_groups(items) == {(0.0, 8, None): [0, 2], (0.7, 8, 1): [1, 5], (0.7, 8, None): [3],
+                                   (0.0, 16, None): [4]}
+
+
+def test_deployment_options_come_from_the_serve_config():
+    from serve.app import deployment_options
+
+    cfg = Config().replace(serve={"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2.0,
+                                  "max_ongoing_requests": 8, "max_queued_requests": 5, "num_cpus": 0.25}).serve
+    assert deployment_options(cfg) == {
+        "autoscaling_config": {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 3,
+                               "target_ongoing_requests": 2.0},
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 5,
+        "ray_actor_options": {"num_cpus": 0.25},
+    }
+
+
+def test_serve_config_yaml_is_valid_for_serve_run(tmp_path):
+    """serve/config.yaml passes Serve's own schema, binds to loopback, and its builder takes the documented args."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    [app] = schema.applications
+    assert app.import_path == "serve.app:build_app" and set(app.args) == {"model", "set"}
+    with pytest.raises(FileNotFoundError, match="no model found"):
+        build_app({**app.args, "model": str(tmp_path)})
+    with pytest.raises(ValueError, match="needs args.model"):
+        build_app({})
+    (tmp_path / "config.json").write_text("{}")  # an HF model directory; bind() does not load it
+    assert isinstance(build_app({"model": str(tmp_path), "set": "serve.max_batch_size=4"}), Application)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the service over HTTP
 
