@@ -107,13 +107,14 @@ def discriminator_scores(method_dir: Path, cfg: Config, teacher_rows: list[dict]
     import torch
 
     from qcrd_ray import student
-    from qcrd_ray.qcrd.discriminator import load_discriminator, encode_pairs
+    from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
 
     d_path = method_dir / "model" / "discriminator.pt"
     if not d_path.exists():
         return {}
     model, tokenizer = student.load_pretrained(method_dir / "model")
-    disc = load_discriminator(d_path, model)
+    disc = Discriminator.from_student(model, cfg.discriminator)
+    disc.load_state_dict(torch.load(d_path, map_location="cpu"))
     disc.eval()
     questions = {r["id"]: r["input"] for r in teacher_rows}
     kinds = {
@@ -158,7 +159,7 @@ def accuracy_table(cfg: Config, results: Mapping[str, dict]) -> list[str]:
 
 def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, results: Mapping[str, dict]) -> Path:
     """Write RUN/report.md and RUN/figures/*.png; returns the report's path."""
-    import pyarrow.parquet as pq
+    from qcrd_ray.teacher.pipeline import iter_teacher_rows
 
     run_dir = Path(run_dir)
     figures = run_dir / "figures"
@@ -188,7 +189,7 @@ def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, res
     if agreement:
         lines += [f"![teacher agreement](figures/{agreement.name})", ""]
 
-    teacher_rows = pq.read_table(teacher_dir).to_pylist() if any(teacher_dir.glob("*.parquet")) else []
+    teacher_rows = list(iter_teacher_rows(teacher_dir))
     for method, r in results.items():
         method_dir = Path(r["dir"])
         lines += [f"## Training: {method}", ""]
@@ -197,7 +198,8 @@ def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, res
         lines += [f"![{method} training curves](figures/{curves.name})" if curves else "No training metrics.", ""]
         if method == "qcrd":
             try:
-                scores = discriminator_scores(method_dir, cfg, teacher_rows, read_jsonl(method_dir / "train" / "negatives.jsonl"))
+                negatives = read_jsonl(method_dir / "train" / "negatives.jsonl")
+                scores = discriminator_scores(method_dir, cfg, teacher_rows, negatives)
             except Exception as e:  # the report must not fail a finished run
                 log.warning("discriminator scores skipped: %s", e)
                 scores = {}

@@ -15,7 +15,7 @@ SMALL = [
     "--set", "train.rounds=2", "--set", "train.round_steps=4", "--set", "train.batch_size=4",
     "--set", "snapshots.j=1", "--set", "snapshots.max_new_tokens=24",
     "--set", "discriminator.pretrain_steps=10", "--set", "discriminator.refresh_steps=2",
-    "--set", "student.max_target_len=64",
+    "--set", "student.max_target_len=64", "--set", "train.log_every=1",
 ]
 
 

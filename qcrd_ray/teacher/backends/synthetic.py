@@ -26,6 +26,16 @@ def mistake_probability(temperature: float) -> float:
     return min(0.9, 0.05 + 0.45 * temperature)
 
 
+OPERATOR_WORDS = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
+# Several phrasings of one reasoning, so a question's correct samples are distinct positives (as a real
+# teacher's are) and the many-to-one selection over positives has something to choose from.
+TEMPLATES = (
+    "We need to compute {steps}. {steps} = {value}.",
+    "The question asks us to {verb}: {steps} = {value}.",
+    "To find the answer we {verb} the numbers. {steps} gives {value}.",
+)
+
+
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.4f}".rstrip("0")
 
@@ -56,7 +66,8 @@ def synthetic_output(label: str, seed: int, temperature: float, question: str = 
     steps = " ".join(tokens).strip()
     if steps.startswith("(") and steps.endswith(")"):
         steps = steps[1:-1].strip()
-    explanation = f"<Explanation>: We need to compute {steps}. {steps} = {_fmt(value)}."
+    verb = next((OPERATOR_WORDS[t] for t in tokens if t in OPERATOR_WORDS), "compute")
+    explanation = "<Explanation>: " + rng.choice(TEMPLATES).format(steps=steps, value=_fmt(value), verb=verb)
     if mistake == "malformed":
         return explanation + " So the answer"  # cut off before <Answer>, like a truncated generation
     return f"{explanation} <Answer>: {_fmt(value)}"
