@@ -17,11 +17,13 @@ def test_source_round_lags_j_rounds_and_falls_back_to_the_oldest():
     assert source_round(6, 2, [0, 4, 5, 6], neg_source="fixed") == 0
 
 
-def test_source_round_refuses_a_snapshot_not_yet_published():
+def test_source_round_refuses_a_snapshot_not_yet_published_or_already_evicted():
     with pytest.raises(LookupError):
         source_round(4, 0, [0, 1, 2, 3])
     with pytest.raises(LookupError):
         source_round(0, 1, [])
+    with pytest.raises(ValueError, match="left the ring"):
+        source_round(3, 2, [2, 3])
 
 
 def test_ring_keeps_j_plus_one_rounds_and_round_zero_when_fixed():

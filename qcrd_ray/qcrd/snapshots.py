@@ -22,19 +22,19 @@ _FILE = re.compile(r"^round_(\d{4,})\.safetensors$")
 
 
 def source_round(round_index: int, j: int, held: Iterable[int], neg_source: str = "lagged") -> int:
-    """The snapshot that supplies round ``round_index``'s negatives: ``round_index - j``, or the oldest held.
+    """The snapshot that supplies round ``round_index``'s negatives: ``round_index - j``, or round 0 (the initial
+    student, the oldest snapshot) while ``round_index < j``; ``neg_source="fixed"`` always answers round 0.
 
-    ``neg_source="fixed"`` always answers round 0 (the initial student). Pure, so it is tested without Ray.
+    ``LookupError`` when that snapshot is not published yet (callers wait and ask again); ``ValueError`` when it
+    has already left the ring (answering a newer one would silently shorten the lag). Pure, tested without Ray.
     """
     held = sorted(held)
-    if not held:
-        raise LookupError("no snapshot has been published yet")
     wanted = 0 if neg_source == "fixed" else max(round_index - j, 0)
     if wanted in held:
         return wanted
-    if wanted < held[0]:
-        return held[0]
-    raise LookupError(f"snapshot {wanted} (round {round_index} - j {j}) is not held; held rounds: {held}")
+    if held and wanted < held[0]:
+        raise ValueError(f"snapshot {wanted} (round {round_index} - j {j}) has left the ring; held rounds: {held}")
+    raise LookupError(f"snapshot {wanted} (round {round_index} - j {j}) is not published yet; held: {held}")
 
 
 def rounds_to_keep(held: Iterable[int], j: int, neg_source: str = "lagged") -> list[int]:
