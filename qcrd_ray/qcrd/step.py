@@ -168,7 +168,7 @@ class DistillModel(nn.Module):
     """The student and (``qcrd`` with the quality judge on) D as one module; ``forward(batch, alpha3)``."""
 
     def __init__(self, student: nn.Module, disc: Discriminator | None, cfg: Config, method: str,
-                 *, naive: bool = False, score_chunk: int = 64):
+                 *, naive: bool = False, score_chunk: int = 8):
         super().__init__()
         _check_method(method)
         needs_disc = method == "qcrd" and cfg.loss.quality_judge
@@ -194,9 +194,14 @@ class DistillModel(nn.Module):
 
     # ---- building blocks (also timed one by one by benchmarks/train_step.py)
 
+    def _decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
+        # passing `labels=` would make the model compute its own (unused) batch loss: a second pass over the logits
+        return self.student.prepare_decoder_input_ids_from_labels(labels=labels)
+
     def label_loss(self, batch: Batch) -> torch.Tensor:
         """L_pred: mean over examples of the token-mean CE of the label given ``predict: x``."""
-        out = self.student(input_ids=batch.pred_ids, attention_mask=batch.pred_mask, labels=batch.pred_labels)
+        out = self.student(input_ids=batch.pred_ids, attention_mask=batch.pred_mask,
+                           decoder_input_ids=self._decoder_inputs(batch.pred_labels))
         return L.sequence_ce(out.logits, batch.pred_labels).mean()
 
     def encode_explain(self, batch: Batch) -> torch.Tensor:
@@ -208,7 +213,8 @@ class DistillModel(nn.Module):
         ex = batch.cand_example[which]
         labels = batch.cand_labels[which]
         out = self.student(encoder_outputs=(hidden.index_select(0, ex),),
-                           attention_mask=batch.expl_mask.index_select(0, ex), labels=labels)
+                           attention_mask=batch.expl_mask.index_select(0, ex),
+                           decoder_input_ids=self._decoder_inputs(labels))
         return L.sequence_ce(out.logits, labels)
 
     @torch.no_grad()
@@ -222,7 +228,8 @@ class DistillModel(nn.Module):
     def naive_losses(self, batch: Batch) -> torch.Tensor:
         """Reference: each candidate through the full model (its own encoder pass) with gradient: ``[M]``."""
         ex = batch.cand_example
-        out = self.student(input_ids=batch.expl_ids[ex], attention_mask=batch.expl_mask[ex], labels=batch.cand_labels)
+        out = self.student(input_ids=batch.expl_ids[ex], attention_mask=batch.expl_mask[ex],
+                           decoder_input_ids=self._decoder_inputs(batch.cand_labels))
         return L.sequence_ce(out.logits, batch.cand_labels)
 
     def disc_scores(self, batch: Batch) -> torch.Tensor:
