@@ -1,6 +1,6 @@
 """Load test of the Serve application: requests/s and p50/p99 latency at 1, 4 and 16 concurrent clients, with
 dynamic batching (serve.max_batch_size) and without it (max_batch_size=1), in the same run on the same replica
-settings, then the ratios.
+settings (both deployed side by side, runs alternating), then the ratios.
 
     python benchmarks/serve_load.py                      # trains a tiny synthetic student first (~20 s)
     python benchmarks/serve_load.py --model runs/demo    # a run directory or an HF model directory
@@ -29,7 +29,8 @@ TARGET_TAIL = 2.0  # p99 / p50
 
 
 def train_synthetic_student(path: Path, steps: int) -> None:
-    """A tiny T5 fine-tuned for ``steps`` steps on the synthetic task's predict targets: short, stable outputs."""
+    """A tiny T5 fine-tuned for ``steps`` steps on the synthetic task in both modes (predict: the equation;
+    explain: a one-sentence rationale + the equation), so outputs are short and stable."""
     import torch
 
     from qcrd_ray import student
@@ -37,7 +38,11 @@ def train_synthetic_student(path: Path, steps: int) -> None:
     from qcrd_ray.data import prompts, synthetic
 
     rows = synthetic.make_split("train", train_size=400, eval_size=50, seed=0)
-    pairs = [(prompts.student_input("predict", r["input"]), r["label"]) for r in rows]
+    pairs = []
+    for r in rows:
+        pairs.append((prompts.student_input("predict", r["input"]), r["label"]))
+        pairs.append((prompts.student_input("explain", r["input"]),
+                      prompts.explain_target("We combine the two numbers the question gives.", r["label"])))
     model, tok = student.load_student(StudentConfig(), [t for pair in pairs for t in pair])
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -64,22 +69,30 @@ async def _client(url: str, bodies: list[dict], latencies: list[float], errors: 
                 errors.append(f"{resp.status_code}: {resp.text[:200]}")
 
 
-async def _load(url: str, questions: list[str], clients: int, per_client: int, max_new_tokens: int) -> dict:
+async def _load(url: str, questions: list[str], clients: int, per_client: int, max_new_tokens: int,
+                explain: bool) -> dict:
+    """``clients`` closed-loop clients, ``per_client`` requests each: the rate and every latency (s)."""
     latencies: list[float] = []
     errors: list[str] = []
     start = time.perf_counter()
     await asyncio.gather(*(
         _client(url, [{"task": "synthetic", "input": questions[(c * per_client + i) % len(questions)],
-                       "max_new_tokens": max_new_tokens} for i in range(per_client)], latencies, errors)
+                       "max_new_tokens": max_new_tokens, "explain": explain} for i in range(per_client)],
+                latencies, errors)
         for c in range(clients)
     ))
-    elapsed = time.perf_counter() - start
-    lat = np.array(latencies) * 1000
+    return {"rps": len(latencies) / (time.perf_counter() - start), "latencies": latencies, "errors": errors}
+
+
+def summarize(clients: int, runs: list[dict]) -> dict:
+    """Repeats of one (mode, clients) cell → median req/s and p50/p99 over all their latencies."""
+    lat = np.array([x for r in runs for x in r["latencies"]]) * 1000
     return {
         "clients": clients,
-        "requests": len(latencies),
-        "errors": len(errors),
-        "rps": len(latencies) / elapsed,
+        "requests": len(lat),
+        "errors": sum(len(r["errors"]) for r in runs),
+        "rps": float(np.median([r["rps"] for r in runs])),
+        "rps_runs": [round(r["rps"], 2) for r in runs],
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
     }
@@ -95,12 +108,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="run or HF model directory (default: train a tiny synthetic student)")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels (comma-separated)")
-    parser.add_argument("--requests-per-client", type=int, default=20,
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per mode and level")
+    parser.add_argument("--requests-per-client", type=int, default=12,
                         help="requests each client sends per level (at least 64 per level in all)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--explain", action="store_true",
+                        help="ask for rationales (explain mode: longer generations than predict)")
+    parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -126,28 +142,38 @@ def main() -> None:
     port = _free_port()
     # per-request access logs would cost both modes CPU the 2 shared cores do not have
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
-    url = f"http://127.0.0.1:{port}/v1/predict"
-    results: dict[str, list[dict]] = {}
+    base = f"http://127.0.0.1:{port}"
+    modes = {"batched": args.max_batch_size, "unbatched": 1}
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:
-        for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
+        # both deployments stay up (one replica each, same settings but the batch size) and the modes alternate
+        # within each level, so a change in the shared machine's load hits both alike
+        for mode, batch_size in modes.items():
             cfg = Config().replace(serve={
                 "min_replicas": 1, "max_replicas": 1, "max_batch_size": batch_size,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s, "max_ongoing_requests": max(levels) * 2,
                 "max_queued_requests": -1, "max_new_tokens": args.max_new_tokens,
             })
-            serve.run(build(model, cfg, name="bench"), name="bench", route_prefix="/")
-            results[mode] = []
-            for clients in levels:
-                # warm-up at the same concurrency (first calls, connection set-up) is not measured
-                asyncio.run(_load(url, questions, clients, 2, args.max_new_tokens))
-                per_client = max(args.requests_per_client, -(-64 // clients))
-                row = asyncio.run(_load(url, questions, clients, per_client, args.max_new_tokens))
+            serve.run(build(model, cfg, name=mode), name=mode, route_prefix=f"/{mode}")
+        for clients in levels:
+            per_client = max(args.requests_per_client, -(-64 // clients))
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for mode in modes:  # warm-up at this concurrency (first calls, connections): not measured
+                asyncio.run(_load(f"{base}/{mode}/v1/predict", questions, clients, 2, args.max_new_tokens,
+                                  args.explain))
+            for _ in range(args.repeats):
+                for mode in modes:
+                    runs[mode].append(asyncio.run(
+                        _load(f"{base}/{mode}/v1/predict", questions, clients, per_client, args.max_new_tokens,
+                              args.explain)))
+            load = os.getloadavg()[0]  # the machine is shared: say how busy it was
+            for mode in modes:
+                row = {**summarize(clients, runs[mode]), "load_average": load}
                 results[mode].append(row)
-                row["load_average"] = os.getloadavg()[0]  # the machine is shared: say how busy it was
-                print(f"{mode:9s} clients={clients:3d}  {row['rps']:7.2f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-                      f"p99 {row['p99_ms']:7.1f} ms  p99/p50 {row['p99_ms'] / row['p50_ms']:.2f}  "
-                      f"errors {row['errors']}  load {row['load_average']:.1f}", flush=True)
-            serve.delete("bench")
+                print(f"{mode:9s} clients={clients:3d}  {row['rps']:7.2f} req/s (runs {row['rps_runs']})  "
+                      f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                      f"p99/p50 {row['p99_ms'] / row['p50_ms']:.2f}  errors {row['errors']}  load {load:.1f}",
+                      flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

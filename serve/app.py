@@ -3,10 +3,10 @@
 Routes (FastAPI through ``@serve.ingress``; OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
 - ``POST /v1/predict``       task + input (or structured fields) → label (+ rationale with ``explain``)
-- ``POST /v1/completions``   OpenAI-compatible completions (``prompt``, ``max_tokens``, ``temperature``, ``n``, ``stop``)
+- ``POST /v1/completions``   OpenAI-compatible (``prompt``, ``max_tokens``, ``temperature``, ``n``, ``stop``)
 - ``GET  /v1/models``        the served model (OpenAI schema)
 - ``GET  /v1/stats``         this replica's dynamic-batching counters (how many batches of each size it ran)
-- ``GET  /healthz``          liveness (also Serve's health check)
+- ``GET  /healthz``          liveness
 
 Every input a request carries (a list, or ``n`` samples) is queued separately into one ``@serve.batch`` queue,
 so inputs from concurrent requests share a ``generate`` call. A batch is split by (temperature, max_new_tokens,
@@ -24,7 +24,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.param), status_code=exc.status)
+    kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    return JSONResponse(error_body(exc.message, exc.param, kind), status_code=exc.status)
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,6 @@ class ServedModel:
 @serve.ingress(api)
 class StudentServer:
     def __init__(self, served: ServedModel, serve_cfg: dict):
-        import torch
-
         from qcrd_ray.student import load_pretrained
 
         self.cfg = ServeConfig(**serve_cfg)
@@ -123,7 +121,6 @@ class StudentServer:
         self.max_input_len = served.max_input_len
         self.tasks = served_tasks(served.task)
         self.created = int(time.time())
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.model, self.tokenizer = load_pretrained(served.model_dir)
         self.model.eval()
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)

@@ -299,6 +299,7 @@ def reference(run_dir):
                                                               max_input_len=Config().student.max_input_len)
 
 
+@pytest.mark.ray
 def test_health_models_and_docs(server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok", "model": "tiny-run"}
     models = httpx.get(f"{server}/v1/models").json()
@@ -308,6 +309,7 @@ def test_health_models_and_docs(server):
     assert httpx.get(f"{server}/docs").status_code == 200
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("mode", ["predict", "explain"])
 def test_predict_matches_qcrd_eval(server, run_dir, tmp_path, mode):
     """The server's outputs, labels and rationales equal `qcrd eval`'s predictions.jsonl on the same inputs."""
@@ -338,6 +340,7 @@ def test_predict_matches_qcrd_eval(server, run_dir, tmp_path, mode):
     assert {k: one[k] for k in ("label", "rationale", "output")} == body["predictions"][0]
 
 
+@pytest.mark.ray
 def test_openai_client_gets_completions(server, reference):
     import openai
 
@@ -361,6 +364,7 @@ def test_openai_client_gets_completions(server, reference):
         client.completions.create(model="tiny-run", prompt="hi", temperature=5)
 
 
+@pytest.mark.ray
 def test_concurrent_requests_are_batched(server, reference):
     from qcrd_ray.data import prompts
 
@@ -397,6 +401,7 @@ def test_concurrent_requests_are_batched(server, reference):
         ({"json": {"input": "x", "temperature": -1}}, 422, "temperature"),
     ],
 )
+@pytest.mark.ray
 def test_bad_requests_get_a_clear_4xx(server, kwargs, status, words):
     resp = httpx.post(f"{server}/v1/predict", timeout=30, **kwargs)
     assert resp.status_code == status, resp.text
@@ -406,6 +411,7 @@ def test_bad_requests_get_a_clear_4xx(server, kwargs, status, words):
     assert httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=60).status_code == 200
 
 
+@pytest.mark.ray
 def test_overload_answers_503_instead_of_queueing(server, run_dir):
     """A deployment allowed 1 request in flight and 1 queued: a burst gets fast 503s, the rest succeed."""
     from ray import serve
@@ -426,6 +432,7 @@ def test_overload_answers_503_instead_of_queueing(server, run_dir):
         serve.delete("tight")
 
 
+@pytest.mark.ray
 def test_teacher_http_backend_can_use_this_server(server, reference):
     """The teacher's OpenAI-compatible backend pointed at the student server gets the student's completions."""
     from qcrd_ray.data import prompts
@@ -439,6 +446,7 @@ def test_teacher_http_backend_can_use_this_server(server, reference):
     assert [c.text for c in completions] == reference([r["prompt"] for r in rows], max_new_tokens=24)
 
 
+@pytest.mark.ray
 def test_crashed_replica_is_replaced(server):
     """Runs last: kills the only replica's actor; Serve starts a new one and requests succeed again."""
     import ray
