@@ -209,6 +209,15 @@ def test_serve_config_yaml_is_valid_for_serve_run(tmp_path):
     assert isinstance(build_app({"model": str(tmp_path), "set": "serve.max_batch_size=4"}), Application)
 
 
+def test_qcrd_serve_refuses_a_missing_model_before_starting_ray(tmp_path, capsys):
+    from qcrd_ray.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
+    assert "no model found" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--port", "70000"]) == 2
+    assert "serve.port" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the service over HTTP
 
