@@ -66,6 +66,15 @@ def with_negatives(rows: list[dict], negatives: dict) -> list[dict]:
     return out
 
 
+def write_negatives(path: Path, negatives: dict) -> None:
+    """The student negatives of the latest round, for inspection and the report's score plot (atomic)."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for example_id, (text, snap_round) in sorted(negatives.items()):
+            f.write(json.dumps({"id": example_id, "text": text, "round": snap_round}) + "\n")
+    tmp.replace(path)
+
+
 def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -213,6 +222,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t0 = time.perf_counter()
             negatives = pool.fetch(completed)
             neg_wait = time.perf_counter() - t0
+            if rank == 0:
+                write_negatives(run_dir / "train" / "negatives.jsonl", negatives)
             if core.disc is not None:
                 if rank == 0:
                     refresh(core.disc, tokenizer, with_negatives(rows, negatives), cfg, seed=tc.seed + completed)
