@@ -101,8 +101,8 @@ def breakdown_parts(model: DistillModel, batch) -> dict:
 
     # the selection itself is timed in "scoring"; the same number of candidates gets gradient whatever is chosen
     hidden = model.encode_explain(batch)
-    grid = model._grid(batch, model.score_candidates(batch, hidden))
-    pos, neg = model._grid(batch, batch.cand_positive), model._grid(batch, ~batch.cand_positive)
+    grid = model.to_grid(batch, model.score_candidates(batch, hidden))
+    pos, neg = model.to_grid(batch, batch.cand_positive), model.to_grid(batch, ~batch.cand_positive)
     w = sum(L.candidate_weights(grid, mask, "minmax", positive=is_pos) for mask, is_pos in ((pos, True), (neg, False)))
     which = torch.arange(batch.cand_labels.shape[0])[w[batch.cand_example, batch.cand_slot] > 0]
 
@@ -110,8 +110,8 @@ def breakdown_parts(model: DistillModel, batch) -> dict:
         model.decode_losses(batch, model.encode_explain(batch), which).sum().backward()
 
     def discriminator():
-        s = model._grid(batch, model.disc_scores(batch))
-        L.discriminator_loss(s, model._grid(batch, batch.cand_positive), model._grid(batch, ~batch.cand_positive)).backward()
+        s = model.to_grid(batch, model.disc_scores(batch))
+        L.discriminator_loss(s, model.to_grid(batch, batch.cand_positive), model.to_grid(batch, ~batch.cand_positive)).backward()
 
     return {"label task (fwd+bwd)": label, "explain encoder + candidate scoring (no grad)": scoring,
             "explain encoder + selected pos/neg (fwd+bwd)": selected, "discriminator on every pair (fwd+bwd)": discriminator}

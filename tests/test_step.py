@@ -189,10 +189,10 @@ def test_shared_encoder_discriminator_trains_the_student_encoder_through_l_d(tok
     model = build(tok, "qcrd", cfg)
     assert model.disc.encoder is model.student.get_encoder()
     batch = make_batch(teacher_rows(), tok, cfg, "qcrd")
-    s = model._grid(batch, model.disc_scores(batch))
+    s = model.to_grid(batch, model.disc_scores(batch))
     from qcrd_ray.qcrd.losses import discriminator_loss
 
-    discriminator_loss(s, model._grid(batch, batch.cand_positive), model._grid(batch, ~batch.cand_positive)).backward()
+    discriminator_loss(s, model.to_grid(batch, batch.cand_positive), model.to_grid(batch, ~batch.cand_positive)).backward()
     assert model.student.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
     model.zero_grad()
     model(batch).loss.backward()

@@ -238,7 +238,8 @@ class DistillModel(nn.Module):
 
     # ---- the step
 
-    def _grid(self, batch: Batch, flat: torch.Tensor) -> torch.Tensor:
+    def to_grid(self, batch: Batch, flat: torch.Tensor) -> torch.Tensor:
+        """Per-candidate values ``[M]`` laid out per example, ``[B, C]`` (zeros where an example has fewer)."""
         grid = flat.new_zeros(batch.size, batch.n_slots)
         return grid.index_put((batch.cand_example, batch.cand_slot), flat)
 
@@ -266,27 +267,27 @@ class DistillModel(nn.Module):
         lc = self.cfg.loss
         m = batch.cand_labels.shape[0]
         device = l_pred.device
-        pos_mask = self._grid(batch, batch.cand_positive) if m else torch.zeros(batch.size, 0, dtype=torch.bool,
+        pos_mask = self.to_grid(batch, batch.cand_positive) if m else torch.zeros(batch.size, 0, dtype=torch.bool,
                                                                                device=device)
-        neg_mask = self._grid(batch, ~batch.cand_positive) if m else pos_mask
+        neg_mask = self.to_grid(batch, ~batch.cand_positive) if m else pos_mask
         zero = l_pred * 0.0
         s_flat = self.disc_scores(batch) if (self.disc is not None and m) else None
-        s_grid = self._grid(batch, s_flat) if s_flat is not None else None
+        s_grid = self.to_grid(batch, s_flat) if s_flat is not None else None
         if m and self.naive:
             loss_flat = self.naive_losses(batch)
-            loss_grid = self._grid(batch, loss_flat)
+            loss_grid = self.to_grid(batch, loss_flat)
             w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid)
         elif m:
             hidden = self.encode_explain(batch)
             all_idx = torch.arange(m, device=device)
             if lc.scheme in L.ONE_HOT_SCHEMES:
-                w_pos, w_neg = self._weights(self._grid(batch, self.score_candidates(batch, hidden)),
+                w_pos, w_neg = self._weights(self.to_grid(batch, self.score_candidates(batch, hidden)),
                                              pos_mask, neg_mask, s_grid)
                 chosen = (w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0
                 which = all_idx[chosen]
             else:
                 which = all_idx
-            loss_grid = self._grid(batch, zero.expand(m).clone().index_put(
+            loss_grid = self.to_grid(batch, zero.expand(m).clone().index_put(
                 (which,), self.decode_losses(batch, hidden, which)))
             if lc.scheme not in L.ONE_HOT_SCHEMES:
                 w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid)
