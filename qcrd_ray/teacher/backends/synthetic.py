@@ -70,7 +70,9 @@ def synthetic_output(label: str, seed: int, temperature: float, question: str = 
     explanation = "<Explanation>: " + rng.choice(TEMPLATES).format(steps=steps, value=_fmt(value), verb=verb)
     if mistake == "malformed":
         return explanation + " So the answer"  # cut off before <Answer>, like a truncated generation
-    return f"{explanation} <Answer>: {_fmt(value)}"
+    # The answer is the equation reasoned with (SVAMP's label form), so a small student can state it without
+    # doing arithmetic; after an arithmetic slip the teacher answers with its wrong value.
+    return f"{explanation} <Answer>: {_fmt(value) if mistake == 'arithmetic' else steps}"
 
 
 class SyntheticBackend(TeacherBackend):
