@@ -208,3 +208,22 @@ def test_param_groups_give_the_discriminator_its_own_lr(tok):
     assert sum(p.numel() for g in shared.param_groups() for p in g["params"]) == sum(
         p.numel() for p in shared.parameters())  # the shared encoder is listed once, in the student's group
     assert len(build(tok, "dss").param_groups()) == 1
+
+
+def test_gold_rule_positives_keep_their_own_answer_when_the_majority_is_wrong():
+    from qcrd_ray.config import Config
+    from qcrd_ray.qcrd.step import candidate_targets
+
+    row = {
+        "id": "x", "input": "q", "label": "( 2.0 + 2.0 )", "majority_answer": "5",
+        "positives": ["two plus two"], "negatives": ["two and three"],
+        "samples": [
+            {"index": 0, "status": "ok", "rationale": "two plus two", "answer": "4"},
+            {"index": 1, "status": "ok", "rationale": "two and three", "answer": "5"},
+            {"index": 2, "status": "ok", "rationale": "two and three", "answer": "5"},
+        ],
+    }
+    cfg = Config().replace(self_consistency={"positive_rule": "gold"})
+    pos, neg = candidate_targets(row, cfg, "qcrd")
+    assert pos == ["two plus two The answer is 4."]
+    assert neg[0] == "two and three The answer is 5."

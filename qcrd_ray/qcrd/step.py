@@ -103,14 +103,16 @@ def candidate_targets(row: Mapping, cfg: Config, method: str) -> tuple[list[str]
     if method == "dss":
         target = _dss_rationale(row)
         return ([target] if target else []), []
-    answer = row.get("majority_answer")
-    positives = list(row.get("positives") or []) if answer else []
+    answers = _sample_answers(row)
+    majority = row.get("majority_answer")
+    # Each rationale keeps the answer its own sample gave (under positive_rule=gold a positive's answer is the
+    # gold one even where the majority is wrong); the majority answer stands in for rows without samples.
+    positives = [r for r in row.get("positives") or [] if r.strip() in answers or majority]
     if cfg.loss.positives == "single":
         positives = positives[:1]
-    pos = [prompts.explain_target(r, answer) for r in positives]
+    pos = [prompts.explain_target(r, answers.get(r.strip(), majority)) for r in positives]
     neg: list[str] = []
     if cfg.loss.negatives in ("teacher", "both"):
-        answers = _sample_answers(row)
         neg += [prompts.explain_target(r, answers[r.strip()]) if r.strip() in answers else r.strip()
                 for r in row.get("negatives") or []]
     if cfg.loss.negatives in ("student", "both"):
