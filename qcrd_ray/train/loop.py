@@ -148,7 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         needs_disc = method == "qcrd" and cfg.loss.quality_judge
         disc = Discriminator.from_student(student, cfg.discriminator) if needs_disc else None
         model = DistillModel(student, disc, cfg, method)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        optimizer = torch.optim.AdamW(model.param_groups(), lr=tc.lr, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / (tc.warmup_steps + 1)))  # linear warmup, then constant
         if resume_dir:
