@@ -45,6 +45,7 @@ from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
 
 from qcrd_ray import student as student_lib  # noqa: E402
 from qcrd_ray.config import Config, from_dict  # noqa: E402
+from qcrd_ray.qcrd.discriminator import Discriminator  # noqa: E402
 from qcrd_ray.qcrd.snapshots import SnapshotStore, cpu_state_dict  # noqa: E402
 from qcrd_ray.qcrd.step import DistillModel, make_batch  # noqa: E402
 from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher  # noqa: E402
@@ -68,49 +69,68 @@ def header(text: str) -> None:
 # ---------------------------------------------------------------- 1. snapshot publish
 
 
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as a plain dict of tensors: Ray pickles each tensor the torch way, aliases included."""
+    return dict(cpu_state_dict(model))
+
+
 def bench_publish(args) -> dict:
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(T5Config(**PUBLISH_SHAPES[args.publish_shape]))
     n_params = model.num_parameters()
     state = cpu_state_dict(model)
     mbytes = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
-    header(f"snapshot publish: {n_params / 1e6:.1f} M parameters, state dict {mbytes:.0f} MiB "
-           f"({len(state)} tensors), {args.repeats} repeats")
+    unique = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values()) / 2**20
+    header(f"snapshot publish: {n_params / 1e6:.1f} M parameters, state dict {mbytes:.0f} MiB over {len(state)} "
+           f"keys, {unique:.0f} MiB of distinct tensors (T5's embedding is under 4 keys), {args.repeats} repeats")
 
     results: dict[str, dict[str, list[float]]] = {}
-
-    def record(name: str, **times: float) -> None:
-        for key, value in times.items():
-            results.setdefault(name, {}).setdefault(key, []).append(value)
-
     with tempfile.TemporaryDirectory() as persist:
-        stores = {"publish": SnapshotStore.remote(j=1),
-                  "publish + disk copy": SnapshotStore.remote(j=1, persist_dir=persist)}
-        ray.get([s.rounds.remote() for s in stores.values()])  # actors up before timing
-        for r in range(args.repeats):  # round-robin, so load from other processes hits every variant alike
-            t0 = time.perf_counter()
-            ref = ray.put(cpu_state_dict(model))
-            record("ray.put (baseline)", caller=time.perf_counter() - t0, held=time.perf_counter() - t0)
-            del ref
-            for name, store in stores.items():
-                t0 = time.perf_counter()
-                ref = store.publish.remote(r, cpu_state_dict(model))  # exactly the trainer's call
-                t1 = time.perf_counter()
-                ray.get(ref)
-                record(name, caller=t1 - t0, held=time.perf_counter() - t0)
-        for store in stores.values():
-            ray.kill(store)
+        plain_store = SnapshotStore.remote(j=1)
+        store = SnapshotStore.remote(j=1)
+        disk_store = SnapshotStore.remote(j=1, persist_dir=persist)  # as the trainer runs it (resumable)
+        ray.get([s.rounds.remote() for s in (plain_store, store, disk_store)])  # actors up before timing
 
-    base = median(results["ray.put (baseline)"]["caller"])
-    print(f"{'variant':<22} {'caller blocks s':>16} {'store holds it s':>17} {'caller / put':>13} "
+        def put(make):
+            def call(r):
+                ray.put(make(model))  # held in the object store when it returns (and freed right away)
+            return call
+
+        def publish(target, make):
+            return lambda r: target.publish.remote(r, make(model))  # the trainer's call
+
+        variants = {
+            "ray.put, plain dict": put(plain_state_dict),  # the baseline: what Ray does with a state dict
+            "ray.put, SnapshotState": put(cpu_state_dict),
+            "publish, plain dict": publish(plain_store, plain_state_dict),  # before SnapshotState
+            "publish": publish(store, cpu_state_dict),
+            "publish + disk copy": publish(disk_store, cpu_state_dict),
+        }
+        for r in range(args.repeats):  # round-robin, so load from other processes hits every variant alike
+            for name, call in variants.items():
+                t0 = time.perf_counter()
+                ref = call(r)
+                t1 = time.perf_counter()
+                if ref is not None:
+                    ray.get(ref)  # a publish is held when the actor has answered
+                times = results.setdefault(name, {"caller": [], "held": []})
+                times["caller"].append(t1 - t0)
+                times["held"].append(time.perf_counter() - t0)
+                del ref
+        for actor in (plain_store, store, disk_store):
+            ray.kill(actor)
+
+    base = median(results["ray.put, plain dict"]["caller"])
+    print(f"{'variant':<24} {'caller blocks s':>16} {'store holds it s':>17} {'caller / put':>13} "
           f"{'held / put':>11}")
     summary = {"params_m": n_params / 1e6, "mib": mbytes}
     for name, times in results.items():
         caller, held = median(times["caller"]), median(times["held"])
-        print(f"{name:<22} {caller:>16.3f} {held:>17.3f} {caller / base:>12.2f}x {held / base:>10.2f}x")
+        print(f"{name:<24} {caller:>16.3f} {held:>17.3f} {caller / base:>12.2f}x {held / base:>10.2f}x")
         summary[name] = {"caller_s": caller, "held_s": held}
-    print(f"target: the trainer's call blocks rank 0 <= 0.5 s -> "
-          f"{'met' if summary['publish + disk copy']['caller_s'] <= 0.5 else 'MISSED'}")
+    blocked = summary["publish + disk copy"]["caller_s"]
+    print(f"target: the trainer's call blocks rank 0 <= 0.5 s -> {'met' if blocked <= 0.5 else 'MISSED'} "
+          f"({blocked:.3f} s)")
     return summary
 
 
@@ -124,7 +144,9 @@ def train_config(args) -> Config:
         "discriminator": {"hidden": 32, "pretrain_steps": 10, "refresh_steps": 5, "pretrain_batch_size": 8},
         "snapshots": {"j": 1, "max_new_tokens": args.max_new_tokens, "sampler_num_cpus": 0.5},
         "train": {"num_workers": args.workers, "num_cpus_per_worker": 0.5, "batch_size": 8, "rounds": args.rounds,
-                  "round_steps": args.round_steps, "log_every": 1},  # 1: the first step line holds round 0's wait
+                  # two step logs a round: the first holds round 0's wait; reports sparser than Ray Train's
+                  # health-check interval do not wait for the controller (see part step)
+                  "round_steps": args.round_steps, "log_every": max(1, args.round_steps // 2)},
     })
 
 
@@ -164,6 +186,7 @@ def bench_negatives(args, work: Path) -> dict:
             "per_round": [(m["completed_rounds"], round(m["round_s"], 2), round(m["neg_wait_s"], 3))
                           for m in rounds],
         }
+    extra = extra_candidate_cost(args, cfg, teacher_dir, work / "student_negatives")
     base = out["teacher negatives only"]
     print(f"{'variant':<24} {'run s':>7} {'round s (med)':>14} {'vs no sampler':>14} {'wait s (med)':>13} "
           f"{'wait share':>11} {'max share':>10} {'1st-round wait s':>17}")
@@ -172,9 +195,29 @@ def bench_negatives(args, work: Path) -> dict:
               f"{m['neg_wait_s']:>13.3f} {m['neg_wait_share']:>10.1%} {m['max_neg_wait_share']:>10.1%} "
               f"{m['first_wait_s']:>17.2f}")
         print(f"  per round (completed, round_s, neg_wait_s): {m['per_round']}")
+    slowdown = out["student negatives"]["round_s"] / base["round_s"]
+    print(f"the step itself, in-process, 1 thread: with the student negative {extra:.2f}x the step without it; "
+          f"the rest of the round slowdown, {slowdown / extra:.2f}x, is the sampler competing for the cores")
     share = out["student negatives"]["neg_wait_share"]
     print(f"target: wait <= 5 % of the round -> {'met' if share <= 0.05 else 'MISSED'} ({share:.1%})")
     return out
+
+
+def extra_candidate_cost(args, cfg: Config, teacher_dir: Path, run_dir: Path) -> float:
+    """Step time with one student negative per example / without it (same model, rows and batch, no sampler
+    running): the share of the round slowdown that is the extra candidate, not the sampler's CPU use."""
+    model_dir = str(run_dir / "train" / "init_model")
+    _, tok = student_lib.load_pretrained(model_dir)
+    rows = sorted(iter_teacher_rows(teacher_dir), key=lambda r: r["id"])[:cfg.train.batch_size]
+    gen = torch.Generator().manual_seed(0)
+    sampled = [tok.decode(torch.randint(3, len(tok), (args.max_new_tokens,), generator=gen).tolist(),
+                          skip_special_tokens=True) for _ in rows]  # an untrained student's output: as long as allowed
+    with_neg = [{**r, "student_negatives": [t], "negative_round": 0} for r, t in zip(rows, sampled)]
+    times = {}
+    for name, batch_rows in (("without", rows), ("with", with_neg)):
+        batch = make_batch(batch_rows, tok, cfg, "qcrd")
+        times[name] = median(run_steps(model_dir, batch, cfg, "qcrd", args.steps, args.repeats, threads=1))
+    return times["with"] / times["without"]
 
 
 # ---------------------------------------------------------------- 3. Ray Train step vs bare torch
@@ -187,12 +230,14 @@ def step_config(args) -> Config:
 
 
 def run_steps(model_dir: str, batch, cfg: Config, method: str, steps: int, repeats: int, threads: int,
-              prepare=None) -> list[float]:
-    """``repeats`` timings of ``steps`` full optimizer steps (the trainer's step: forward, backward, clip, AdamW)."""
+              prepare=None, after_step=None) -> list[float]:
+    """``repeats`` timings of ``steps`` full optimizer steps (the trainer's step: forward, backward, clip, AdamW),
+    each followed by ``after_step()`` when given."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     student, _ = student_lib.load_pretrained(model_dir)
-    model = DistillModel(student, None, cfg, method)
+    disc = Discriminator.from_student(student, cfg.discriminator) if method == "qcrd" else None
+    model = DistillModel(student, disc, cfg, method)
     if prepare is not None:
         model = prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -204,6 +249,8 @@ def run_steps(model_dir: str, batch, cfg: Config, method: str, steps: int, repea
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if after_step is not None:
+            after_step()
 
     step()  # warm-up (allocator, first-call dispatch)
     times = []
@@ -217,10 +264,14 @@ def run_steps(model_dir: str, batch, cfg: Config, method: str, steps: int, repea
 
 def _ray_step_loop(config: dict) -> None:
     start = time.time()
-    times = run_steps(config["model_dir"], config["batch"], config["cfg"], config["method"], config["steps"],
-                      config["repeats"], config["threads"], prepare=ray.train.torch.prepare_model)
+    common = (config["model_dir"], config["batch"], config["cfg"], config["method"], config["steps"],
+              config["repeats"], config["threads"])
+    times = run_steps(*common, prepare=ray.train.torch.prepare_model)
+    # the same steps, each reporting a metric as the trainer does every train.log_every steps
+    reporting = run_steps(*common, prepare=ray.train.torch.prepare_model,
+                          after_step=lambda: ray.train.report({"loss": 0.0}))
     # a file, not ray.train.report: Ray Train keeps no metrics of a report without a checkpoint
-    Path(config["out"]).write_text(json.dumps({"times": times, "loop_start": start,
+    Path(config["out"]).write_text(json.dumps({"times": times, "reporting": reporting, "loop_start": start,
                                                "threads": torch.get_num_threads()}))
 
 
@@ -257,11 +308,14 @@ def bench_step(args, work: Path) -> dict:
     in_worker = json.loads((work / "ray_step.json").read_text())
     ray_times, startup = in_worker["times"], in_worker["loop_start"] - t0
     bare = median(bare_before + bare_after)
-    print(f"{'variant':<28} {'ms / step (med)':>16} {'vs bare':>8}   per repeat (ms)")
+    best = min(bare_before + bare_after)
+    print(f"{'variant':<34} {'ms / step (med)':>16} {'vs bare':>8} {'best vs best':>13}   per repeat (ms)")
     for name, times in (("bare torch, before", bare_before), ("Ray Train, 1 worker", ray_times),
-                        ("bare torch, after", bare_after)):
-        print(f"{name:<28} {1e3 * median(times):>16.1f} {median(times) / bare:>7.2f}x   "
+                        ("Ray Train, report every step", in_worker["reporting"]), ("bare torch, after", bare_after)):
+        print(f"{name:<34} {1e3 * median(times):>16.1f} {median(times) / bare:>7.2f}x {min(times) / best:>12.2f}x   "
               f"{[round(1e3 * t, 1) for t in times]}")
+    print(f"(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S')}: the controller "
+          f"drains one report per interval, so a report made sooner after the last one waits for it)")
     ratio = median(ray_times) / bare
     print(f"Ray Train start-up (fit() to the loop's first line): {startup:.1f} s; whole fit(): {fit_s:.1f} s; "
           f"worker torch threads: {in_worker['threads']}")
@@ -293,18 +347,18 @@ def main(argv=None) -> None:
         p.error(f"unknown parts: {sorted(unknown)}")
 
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        with tempfile.TemporaryDirectory(prefix="train_ray_") as tmp:
-            work = Path(tmp)
-            if "publish" in parts:
-                bench_publish(args)
-            if "negatives" in parts:
-                bench_negatives(args, work)
-            if "step" in parts:
-                bench_step(args, work)
-    finally:
-        ray.shutdown()
+    benches = {"publish": lambda work: bench_publish(args), "negatives": lambda work: bench_negatives(args, work),
+               "step": lambda work: bench_step(args, work)}
+    with tempfile.TemporaryDirectory(prefix="train_ray_") as tmp:
+        for part in parts:
+            # a fresh local Ray per part: a TorchTrainer started in the driver after run_training's trainer ended
+            # lost its placement group mid-run twice here (Ray 2.60)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+                     log_to_driver=False)
+            try:
+                benches[part](Path(tmp))
+            finally:
+                ray.shutdown()
     print(f"\nload average at end: {os.getloadavg()}")
 
 
