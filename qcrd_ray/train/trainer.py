@@ -35,6 +35,7 @@ from qcrd_ray.train.loop import train_loop_per_worker
 log = logging.getLogger(__name__)
 
 # Test hook: make every worker raise once this many rounds are checkpointed (a real mid-run failure).
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 FAIL_AFTER_ROUND_ENV = "QCRD_FAIL_AFTER_ROUND"
 # Ray Data read tasks ask for little CPU so they fit beside fractional train workers on a small machine.
 _READ_NUM_CPUS = 0.25
@@ -97,7 +98,7 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round
 
     # Read before the trainer and the sampler hold their CPUs: on a small machine the read's planning tasks
     # would otherwise wait forever for a whole free CPU.
-    dataset = ray.data.read_parquet(files, ray_remote_args={"num_cpus": _READ_NUM_CPUS}).materialize()
+    dataset = ray.data.read_parquet(files, num_cpus=_READ_NUM_CPUS).materialize()
     store = pool = None
     if needs_student_negatives(cfg, method):
         name = "qcrd-snapshots-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
@@ -108,6 +109,10 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round
         pool = NegativePool.start(str(init_dir), store, examples, cfg.snapshots, seed=cfg.train.seed)
         pool.request(resume_round)  # starts as soon as the snapshot it needs is published
     fail_after = os.environ.get(FAIL_AFTER_ROUND_ENV)
+    # Ray Train's controller takes one worker report per health-check interval (default 2 s), so a report made
+    # while the previous one waits blocks the step loop; 0.2 s keeps that wait negligible. The trainer hands
+    # this variable on to its controller actor, locally and on a cluster.
+    os.environ.setdefault(HEALTH_CHECK_ENV, "0.2")
     tc = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
