@@ -28,6 +28,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def load_config_from_args(args: argparse.Namespace, config=None, **flags: str):
+    """A command's config: defaults <- ``--config`` (or ``config``) <- ``--set`` <- the command's own flags.
+
+    ``flags`` maps an argument name to the key it sets (``data="data.data_dir"``); unset flags change nothing.
+    Values are JSON-quoted so a path or name is never re-read as YAML (``on``, ``1e3``, ``a: b``).
+    """
+    import json
+
+    from qcrd_ray.config import load_config
+
+    overrides = list(args.overrides)
+    for arg, key in flags.items():
+        value = getattr(args, arg, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return load_config(config if config is not None else args.config, overrides)
+
+
 def build_parser(load_subcommands: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qcrd",

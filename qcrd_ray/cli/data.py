@@ -7,7 +7,7 @@ import json
 import sys
 import textwrap
 
-from qcrd_ray.cli import add_config_arguments
+from qcrd_ray.cli import add_config_arguments, load_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,17 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcrd_ray.config import load_config
     from qcrd_ray.data.loaders import DataError, load_split
     from qcrd_ray.data.prompts import parse_recorded_cot
     from qcrd_ray.data.tasks import get_task
 
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.data_dir={json.dumps(args.data)}")
-    if args.task is not None:
-        overrides.append(f"data.task={json.dumps(args.task)}")
-    cfg = load_config(args.config, overrides).data
+    cfg = load_config_from_args(args, data="data.data_dir", task="data.task").data
     try:
         result = load_split(cfg, args.split, rejects_path=args.rejects)
     except (DataError, OSError) as e:
@@ -78,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  recorded rationale ({parsed.status}, answer {parsed.answer!r}): "
                   + textwrap.shorten(parsed.rationale, 200))
     if result.rejects:
-        print(f"\nrejected rows by kind: " + ", ".join(f"{k} {n}" for k, n in summary["rejects_by_kind"].items()))
+        print("\nrejected rows by kind: " + ", ".join(f"{k} {n}" for k, n in summary["rejects_by_kind"].items()))
         for reject in result.rejects[: args.limit]:
             where = f"line {reject['line']}" if "line" in reject else f"index {reject.get('index', '-')}"
             print(f"- {reject['source']} {where}: {reject['reason']}")

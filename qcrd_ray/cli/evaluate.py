@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from qcrd_ray.cli import add_config_arguments
+from qcrd_ray.cli import add_config_arguments, load_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,19 +31,13 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcrd_ray.config import load_config
     from qcrd_ray.evaluate import evaluate
 
     model = Path(args.model)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.data_dir={args.data}")
-    if args.task:
-        overrides.append(f"data.task={args.task}")
     config = args.config
     if config is None and _is_run_dir(model) and (model / "train" / "config.yaml").is_file():
         config = model / "train" / "config.yaml"  # the run's own student settings (input/target lengths, dtype)
-    cfg = load_config(config, overrides)
+    cfg = load_config_from_args(args, config, data="data.data_dir", task="data.task")
     split = args.split or cfg.data.eval_split
     out = args.out or (model / "eval" / f"{split}-{args.mode}" if _is_run_dir(model) else None)
     try:

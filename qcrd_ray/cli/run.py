@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from qcrd_ray.cli import add_config_arguments
+from qcrd_ray.cli import add_config_arguments, load_config_from_args
 
 METHODS = ("finetune", "dss", "qcrd")
 
@@ -27,15 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcrd_ray.config import ConfigError, load_config
+    from qcrd_ray.config import ConfigError
     from qcrd_ray.pipeline import comparison_table, run_pipeline
 
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.data_dir={args.data}")
-    if args.task:
-        overrides.append(f"data.task={args.task}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config_from_args(args, data="data.data_dir", task="data.task")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else (cfg.train.method,)
     bad = [m for m in methods if m not in METHODS]
     if bad:

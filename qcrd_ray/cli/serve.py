@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from qcrd_ray.cli import add_config_arguments
+from qcrd_ray.cli import add_config_arguments, load_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,14 +30,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcrd_ray.config import load_config
-
-    overrides = list(args.overrides)
-    if args.host is not None:
-        overrides.append(f"serve.host={args.host}")
-    if args.port is not None:
-        overrides.append(f"serve.port={args.port}")
-    cfg = load_config(args.config, overrides)  # validates before Ray starts
+    cfg = load_config_from_args(args, host="serve.host", port="serve.port")  # validates before Ray starts
 
     from ray import serve
 

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from qcrd_ray.cli import add_config_arguments
+from qcrd_ray.cli import add_config_arguments, load_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,16 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcrd_ray.config import load_config
     from qcrd_ray.data.loaders import DataError
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.teacher.summary import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    data = {key: value for key, value in (("data_dir", args.data), ("task", args.task)) if value is not None}
-    if data:
-        cfg = cfg.replace(data=data)
+    cfg = load_config_from_args(args, data="data.data_dir", task="data.task")
     try:
         summary = run_teacher(cfg, args.out, split=args.split)
     except DataError as e:
