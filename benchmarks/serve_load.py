@@ -3,6 +3,7 @@ dynamic batching (serve.max_batch_size) and without it (max_batch_size=1), in th
 settings (both deployed side by side, runs alternating), then the ratios.
 
     python benchmarks/serve_load.py                      # trains a tiny synthetic student first (~20 s)
+    python benchmarks/serve_load.py --shape small --max-new-tokens 16   # T5-small-shaped, random weights
     python benchmarks/serve_load.py --model runs/demo    # a run directory or an HF model directory
 
 Each client is a closed loop (send, wait for the answer, send the next) of ``POST /v1/predict`` with one
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -26,6 +28,13 @@ import numpy as np
 
 TARGET_SPEEDUP = 3.0  # batched req/s over unbatched at 16 clients
 TARGET_TAIL = 2.0  # p99 / p50
+# Realistically sized students without a hub: t5-small's and t5-base's dimensions in the tiny student's
+# architecture (student.tiny_t5: gated-GELU feed-forward as T5 v1.1), random weights, T5's 32k vocabulary.
+SHAPES = {
+    "small": dict(d_model=512, d_ff=2048, layers=6, heads=8),
+    "base": dict(d_model=768, d_ff=3072, layers=12, heads=12),
+}
+T5_VOCAB_SIZE = 32128
 
 
 def train_synthetic_student(path: Path, steps: int) -> None:
@@ -56,6 +65,28 @@ def train_synthetic_student(path: Path, steps: int) -> None:
         loss.backward()
         opt.step()
     student.save_student(model, tok, path)
+
+
+def random_student(path: Path, shape: str) -> None:
+    """A T5 of ``SHAPES[shape]`` with random weights and the tiny student's Unigram tokenizer (trained on the
+    synthetic task's text), saved as an HF model directory. The embeddings and LM head are resized to T5's 32k
+    vocabulary so each decoding step costs what a real checkpoint's does; ids the small tokenizer lacks decode to
+    nothing. Random weights rarely emit ``</s>``, so every generation runs to ``max_new_tokens``."""
+    import torch
+
+    from qcrd_ray import student
+    from qcrd_ray.config import Config
+    from qcrd_ray.data import synthetic
+
+    dims = SHAPES[shape]
+    cfg = Config().replace(student={"tiny_d_model": dims["d_model"], "tiny_d_ff": dims["d_ff"],
+                                    "tiny_layers": dims["layers"], "tiny_heads": dims["heads"]}).student
+    torch.manual_seed(0)
+    rows = synthetic.make_split("train", train_size=400, eval_size=50, seed=0)
+    model, tok = student.load_student(cfg, [r["input"] for r in rows] + [r["label"] for r in rows])
+    model.resize_token_embeddings(T5_VOCAB_SIZE, mean_resizing=False)
+    student.save_student(model, tok, path)
+    print(f"{shape}: {model.num_parameters() / 1e6:.1f} M parameters (random weights)", flush=True)
 
 
 async def _client(url: str, bodies: list[dict], latencies: list[float], errors: list[str]) -> None:
@@ -98,6 +129,16 @@ def summarize(clients: int, runs: list[dict]) -> dict:
     }
 
 
+def batch_sizes(base: str, mode: str) -> collections.Counter:
+    """The replica's cumulative batch-size counts (``GET /v1/stats``); one replica, so one answer covers it."""
+    stats = httpx.get(f"{base}/{mode}/v1/stats", timeout=30).raise_for_status().json()
+    return collections.Counter({int(k): v for k, v in stats["batch_size_counts"].items()})
+
+
+def mean_batch(counts: collections.Counter) -> float:
+    return sum(k * v for k, v in counts.items()) / max(1, sum(counts.values()))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,7 +147,11 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="run or HF model directory (default: train a tiny synthetic student)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="run or HF model directory (default: train a tiny synthetic student)")
+    source.add_argument("--shape", choices=sorted(SHAPES),
+                        help="serve a T5-small/base-sized student with random weights instead (no hub needed); "
+                             "its outputs run to --max-new-tokens, so every request costs the same")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels (comma-separated)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per mode and level")
     parser.add_argument("--requests-per-client", type=int, default=12,
@@ -131,17 +176,22 @@ def main() -> None:
     from serve.app import build
 
     model = args.model
+    scratch = tempfile.TemporaryDirectory(prefix="serve-bench-")  # the built model (300 MB at --shape small)
     if model is None:
-        model = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "model"
+        model = Path(scratch.name) / "model"
         torch.set_num_threads(1)
-        print(f"training a tiny synthetic student ({args.train_steps} steps) into {model}", flush=True)
-        train_synthetic_student(model, args.train_steps)
+        if args.shape:
+            random_student(model, args.shape)
+        else:
+            print(f"training a tiny synthetic student ({args.train_steps} steps) into {model}", flush=True)
+            train_synthetic_student(model, args.train_steps)
     questions = [r["input"] for r in synthetic.make_split("test", train_size=1, eval_size=200, seed=1)]
 
     init_ray(num_cpus=2)
     port = _free_port()
-    # per-request access logs would cost both modes CPU the 2 shared cores do not have
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    # access logs (proxy's and replicas') would cost both modes CPU the 2 shared cores do not have
+    quiet = {"enable_access_log": False}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     base = f"http://127.0.0.1:{port}"
     modes = {"batched": args.max_batch_size, "unbatched": 1}
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -154,13 +204,14 @@ def main() -> None:
                 "batch_wait_timeout_s": args.batch_wait_timeout_s, "max_ongoing_requests": max(levels) * 2,
                 "max_queued_requests": -1, "max_new_tokens": args.max_new_tokens,
             })
-            serve.run(build(model, cfg, name=mode), name=mode, route_prefix=f"/{mode}")
+            serve.run(build(model, cfg, name=mode), name=mode, route_prefix=f"/{mode}", logging_config=quiet)
         for clients in levels:
             per_client = max(args.requests_per_client, -(-64 // clients))
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             for mode in modes:  # warm-up at this concurrency (first calls, connections): not measured
                 asyncio.run(_load(f"{base}/{mode}/v1/predict", questions, clients, 2, args.max_new_tokens,
                                   args.explain))
+            before = {mode: batch_sizes(base, mode) for mode in modes}
             for _ in range(args.repeats):
                 for mode in modes:
                     runs[mode].append(asyncio.run(
@@ -168,23 +219,27 @@ def main() -> None:
                               args.explain)))
             load = os.getloadavg()[0]  # the machine is shared: say how busy it was
             for mode in modes:
-                row = {**summarize(clients, runs[mode]), "load_average": load}
+                sizes = batch_sizes(base, mode) - before[mode]  # this level's measured runs only
+                row = {**summarize(clients, runs[mode]), "load_average": load, "mean_batch": mean_batch(sizes),
+                       "batch_size_counts": dict(sorted(sizes.items()))}
                 results[mode].append(row)
                 print(f"{mode:9s} clients={clients:3d}  {row['rps']:7.2f} req/s (runs {row['rps_runs']})  "
                       f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
-                      f"p99/p50 {row['p99_ms'] / row['p50_ms']:.2f}  errors {row['errors']}  load {load:.1f}",
+                      f"p99/p50 {row['p99_ms'] / row['p50_ms']:.2f}  mean batch {row['mean_batch']:.1f}  "
+                      f"errors {row['errors']}  load {load:.1f}",
                       flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
+        scratch.cleanup()
 
     print("\n| clients | batched req/s | unbatched req/s | speedup | batched p50 / p99 ms | batched p99/p50 | "
-          "unbatched p50 / p99 ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "unbatched p50 / p99 ms | mean batch | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for b, u in zip(results["batched"], results["unbatched"]):
         print(f"| {b['clients']} | {b['rps']:.1f} | {u['rps']:.1f} | {b['rps'] / u['rps']:.2f}x | "
               f"{b['p50_ms']:.0f} / {b['p99_ms']:.0f} | {b['p99_ms'] / b['p50_ms']:.2f} | "
-              f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f} |")
+              f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f} | {b['mean_batch']:.1f} | {b['load_average']:.0f} |")
     top_b, top_u = results["batched"][-1], results["unbatched"][-1]
     speedup, tail = top_b["rps"] / top_u["rps"], top_b["p99_ms"] / top_b["p50_ms"]
     print(f"\nat {top_b['clients']} clients: batched/unbatched req/s = {speedup:.2f}x (target >= {TARGET_SPEEDUP}x: "
