@@ -21,6 +21,7 @@ from pathlib import Path
 # Never shipped with the working dir: local environments, run outputs, VCS metadata.
 WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120.0  # how long a submission waits for a freshly started head's job agent
 
 
 def _client(address: str):
@@ -35,9 +36,18 @@ def submit(address: str, entrypoint: list[str], working_dir: str = ".", job_id: 
     runtime_env = {"working_dir": str(Path(working_dir).resolve()), "excludes": WORKING_DIR_EXCLUDES}
     if env:
         runtime_env["env_vars"] = env
-    return _client(address).submit_job(
-        entrypoint=" ".join(entrypoint), runtime_env=runtime_env, submission_id=job_id
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return _client(address).submit_job(
+                entrypoint=" ".join(entrypoint), runtime_env=runtime_env, submission_id=job_id)
+        except (ConnectionError, RuntimeError) as e:
+            # A head that has just started (`ray start`, `ray up`) refuses or answers "No available agent" until
+            # its dashboard and job agent are up.
+            starting = isinstance(e, ConnectionError) or "No available agent" in str(e)
+            if not starting or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def follow(address: str, job_id: str, out=sys.stdout) -> str:
