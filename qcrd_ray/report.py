@@ -54,8 +54,12 @@ def plot_training_curves(metrics: list[dict], path: Path, title: str) -> Path | 
     if not terms:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
-    for ax, term in zip(axes[0], terms):
+    cols = min(4, len(terms))
+    rows = -(-len(terms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(terms):]:
+        ax.set_visible(False)
+    for ax, term in zip(axes.flat, terms):
         points = [(m.get("step", i), m[term]) for i, m in enumerate(metrics) if isinstance(m.get(term), (int, float))]
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2)
         ax.set_title(term)
@@ -108,6 +112,7 @@ def discriminator_scores(method_dir: Path, cfg: Config, teacher_rows: list[dict]
 
     from qcrd_ray import student
     from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
+    from qcrd_ray.qcrd.targets import teacher_targets
 
     d_path = method_dir / "model" / "discriminator.pt"
     if not d_path.exists():
@@ -116,12 +121,14 @@ def discriminator_scores(method_dir: Path, cfg: Config, teacher_rows: list[dict]
     disc = Discriminator.from_student(model, cfg.discriminator)
     disc.load_state_dict(torch.load(d_path, map_location="cpu"))
     disc.eval()
+    # Score exactly the texts D judged in training: rationales with their answers appended (qcrd/targets.py).
+    kinds: dict[str, list[tuple[str, str]]] = {"teacher positives": [], "teacher negatives": []}
+    for row in teacher_rows:
+        pos, neg = teacher_targets(row)
+        kinds["teacher positives"] += [(row["input"], t) for t in pos]
+        kinds["teacher negatives"] += [(row["input"], t) for t in neg]
     questions = {r["id"]: r["input"] for r in teacher_rows}
-    kinds = {
-        "teacher positives": [(r["input"], p) for r in teacher_rows for p in r["positives"]],
-        "teacher negatives": [(r["input"], n) for r in teacher_rows for n in r["negatives"]],
-        "student negatives": [(questions[n["id"]], n["text"]) for n in student_negatives if n["id"] in questions],
-    }
+    kinds["student negatives"] = [(questions[n["id"]], n["text"]) for n in student_negatives if n["id"] in questions]
     out = {}
     with torch.no_grad():
         for name, pairs in kinds.items():

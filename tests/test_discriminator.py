@@ -143,3 +143,24 @@ def test_refresh_uses_student_negatives(student_and_tok):
     rows = [dict(r, negatives=[], student_negatives=["the moon is made of cheese"]) for r in toy_rows(3)]
     stats = refresh(disc, tok, rows, Config(), steps=2)
     assert stats["steps"] == 2 and stats["negatives"] == 3 and stats["skipped"] is None
+
+
+def test_d_is_trained_on_the_texts_the_training_step_scores():
+    """Pre-training/refresh and the online step must show D the same form of text (rationale + its answer), or D
+    learns the form instead of the quality."""
+    from qcrd_ray.config import Config
+    from qcrd_ray.qcrd.discriminator import _teacher_pairs
+    from qcrd_ray.qcrd.step import candidate_targets
+
+    row = {
+        "id": "x", "input": "q", "label": "( 2.0 + 2.0 )", "majority_answer": "4",
+        "positives": ["two plus two"], "negatives": ["two and three"],
+        "samples": [{"index": 0, "status": "ok", "rationale": "two plus two", "answer": "4"},
+                    {"index": 1, "status": "ok", "rationale": "two and three", "answer": "5"}],
+        "student_negatives": ["two times two The answer is 4."],
+    }
+    positives, negatives = _teacher_pairs([row], student_negatives=True)
+    pos, neg = candidate_targets(row, Config(), "qcrd")
+    assert [t for _, t in positives] == pos == ["two plus two The answer is 4."]
+    assert [t for _, t in negatives] == neg
+    assert "two and three The answer is 5." in neg

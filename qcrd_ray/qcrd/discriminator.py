@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qcrd_ray.config import Config, DiscriminatorConfig
+from qcrd_ray.qcrd import targets
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,15 @@ def train_on_pairs(
 
 
 def _teacher_pairs(rows: Iterable[Mapping], student_negatives: bool) -> tuple[list, list]:
+    """(question, text) pairs in exactly the form D scores during training (qcrd/targets.py)."""
     positives, negatives = [], []
     for row in rows:
         q = row["input"]
-        positives += [(q, r) for r in row.get("positives") or []]
-        negatives += [(q, r) for r in row.get("negatives") or []]
+        pos, neg = targets.teacher_targets(row)
+        positives += [(q, r) for r in pos]
+        negatives += [(q, r) for r in neg]
         if student_negatives:
-            negatives += [(q, r) for r in row.get("student_negatives") or []]
+            negatives += [(q, r) for r in targets.student_negatives(row)]
     return positives, negatives
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from qcrd_ray.config import Config
 from qcrd_ray.data import prompts
 from qcrd_ray.qcrd import losses as L
+from qcrd_ray.qcrd import targets
 from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
 
 METHODS = ("finetune", "dss", "qcrd")
@@ -80,11 +81,6 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _sample_answers(row: Mapping) -> dict[str, str]:
-    return {s["rationale"].strip(): s["answer"] for s in row.get("samples") or []
-            if s.get("status") == "ok" and s.get("rationale") and s.get("answer")}
-
-
 def _dss_rationale(row: Mapping) -> str | None:
     for s in sorted(row.get("samples") or [], key=lambda s: s.get("index", 0)):
         if s.get("status") == "ok" and s.get("rationale") and s.get("answer"):
@@ -103,20 +99,14 @@ def candidate_targets(row: Mapping, cfg: Config, method: str) -> tuple[list[str]
     if method == "dss":
         target = _dss_rationale(row)
         return ([target] if target else []), []
-    answers = _sample_answers(row)
-    majority = row.get("majority_answer")
-    # Each rationale keeps the answer its own sample gave (under positive_rule=gold a positive's answer is the
-    # gold one even where the majority is wrong); the majority answer stands in for rows without samples.
-    positives = [r for r in row.get("positives") or [] if r.strip() in answers or majority]
+    pos, teacher_neg = targets.teacher_targets(row)
     if cfg.loss.positives == "single":
-        positives = positives[:1]
-    pos = [prompts.explain_target(r, answers.get(r.strip(), majority)) for r in positives]
+        pos = pos[:1]
     neg: list[str] = []
     if cfg.loss.negatives in ("teacher", "both"):
-        neg += [prompts.explain_target(r, answers[r.strip()]) if r.strip() in answers else r.strip()
-                for r in row.get("negatives") or []]
+        neg += teacher_neg
     if cfg.loss.negatives in ("student", "both"):
-        neg += [t.strip() for t in row.get("student_negatives") or [] if t and t.strip()]
+        neg += targets.student_negatives(row)
     return pos, neg
 
 
