@@ -158,7 +158,7 @@ class TrainConfig:
     lr: float = _num(3e-3, 0.0)
     weight_decay: float = _num(0.0, 0.0)
     warmup_steps: int = _num(0, 0)
-    rounds: int = _num(10, 1)  # training length in rounds
+    rounds: int = _num(20, 1)  # training length in rounds
     round_steps: int = _num(0, 0)  # optimizer steps per round; 0 = one epoch
     grad_clip: float = _num(1.0, 0.0)
     keep_checkpoints: int = _num(2, 1)
