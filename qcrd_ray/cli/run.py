@@ -38,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{cfg.data.task}"
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run_pipeline(cfg, out, methods, address=args.address)
     import ray
 
-    ray.shutdown()  # flushes the workers' log lines now, so they do not land in the middle of the summary
+    connected_before = ray.is_initialized()
+    result = run_pipeline(cfg, out, methods, address=args.address)
+    if not connected_before:
+        ray.shutdown()  # flushes the workers' log lines now, so they do not land in the middle of the summary
 
     print()
     print(comparison_table(result["methods"]))
