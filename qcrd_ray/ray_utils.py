@@ -16,5 +16,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    # A local Ray gets its dashboard (http://127.0.0.1:8265): users watch the run there, and Ray Train's
+    # placement-group cleaner polls the state API it serves.
+    kwargs = {"address": address} if address else {"num_cpus": num_cpus}
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)

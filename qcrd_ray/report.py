@@ -96,7 +96,7 @@ def plot_agreement(histogram: Mapping, path: Path) -> Path | None:
     plt = _plt()
     keys = sorted(histogram, key=float)
     fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.bar([str(k) for k in keys], [histogram[k] for k in keys])
+    ax.bar(range(len(keys)), [histogram[k] for k in keys], tick_label=[f"{float(k):.2f}" for k in keys])
     ax.set_xlabel("agreement (share of samples with the majority answer)")
     ax.set_ylabel("examples")
     fig.tight_layout()
