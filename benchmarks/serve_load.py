@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from qcrd_ray.testing import train_tiny_student
+
 TARGET_SPEEDUP = 3.0  # batched req/s over unbatched at 16 clients
 TARGET_TAIL = 2.0  # p99 / p50
 # Realistically sized students without a hub: t5-small's and t5-base's dimensions in the tiny student's
@@ -35,36 +37,6 @@ SHAPES = {
     "base": dict(d_model=768, d_ff=3072, layers=12, heads=12),
 }
 T5_VOCAB_SIZE = 32128
-
-
-def train_synthetic_student(path: Path, steps: int) -> None:
-    """A tiny T5 fine-tuned for ``steps`` steps on the synthetic task in both modes (predict: the equation;
-    explain: a one-sentence rationale + the equation), so outputs are short and stable."""
-    import torch
-
-    from qcrd_ray import student
-    from qcrd_ray.config import StudentConfig
-    from qcrd_ray.data import prompts, synthetic
-
-    rows = synthetic.make_split("train", train_size=400, eval_size=50, seed=0)
-    pairs = []
-    for r in rows:
-        pairs.append((prompts.student_input("predict", r["input"]), r["label"]))
-        pairs.append((prompts.student_input("explain", r["input"]),
-                      prompts.explain_target("We combine the two numbers the question gives.", r["label"])))
-    model, tok = student.load_student(StudentConfig(), [t for pair in pairs for t in pair])
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(steps):
-        batch = pairs[(step * 16) % len(pairs):][:16]
-        enc = tok([a for a, _ in batch], text_target=[b for _, b in batch], return_tensors="pt", padding=True)
-        enc["labels"][enc["labels"] == tok.pad_token_id] = -100
-        loss = model(**enc).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    student.save_student(model, tok, path)
 
 
 def random_student(path: Path, shape: str) -> None:
@@ -185,7 +157,7 @@ def main() -> None:
             random_student(model, args.shape)
         else:
             print(f"training a tiny synthetic student ({args.train_steps} steps) into {model}", flush=True)
-            train_synthetic_student(model, args.train_steps)
+            train_tiny_student(model, args.train_steps, train_size=400)
     questions = [r["input"] for r in synthetic.make_split("test", train_size=1, eval_size=200, seed=1)]
 
     init_ray(num_cpus=2)

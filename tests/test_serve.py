@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from qcrd_ray.config import Config
+from qcrd_ray.testing import train_tiny_student
 from serve.schemas import (
     CompletionPlan,
     CompletionRequest,
@@ -222,39 +223,6 @@ def test_qcrd_serve_refuses_a_missing_model_before_starting_ray(tmp_path, capsys
 # the service over HTTP
 
 
-def _train_tiny_student(path) -> None:
-    """A tiny T5 trained for a few dozen steps on the synthetic task (both modes), so greedy outputs are stable
-    and short; saved in HF format like a run's model/."""
-    import torch
-
-    from qcrd_ray import student
-    from qcrd_ray.config import StudentConfig
-    from qcrd_ray.data import prompts, synthetic
-
-    rows = synthetic.make_split("train", train_size=200, eval_size=20, seed=0)
-    pairs = []
-    for r in rows:
-        pairs.append((prompts.student_input("predict", r["input"]), r["label"]))
-        pairs.append((prompts.student_input("explain", r["input"]),
-                      prompts.explain_target("We use the numbers in the question.", r["label"])))
-    model, tok = student.load_student(StudentConfig(), [t for pair in pairs for t in pair])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: more threads only spin against each other
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(100):
-        batch = pairs[(step * 16) % len(pairs):][:16]
-        enc = tok([a for a, _ in batch], text_target=[b for _, b in batch], return_tensors="pt", padding=True)
-        enc["labels"][enc["labels"] == tok.pad_token_id] = -100
-        loss = model(**enc).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(threads)
-    student.save_student(model, tok, path)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -277,7 +245,7 @@ RUN_CONFIG = Config().replace(student={"max_target_len": 48}, data={"synthetic_e
 def run_dir(tmp_path_factory):
     """A run directory as training leaves it: RUN/config.yaml and RUN/model/."""
     run = tmp_path_factory.mktemp("serve") / "tiny-run"
-    _train_tiny_student(run / "model")
+    train_tiny_student(run / "model")
     (run / "config.yaml").write_text(RUN_CONFIG.to_yaml())
     return run
 
