@@ -30,7 +30,8 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
     old = from_dict(yaml.safe_load(path.read_text())).to_dict()
     new = cfg.to_dict()
     # The method list is a property of the invocation, not of the stored outputs.
-    old["train"].pop("method"), new["train"].pop("method")
+    for resolved in (old, new):
+        resolved["train"].pop("method")
     changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
     if changed:
         raise ConfigError(

@@ -53,7 +53,7 @@ def test_pipeline_job_succeeds_on_a_real_head(ray_head, tmp_path):
     out = tmp_path / "run"
     job_id = jobs_submit.submit(
         ray_head, [sys.executable, "-m", "jobs.pipeline", "--out", str(out), *SMALL_RUN], working_dir=str(ROOT),
-        env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "TOKENIZERS_PARALLELISM": "false"},
+        env={"TOKENIZERS_PARALLELISM": "false"},
     )
     status = jobs_submit.wait(ray_head, job_id, timeout_s=600)
     logs = jobs_submit._client(ray_head).get_job_logs(job_id)
