@@ -82,8 +82,8 @@ def test_positive_and_negative_terms_with_quality_weights_are_detached():
     neg_mask = ~pos_mask
     w_pos = L.candidate_weights(losses, pos_mask, "minmax", positive=True)
     w_neg = L.candidate_weights(losses, neg_mask, "minmax", positive=False)
-    l_pos, s_pos = L.positive_term(losses, w_pos, scores)
-    l_neg, s_neg = L.negative_term(losses, w_neg, scores, delta=5.0)
+    l_pos, s_pos = L.positive_term(losses, w_pos, scores, "minmax")
+    l_neg, s_neg = L.negative_term(losses, w_neg, scores, 5.0, "minmax")
     # Eq. 6: s(argmin) · min l = 0.8 · 1.0 ; Eq. 7: (1 − s(argmax)) · min(max l − δ, 0) = 0.4 · (4 − 5)
     assert l_pos.item() == pytest.approx(0.8)
     assert l_neg.item() == pytest.approx(-0.4)
@@ -93,13 +93,39 @@ def test_positive_and_negative_terms_with_quality_weights_are_detached():
     assert losses.grad.tolist()[0] == pytest.approx([0.0, 0.8, 0.0, -0.4])
 
 
+def test_wmean_weights_each_candidate_by_its_quality_once():
+    # positives: losses 2, 1 with scores 0.9, 0.6; negatives: losses 1.5, 4 with scores 0.3, 0.6; δ = 3
+    losses = torch.tensor([[2.0, 1.0, 1.5, 4.0]], requires_grad=True)
+    scores = torch.tensor([[0.9, 0.6, 0.3, 0.6]])
+    pos_mask = torch.tensor([[T, T, F_, F_]])
+    w_pos = L.candidate_weights(losses, pos_mask, "wmean", positive=True, scores=scores)
+    w_neg = L.candidate_weights(losses, ~pos_mask, "wmean", positive=False, scores=scores)
+    l_pos, s_pos = L.positive_term(losses, w_pos, scores, "wmean")
+    l_neg, s_neg = L.negative_term(losses, w_neg, scores, 3.0, "wmean")
+    # l_pos = Σ s·l / Σ s = (0.9·2 + 0.6·1) / 1.5 = 1.6 (the double-weighted Σ s²·l / Σ s gave 1.32)
+    assert l_pos.item() == pytest.approx(1.6)
+    # l_neg = Σ (1−s)·min(l−δ, 0) / Σ (1−s) = (0.7·(−1.5) + 0.4·0) / 1.1
+    assert l_neg.item() == pytest.approx(-1.05 / 1.1)
+    # reported scores: the quality-weighted mean score of each side
+    assert s_pos.item() == pytest.approx((0.9 * 0.9 + 0.6 * 0.6) / 1.5)
+    assert s_neg.item() == pytest.approx((0.7 * 0.3 + 0.4 * 0.6) / 1.1)
+    (l_pos - l_neg).sum().backward()
+    assert losses.grad.tolist()[0] == pytest.approx([0.6, 0.4, -0.7 / 1.1, 0.0])
+    # with every score equal, wmean is exactly mean
+    flat = torch.full((1, 4), 0.5)
+    w_mean = L.candidate_weights(losses, pos_mask, "mean", positive=True)
+    w_flat = L.candidate_weights(losses, pos_mask, "wmean", positive=True, scores=flat)
+    assert L.positive_term(losses, w_flat, flat, "wmean")[0].item() == pytest.approx(1.5)
+    assert L.positive_term(losses, w_mean, flat, "mean")[0].item() == pytest.approx(0.5 * 1.5)
+
+
 def test_quality_judge_off_is_plain_min_and_max():
     losses = torch.tensor([[2.0, 1.0, 1.5, 2.5]])
     pos_mask = torch.tensor([[T, T, F_, F_]])
     w_pos = L.candidate_weights(losses, pos_mask, "minmax", positive=True)
     w_neg = L.candidate_weights(losses, ~pos_mask, "minmax", positive=False)
-    l_pos, s_pos = L.positive_term(losses, w_pos, None)
-    l_neg, s_neg = L.negative_term(losses, w_neg, None, delta=3.0)
+    l_pos, s_pos = L.positive_term(losses, w_pos, None, "minmax")
+    l_neg, s_neg = L.negative_term(losses, w_neg, None, 3.0, "minmax")
     assert l_pos.item() == 1.0 and s_pos.item() == 1.0
     assert l_neg.item() == pytest.approx(2.5 - 3.0) and s_neg.item() == 0.0
 

@@ -78,26 +78,31 @@ def candidate_weights(
 
 
 def positive_term(
-    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None
+    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None, scheme: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 6, ``l_pos_i = s_pos_i · min_{r ∈ P_i} l(x_i, r)`` with ``s_pos_i = D(x_i, argmin r)`` detached, in its
-    many-to-one form ``Σ_c w_c · s_c · l_c``. ``scores`` None = quality judge off (``s ≡ 1``).
+    many-to-one form ``Σ_c w_c · s_c · l_c``. ``scores`` None = quality judge off (``s ≡ 1``). Under ``wmean``
+    the weights already are ``s_c / Σ s``, so the term is ``Σ_c w_c · l_c`` (multiplying by ``s_c`` again would
+    weight by ``s²``).
 
-    Returns ``(l_pos [B], s_pos [B])`` where ``s_pos`` is the weighted (detached) score used.
+    Returns ``(l_pos [B], s_pos [B])`` where ``s_pos`` is the weighted (detached) score ``Σ_c w_c · s_c``.
     """
     s = torch.ones_like(losses) if scores is None else scores.detach()
-    return (weights * s * losses).sum(dim=1), (weights * s).sum(dim=1).detach()
+    factor = torch.ones_like(s) if scheme == "wmean" else s
+    return (weights * factor * losses).sum(dim=1), (weights * s).sum(dim=1).detach()
 
 
 def negative_term(
-    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None, delta: float
+    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None, delta: float, scheme: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7 with the margin, ``l_neg_i = (1 − s_neg_i) · max_{r ∈ N_i} min(l(x_i, r) − δ, 0)`` with
-    ``s_neg_i = D(x_i, argmax r)`` detached, in its many-to-one form ``Σ_c w_c · (1 − s_c) · min(l_c − δ, 0)``.
+    ``s_neg_i = D(x_i, argmax r)`` detached, in its many-to-one form ``Σ_c w_c · (1 − s_c) · min(l_c − δ, 0)``
+    (``wmean``: ``Σ_c w_c · min(l_c − δ, 0)``, its weights already being ``(1 − s_c) / Σ (1 − s)``).
     ``scores`` None = quality judge off (``s_neg ≡ 0``). Returns ``(l_neg [B], s_neg [B])``.
     """
     s = torch.zeros_like(losses) if scores is None else scores.detach()
-    return (weights * (1.0 - s) * margin(losses, delta)).sum(dim=1), (weights * s).sum(dim=1).detach()
+    factor = torch.ones_like(s) if scheme == "wmean" else 1.0 - s
+    return (weights * factor * margin(losses, delta)).sum(dim=1), (weights * s).sum(dim=1).detach()
 
 
 def contrastive_loss(
