@@ -25,16 +25,103 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# how ray_session starts its local Ray (address="local": a cluster someone started with `ray start` must not
+# capture the tests); multinode_cluster restarts it the same way after it is done
+LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def _uses(session, fixture: str) -> bool:
+    return any(fixture in getattr(item, "fixturenames", ()) for item in session.items)
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session (starting one per test costs seconds each)."""
+def ray_session(request):
+    """One local Ray for the whole test session (starting one per test costs seconds each).
+
+    Ray workers inherit the driver's environment once, at ray.init: when any selected test uses the S3 server,
+    the server starts (and sets its AWS_* variables) BEFORE Ray, so workers reach the bucket too."""
     import ray
 
+    if _uses(request.session, "s3_server"):
+        request.getfixturevalue("s3_server")
     if not ray.is_initialized():
-        # address="local": a cluster someone started with `ray start` must not capture the tests
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(**LOCAL_RAY)
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's ThreadedMotoServer) on 127.0.0.1 with bucket ``qcrd-test``; yields the
+    bucket's URI ``s3://qcrd-test``. Sets AWS_ENDPOINT_URL(_S3), dummy keys and AWS_DEFAULT_REGION for the whole
+    session; a Ray started afterwards (ray_session, multinode_cluster) hands them to its workers. A Ray already
+    running without them cannot get them, so that case fails here instead of later in a worker."""
+    moto_server = pytest.importorskip("moto.server", reason="the S3 tests need the dev extra (moto[server])")
+    import ray
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no credential probe of a cloud metadata service
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        if ray.is_initialized():
+            raise RuntimeError("s3_server must start before Ray: request it before ray_session/multinode_cluster")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="qcrd-test")
+        try:
+            yield "s3://qcrd-test"
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster(request, s3_server):
+    """A real multi-node Ray on this machine: a head with no CPUs (so no task runs on the driver's node) and two
+    worker nodes of 1 CPU, each its own raylet; yields the ``ray.cluster_utils.Cluster``. Storage is the S3
+    server (started first so every node inherits its environment). One process can be connected to one Ray: the
+    session's local Ray, if running, is shut down first and started again afterwards, and conftest runs the
+    tests that use this fixture last so that happens at most once."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_local = ray.is_initialized()
+    if had_local:
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if had_local:
+            ray.init(**LOCAL_RAY)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # the multi-node tests replace the session's local Ray while they run: keep them together, at the end
+    items.sort(key=lambda item: "multinode_cluster" in getattr(item, "fixturenames", ()))
 
 
 def pytest_sessionfinish(session, exitstatus):

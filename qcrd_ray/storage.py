@@ -1,0 +1,328 @@
+"""One run location, a local path or a URI (``s3://``, ``gs://``, any ``pyarrow.fs`` URI), read and written the same
+way from the driver, a train worker, an actor or a Serve replica.
+
+Locations are plain strings (``str`` or ``Path`` accepted), so they travel to Ray workers as they are and each
+process opens its own filesystem. Endpoints and credentials come from the usual environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
+``GOOGLE_APPLICATION_CREDENTIALS``...) or from the URI's query string (``s3://b/run?endpoint_override=...``).
+
+Writes are atomic: a reader sees the old file, the new file or no file, never a torn one. Locally that is a
+temporary file in the same folder renamed into place; on an object store it is one object upload, which becomes
+visible only when it completes. Folders are uploaded file by file, then a completeness marker is written LAST,
+and a download refuses a folder without it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+Location = str | os.PathLike
+
+# written last by upload_dir: its presence means every file it lists is in place
+COMPLETE_MARKER = "_COMPLETE.json"
+# temporary files of local atomic writes (".<name>.tmp-<pid>-<hex>"); a killed writer may leave one behind
+TMP_PATTERN = ".*.tmp-*"
+# filesystem types of /proc/mounts that every node of a cluster can share
+SHARED_FSTYPES = ("nfs", "nfs4", "efs", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse")
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def is_uri(location: Location) -> bool:
+    """True for ``scheme://...`` (``file://`` included); False for a plain local path."""
+    text = os.fspath(location)
+    scheme = urlsplit(text).scheme
+    return "://" in text and len(scheme) > 1  # a Windows drive letter is not a scheme
+
+
+def join(base: Location, *parts: str) -> str:
+    """``base/part/...`` for a path or a URI (a URI's query string stays at the end)."""
+    base = os.fspath(base)
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    head, sep, query = base.partition("?")
+    return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
+def basename(location: Location) -> str:
+    return os.fspath(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+# environment that changes which endpoint or account a cached client talks to
+_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(root: str, env_key: tuple) -> pafs.FileSystem:
+    # one client per bucket and environment: from_uri may look up the bucket's region over the network
+    return pafs.FileSystem.from_uri(root)[0]
+
+
+def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of ``location`` and the path inside it."""
+    text = os.fspath(location)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), os.path.abspath(text)
+    parts = urlsplit(text)
+    if parts.scheme == "file":
+        return pafs.LocalFileSystem(), parts.path
+    root = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
+    fs = _filesystem(root, tuple(os.environ.get(k) for k in _ENV))
+    # object stores name the bucket first (s3://bucket/key -> bucket/key); others (hdfs://host/p) the path only
+    path = f"{parts.netloc}{parts.path}" if parts.scheme in ("s3", "gs", "gcs") else parts.path
+    return fs, path.rstrip("/")
+
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    return fs.type_name == "local"
+
+
+def exists(location: Location) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(location: Location) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_bytes(location: Location) -> bytes:
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{os.fspath(location)} does not exist") from e
+
+
+def read_text(location: Location) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """Atomically replace ``location`` with ``data``."""
+    fs, path = resolve(location)
+    if _is_local(fs):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    # the whole payload is in memory before the stream opens: the object appears when the upload completes
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(location: Location, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def write_json(location: Location, obj) -> None:
+    write_text(location, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(location: Location, records) -> None:
+    write_text(location, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_parquet(location: Location, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def read_parquet(location: Location) -> pa.Table:
+    fs, path = resolve(location)
+    return pq.read_table(path, filesystem=fs)
+
+
+def list_files(location: Location, pattern: str = "*") -> list[str]:
+    """Locations of the files directly in folder ``location`` whose name matches ``pattern``, sorted by name.
+    A missing folder lists as empty."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+    return [join(location, n) for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def delete(location: Location) -> None:
+    """Remove a file (missing is fine)."""
+    fs, path = resolve(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def delete_dir(location: Location) -> None:
+    """Remove a folder and everything under it (missing is fine)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def remove_partial_writes(folder: Location) -> None:
+    """Temporary files that a writer killed mid-write left in ``folder`` (only local writes make them)."""
+    for tmp in list_files(folder, TMP_PATTERN):
+        delete(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+
+
+def upload_dir(local_dir: Location, dest: Location) -> None:
+    """Copy every file under ``local_dir`` to ``dest`` (each write atomic), then write the completeness marker
+    listing them, last. A previous marker is removed first, so an interrupted re-upload is never taken as done."""
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    if not files:
+        raise StorageError(f"{local_dir} holds no files to upload")
+    delete(join(dest, COMPLETE_MARKER))
+    listing = {}
+    for p in files:
+        rel = p.relative_to(local_dir).as_posix()
+        data = p.read_bytes()
+        write_bytes(join(dest, *rel.split("/")), data)
+        listing[rel] = len(data)
+    write_json(join(dest, COMPLETE_MARKER), {"files": listing})
+
+
+def is_complete(location: Location) -> bool:
+    return is_file(join(location, COMPLETE_MARKER))
+
+
+def cache_dir(*parts: str, root: Location | None = None) -> Path:
+    """A node-local cache folder (created): ``root`` or the system temp dir, then ``qcrd-cache/<parts>``."""
+    path = Path(root if root is not None else tempfile.gettempdir(), "qcrd-cache", *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def download_dir(src: Location, cache: Location | None = None) -> Path:
+    """A local folder holding the complete upload at ``src``.
+
+    Refuses a folder without the completeness marker (an upload still running or killed). A local ``src`` is
+    returned as it is; a remote one is downloaded into ``cache`` (default ``cache_dir("downloads")``) under a name
+    derived from the URI and the marker, into a temporary folder renamed into place, so concurrent callers on one
+    node (Serve replicas) never load a half-copied folder and a later upload to the same URI is fetched anew.
+    """
+    marker_loc = join(src, COMPLETE_MARKER)
+    try:
+        marker = read_bytes(marker_loc)
+    except FileNotFoundError:
+        raise StorageError(
+            f"{os.fspath(src)} is incomplete (no {COMPLETE_MARKER}): its upload is still running or was "
+            "interrupted; rerun the step that writes it"
+        ) from None
+    fs, _ = resolve(src)
+    if _is_local(fs):
+        return Path(resolve(src)[1])
+    key = hashlib.sha256(os.fspath(src).encode() + b"\0" + marker).hexdigest()[:16]
+    target = Path(cache) if cache is not None else cache_dir("downloads")
+    target = target / f"{basename(src)}-{key}"
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for rel, size in json.loads(marker)["files"].items():
+            data = read_bytes(join(src, *rel.split("/")))
+            if len(data) != size:
+                raise StorageError(f"{join(src, rel)} has {len(data)} bytes, its upload recorded {size}")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        (tmp / COMPLETE_MARKER).write_bytes(marker)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process on this node finished the same download first
+            if not (target / COMPLETE_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------- clusters
+
+
+def train_storage(location: Location) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``: a URI's filesystem and the path in
+    it; a local path made absolute, with Ray's default filesystem."""
+    fs, path = resolve(location)
+    return (path, None) if _is_local(fs) else (path, fs)
+
+
+def mount_fstype(path: Location, mounts: str | None = None) -> str:
+    """Filesystem type of the mount holding ``path`` (longest mount-point prefix in ``/proc/mounts``)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    path = os.path.abspath(os.fspath(path))
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, fstype = point, fields[2]
+    return fstype
+
+
+def check_shared(location: Location, multi_node: bool, fstype: str | None = None) -> None:
+    """Refuse a location that other nodes of a multi-node cluster cannot reach: a relative path (on a cluster it
+    lands in the job's temporary working directory) or a node-local disk. A URI, or an absolute path on a network
+    filesystem (NFS, EFS, Lustre, a FUSE mount of a bucket...), passes. ``fstype`` defaults to the mount's type."""
+    text = os.fspath(location)
+    if not multi_node or (is_uri(text) and urlsplit(text).scheme != "file"):
+        return
+    path = urlsplit(text).path if is_uri(text) else text
+    hint = ("use a URI every node reaches (s3://bucket/run, gs://bucket/run) or an absolute path on a "
+            "filesystem mounted on every node (NFS/EFS; see cluster.yaml)")
+    if not os.path.isabs(path):
+        raise StorageError(f"{text!r} is a relative path on a multi-node cluster: it would stay in one node's "
+                           f"temporary working directory; {hint}")
+    kind = mount_fstype(path) if fstype is None else fstype
+    if not kind.startswith(SHARED_FSTYPES):
+        raise StorageError(f"{text!r} is on a node-local disk ({kind or 'unknown'} filesystem) that the other "
+                           f"nodes of this cluster cannot read; {hint}")
+
+
+def is_multi_node() -> bool:
+    """Whether the connected Ray cluster has more than one alive node."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+
+
+__all__ = [
+    "COMPLETE_MARKER", "StorageError", "is_uri", "join", "basename", "resolve", "exists", "is_file", "read_bytes",
+    "read_text", "write_bytes", "write_text", "write_json", "write_jsonl", "write_parquet", "read_parquet",
+    "list_files", "delete", "delete_dir", "remove_partial_writes", "upload_dir", "is_complete", "cache_dir",
+    "download_dir", "train_storage", "mount_fstype", "check_shared", "is_multi_node",
+]

@@ -1,0 +1,145 @@
+"""The storage layer against a local folder and a real S3 server (moto on loopback), the cluster checks, and a
+multi-node smoke test: a task on a worker node writes to s3:// and the driver reads it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+
+from qcrd_ray import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    """A fresh run location: a local folder, or a fresh prefix in the S3 server's bucket."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return storage.join(request.getfixturevalue("s3_server"), f"run-{uuid.uuid4().hex[:8]}")
+
+
+def test_paths_and_uris_join_and_resolve():
+    assert storage.is_uri("s3://b/k") and storage.is_uri("file:///tmp/x") and storage.is_uri("gs://b")
+    assert not storage.is_uri("runs/x") and not storage.is_uri("/abs/x") and not storage.is_uri(r"C:\x")
+    assert storage.join("s3://b/run/", "teacher", "part-0.parquet") == "s3://b/run/teacher/part-0.parquet"
+    assert storage.join("s3://b/run?endpoint_override=h:9", "m") == "s3://b/run/m?endpoint_override=h:9"
+    assert storage.join("runs/x", "teacher") == os.path.join("runs/x", "teacher")
+    assert storage.basename("s3://b/run/model/") == "model"
+    fs, path = storage.resolve("runs/x")
+    assert fs.type_name == "local" and path == os.path.abspath("runs/x")
+    assert storage.resolve("file:///tmp/x")[1] == "/tmp/x"
+    assert storage.train_storage("runs/x") == (os.path.abspath("runs/x"), None)
+
+
+def test_read_write_list_delete(location):
+    a = storage.join(location, "a.json")
+    assert not storage.exists(a) and storage.list_files(location) == []
+    with pytest.raises(FileNotFoundError, match="a.json does not exist"):
+        storage.read_text(a)
+    storage.write_json(a, {"x": 1})
+    storage.write_json(a, {"x": 2})  # replaced whole
+    assert json.loads(storage.read_text(a)) == {"x": 2} and storage.is_file(a)
+    storage.write_bytes(storage.join(location, "sub", "b.bin"), b"\x00\x01")
+    table = pa.table({"id": ["e0", "e1"], "n": [1, 2]})
+    for i in (1, 0):
+        storage.write_parquet(storage.join(location, f"part-{i:05d}.parquet"), table)
+    assert [storage.basename(p) for p in storage.list_files(location, "part-*.parquet")] == [
+        "part-00000.parquet", "part-00001.parquet"]  # sorted, files only, the subfolder is not listed
+    assert storage.read_parquet(storage.join(location, "part-00001.parquet")).equals(table)
+    assert storage.read_bytes(storage.join(location, "sub", "b.bin")) == b"\x00\x01"
+    storage.delete(a)
+    storage.delete(a)  # missing is fine
+    assert not storage.exists(a)
+    storage.delete_dir(location)
+    assert storage.list_files(location) == []
+
+
+def test_local_write_is_atomic_and_cleans_up_after_a_failed_write(tmp_path):
+    target = tmp_path / "out" / "summary.json"
+    storage.write_text(target, "old")
+
+    with pytest.raises(TypeError):  # fails after the temporary file was opened
+        storage.write_bytes(target, "text is not bytes")
+    assert target.read_text() == "old"  # the reader still sees the complete old file
+    assert sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]  # no temporary left behind
+    (target.parent / ".part-00001.parquet.tmp-999-abc").write_bytes(b"torn")  # what a killed writer leaves
+    storage.remove_partial_writes(target.parent)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+
+
+def test_upload_download_needs_the_completeness_marker(location, tmp_path):
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"d": 8}')
+    (model / "sub" / "weights.bin").write_bytes(os.urandom(4096))
+    dest = storage.join(location, "model")
+
+    # an upload that stopped before its marker: its files are there, but nobody may load it
+    storage.write_bytes(storage.join(dest, "config.json"), b"{}")
+    assert not storage.is_complete(dest)
+    with pytest.raises(storage.StorageError, match="incomplete"):
+        storage.download_dir(dest, tmp_path / "cache")
+
+    storage.upload_dir(model, dest)
+    assert storage.is_complete(dest)
+    got = storage.download_dir(dest, tmp_path / "cache")
+    assert (got / "config.json").read_text() == '{"d": 8}'
+    assert (got / "sub" / "weights.bin").read_bytes() == (model / "sub" / "weights.bin").read_bytes()
+    assert storage.download_dir(dest, tmp_path / "cache") == got  # a second replica reuses the cached copy
+    if storage.is_uri(location):
+        assert not got.is_relative_to(tmp_path / "run")
+        # a new upload to the same URI is fetched anew, not served stale from the cache
+        (model / "config.json").write_text('{"d": 16}')
+        storage.upload_dir(model, dest)
+        assert (storage.download_dir(dest, tmp_path / "cache") / "config.json").read_text() == '{"d": 16}'
+
+
+def test_train_storage_of_a_uri_is_a_filesystem_and_a_bucket_path(s3_server):
+    path, fs = storage.train_storage(storage.join(s3_server, "run", "train"))
+    assert path == "qcrd-test/run/train" and isinstance(fs, pafs.S3FileSystem)
+    with fs.open_output_stream(f"{path}/probe") as f:  # what Ray Train does with the pair
+        f.write(b"ok")
+    assert storage.read_bytes(storage.join(s3_server, "run", "train", "probe")) == b"ok"
+
+
+def test_check_shared_refuses_what_other_nodes_cannot_reach():
+    storage.check_shared("runs/x", multi_node=False)  # one machine: anything goes
+    storage.check_shared("s3://bucket/run", multi_node=True)
+    storage.check_shared("/mnt/efs/run", multi_node=True, fstype="nfs4")
+    with pytest.raises(storage.StorageError, match="relative path.*s3://bucket/run"):
+        storage.check_shared("runs/x", multi_node=True)
+    with pytest.raises(storage.StorageError, match="node-local disk .ext4"):
+        storage.check_shared("/home/me/run", multi_node=True, fstype="ext4")
+    with pytest.raises(storage.StorageError, match="node-local"):
+        storage.check_shared("file:///tmp/run", multi_node=True, fstype="tmpfs")
+
+
+def test_mount_fstype_takes_the_longest_mount_point():
+    mounts = "overlay / overlay rw 0 0\nfs-1.efs:/ /mnt/efs nfs4 rw 0 0\ntmpfs /mnt/efsx tmpfs rw 0 0\n"
+    assert storage.mount_fstype("/mnt/efs/run", mounts) == "nfs4"
+    assert storage.mount_fstype("/mnt/efsx/run", mounts) == "tmpfs"
+    assert storage.mount_fstype("/home/run", mounts) == "overlay"
+
+
+def test_cluster_smoke_a_worker_node_writes_to_s3_the_driver_reads_it(multinode_cluster, s3_server):
+    import ray
+
+    assert storage.is_multi_node()
+    head = ray.get_runtime_context().get_node_id()
+    target = storage.join(s3_server, "smoke", "from-worker.json")
+
+    @ray.remote(num_cpus=1)  # the head has no CPUs: this runs on a worker node's raylet
+    def write(location):
+        node = ray.get_runtime_context().get_node_id()
+        storage.write_json(location, {"node": node, "pid": os.getpid()})
+        return node
+
+    node = ray.get(write.remote(target))
+    written = json.loads(storage.read_text(target))
+    assert written["node"] == node != head and written["pid"] != os.getpid()
+    with pytest.raises(storage.StorageError, match="relative path"):
+        storage.check_shared("runs/x", storage.is_multi_node())
