@@ -48,8 +48,9 @@ from qcrd_ray.config import Config, from_dict  # noqa: E402
 from qcrd_ray.qcrd.discriminator import Discriminator  # noqa: E402
 from qcrd_ray.qcrd.snapshots import SnapshotStore, cpu_state_dict  # noqa: E402
 from qcrd_ray.qcrd.step import DistillModel, make_batch  # noqa: E402
+from qcrd_ray.qcrd.targets import tokenizer_texts  # noqa: E402
 from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher  # noqa: E402
-from qcrd_ray.train.trainer import run_training, tokenizer_texts  # noqa: E402
+from qcrd_ray.train.trainer import run_training  # noqa: E402
 
 PUBLISH_SHAPES = {
     # t5-small (tied embeddings): 60.5 M parameters
@@ -171,7 +172,7 @@ def bench_negatives(args, work: Path) -> dict:
     for name, vcfg in variants.items():
         run_dir = work / name.replace(" ", "_")
         t0 = time.perf_counter()
-        run_training(vcfg, teacher_dir, run_dir, method="qcrd")
+        run_training(vcfg, teacher_dir, run_dir)  # train.method: qcrd (the default)
         wall = time.perf_counter() - t0
         rounds, first_wait = read_rounds(run_dir)
         # round 0 also pays warm-up; every round but the last ends by collecting the next round's negatives
@@ -215,7 +216,7 @@ def extra_candidate_cost(args, cfg: Config, teacher_dir: Path, run_dir: Path) ->
     with_neg = [{**r, "student_negatives": [t], "negative_round": 0} for r, t in zip(rows, sampled)]
     times = {}
     for name, batch_rows in (("without", rows), ("with", with_neg)):
-        batch = make_batch(batch_rows, tok, cfg, "qcrd")
+        batch = make_batch(batch_rows, tok, cfg)
         times[name] = median(run_steps(model_dir, batch, cfg, "qcrd", args.steps, args.repeats, threads=1))
     return times["with"] / times["without"]
 
@@ -236,8 +237,9 @@ def run_steps(model_dir: str, batch, cfg: Config, method: str, steps: int, repea
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     student, _ = student_lib.load_pretrained(model_dir)
+    cfg = cfg.replace(train={"method": method})
     disc = Discriminator.from_student(student, cfg.discriminator) if method == "qcrd" else None
-    model = DistillModel(student, disc, cfg, method)
+    model = DistillModel(student, disc, cfg)
     if prepare is not None:
         model = prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -281,12 +283,10 @@ def bench_step(args, work: Path) -> dict:
     if rows is None:
         run_teacher(train_config(args), work / "teacher")
         rows = list(iter_teacher_rows(work / "teacher"))
-    import pyarrow as pa
-
     torch.manual_seed(0)
-    model, tok = student_lib.load_student(cfg.student, tokenizer_texts(pa.Table.from_pylist(rows)))
+    model, tok = student_lib.load_student(cfg.student, tokenizer_texts(rows))
     model_dir = str(student_lib.save_student(model, tok, work / "step_model"))
-    batch = make_batch(rows[:args.step_batch], tok, cfg, args.step_method)
+    batch = make_batch(rows[:args.step_batch], tok, cfg.replace(train={"method": args.step_method}))
     header(f"1-worker Ray Train step vs bare torch: {args.step_method}, {model.num_parameters() / 1e6:.2f} M "
            f"parameters (d_model {args.step_d_model}, {args.step_layers}+{args.step_layers} layers), batch "
            f"{args.step_batch}, {args.threads} torch thread(s), {args.repeats} x {args.steps} steps")

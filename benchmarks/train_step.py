@@ -77,8 +77,9 @@ def build(shape: str, method: str, cfg: Config, naive: bool = False, seed: int =
     torch.manual_seed(seed)
     student = T5ForConditionalGeneration(T5Config(**SHAPES[shape], tie_word_embeddings=False, pad_token_id=0,
                                                   eos_token_id=1, decoder_start_token_id=0))
+    cfg = cfg.replace(train={"method": method})
     disc = Discriminator.from_student(student, cfg.discriminator) if method == "qcrd" else None
-    model = DistillModel(student, disc, cfg, method, naive=naive)
+    model = DistillModel(student, disc, cfg, naive=naive)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
@@ -145,8 +146,8 @@ def main(argv=None) -> dict:
     tok = word_tokenizer(texts)
     cfg = Config()
     no_qj = cfg.replace(loss={"quality_judge": False})  # the student side alone: no D, s_pos ≡ 1, s_neg ≡ 0
-    dss_batch, qcrd_batch = make_batch(rows, tok, cfg, "dss"), make_batch(rows, tok, cfg, "qcrd")
-    no_qj_batch = make_batch(rows, tok, no_qj, "qcrd")
+    dss_batch = make_batch(rows, tok, cfg.replace(train={"method": "dss"}))
+    qcrd_batch, no_qj_batch = make_batch(rows, tok, cfg), make_batch(rows, tok, no_qj)  # train.method: qcrd
     lengths = {"question_tokens": int(qcrd_batch.expl_mask.sum(1).float().mean()),
                "rationale_tokens": int((qcrd_batch.cand_labels != -100).sum(1).float().mean()),
                "candidates_per_example": qcrd_batch.cand_labels.shape[0] / args.batch}

@@ -1,12 +1,15 @@
-"""`qcrd run`: teach → train (one or more methods) → evaluate → report, in one run directory.
+"""`qcrd run`: teach → train (one or more methods) → evaluate → report, in one run directory (layout:
+`qcrd_ray.runs`).
 
 Every stage writes its outputs under RUN and is skipped when they are already complete, so rerunning the same
 command after an interruption continues where it stopped (the teacher resumes by shard, training from its last
-round checkpoint).
+round checkpoint). What cannot work is refused before anything starts (a teacher backend that cannot serve the
+task), and a teacher output not worth training on stops the run before training (`teacher_problem`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -14,15 +17,56 @@ from pathlib import Path
 import yaml
 
 from qcrd_ray.config import Config, ConfigError, from_dict
+from qcrd_ray.methods import method_spec
+from qcrd_ray.runs import RunLayout
 
 log = logging.getLogger(__name__)
 
-EVAL_MODES = {"finetune": ("predict",), "dss": ("predict", "explain"), "qcrd": ("predict", "explain")}
+# A teacher output with more failed samples than this share (request errors, outputs without an answer) is not
+# worth training on: the student would learn from the few that worked, and accuracy would say nothing.
+MAX_FAILED_SAMPLE_SHARE = 0.5
 
 
-def _check_same_config(run_dir: Path, cfg: Config) -> None:
+class StageError(RuntimeError):
+    """A stage of `qcrd run` failed; ``stage`` names it (``teach``, ``train qcrd``, ``eval dss explain``, …)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    """Tag any failure inside with the stage it happened in (config errors and StageErrors pass as they are)."""
+    try:
+        yield
+    except (ConfigError, StageError):
+        raise
+    except Exception as e:
+        raise StageError(name, f"{type(e).__name__}: {e}") from e
+
+
+def teacher_problem(summary: dict) -> str | None:
+    """Why a teacher output is not worth training on (pure), with what to change; None when it is usable."""
+    samples = summary.get("samples", 0)
+    ok = (summary.get("status_counts") or {}).get("ok", 0)
+    backend = summary.get("backend", "?")
+    if not summary.get("examples") or not samples:
+        return "the teacher produced no samples (no examples were read); check data.data_dir and data.task"
+    failed = samples - ok
+    if failed / samples > MAX_FAILED_SAMPLE_SHARE:
+        counts = ", ".join(f"{k} {v}" for k, v in (summary.get("status_counts") or {}).items() if k != "ok" and v)
+        return (f"{failed} of {samples} teacher samples failed ({counts}; reasons in teacher/errors.jsonl); "
+                f"fix teacher.backend={backend} (its model, endpoint or data) and run again with a new --out")
+    if summary.get("examples_without_positive", 0) >= summary["examples"]:
+        return (f"no example has a positive rationale (teacher accuracy {summary.get('teacher_accuracy', 0):.1%}); "
+                f"a different teacher.backend or self_consistency.positive_rule is needed (with a new --out)")
+    return None
+
+
+def _check_same_config(layout: RunLayout, cfg: Config) -> None:
     """Refuse to mix stage outputs made under another config into this run."""
-    path = run_dir / "config.yaml"
+    path = Path(layout.config)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(cfg.to_yaml())
@@ -35,58 +79,78 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
     changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
     if changed:
         raise ConfigError(
-            f"{run_dir} was made with a different config ({', '.join(changed[:6])}"
+            f"{layout.root} was made with a different config ({', '.join(changed[:6])}"
             f"{' …' if len(changed) > 6 else ''} differ); pass the same config to continue it or choose a new --out"
         )
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def _read_json(path: str) -> dict | None:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def check_runnable(cfg: Config, methods: tuple[str, ...]) -> None:
+    """Everything that can be refused before a run starts: unknown methods, a teacher that cannot serve the task."""
+    from qcrd_ray.teacher.backends import check_serves
+
+    for method in methods:
+        try:
+            method_spec(method)
+        except ValueError as e:
+            raise ConfigError(f"--methods: {e}") from None
+    check_serves(cfg.teacher.backend, cfg.data.task, cfg.data.answer_type)
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | None = None,
                  address: str | None = None) -> dict:
-    """Run every stage that has no complete output yet; returns {"teacher": summary, "methods": {...}}."""
+    """Run every stage that has no complete output yet; returns {"teacher": summary, "methods": {...}}.
+    Raises ConfigError before anything starts, StageError naming the stage that failed."""
     from qcrd_ray.evaluate import evaluate
     from qcrd_ray.ray_utils import init_ray
     from qcrd_ray.report import write_report
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.train.trainer import run_training
 
-    run_dir = Path(run_dir)
+    layout = RunLayout(str(run_dir))
     methods = tuple(methods or (cfg.train.method,))
-    _check_same_config(run_dir, cfg)
+    check_runnable(cfg, methods)
+    _check_same_config(layout, cfg)
     init_ray(address)
 
-    teacher_dir = run_dir / "teacher"
-    teacher = _read_json(teacher_dir / "summary.json")
-    if teacher is None:
-        log.info("stage teach → %s", teacher_dir)
-        teacher = run_teacher(cfg, teacher_dir)
-    else:
-        log.info("stage teach: reusing %s", teacher_dir)
+    teacher = _read_json(layout.teacher_summary)
+    with _stage("teach"):
+        if teacher is None:
+            log.info("stage teach → %s", layout.teacher)
+            teacher = run_teacher(cfg, layout.teacher)
+        else:
+            log.info("stage teach: reusing %s", layout.teacher)
+    problem = teacher_problem(teacher)
+    if problem:
+        raise StageError("teach", problem)
 
     results: dict[str, dict] = {}
     for method in methods:
         mcfg = cfg.replace(train={"method": method})
-        method_dir = run_dir / method
-        if not (method_dir / "model" / "config.json").exists():
-            log.info("stage train (%s) → %s", method, method_dir)
-            run_training(mcfg, teacher_dir, method_dir, method=method)
-        else:
-            log.info("stage train (%s): reusing %s", method, method_dir / "model")
+        where = layout.method(method)
+        with _stage(f"train {method}"):
+            if not Path(where.model, "config.json").exists():
+                log.info("stage train (%s) → %s", method, where.root)
+                run_training(mcfg, layout.teacher, where.root)
+            else:
+                log.info("stage train (%s): reusing %s", method, where.model)
         evals = {}
-        for mode in EVAL_MODES[method]:
-            out = method_dir / "eval" / f"{cfg.data.eval_split}-{mode}"
-            metrics = _read_json(out / "metrics.json")
+        for mode in method_spec(method).eval_modes:
+            out = where.eval(cfg.data.eval_split, mode)
+            metrics = _read_json(f"{out}/metrics.json")
             if metrics is None:
                 log.info("stage eval (%s, %s) → %s", method, mode, out)
-                metrics = evaluate(method_dir / "model", mcfg, cfg.data.eval_split, mode=mode, out_dir=out)
+                with _stage(f"eval {method} {mode}"):
+                    metrics = evaluate(where.model, mcfg, cfg.data.eval_split, mode=mode, out_dir=out)
             evals[mode] = metrics
-        results[method] = {"dir": str(method_dir), "eval": evals}
-
-    report = write_report(run_dir, cfg, teacher, results)
-    return {"run_dir": str(run_dir), "report": str(report), "teacher": teacher, "methods": results}
+        results[method] = {"dir": where.root, "eval": evals}
+    with _stage("report"):
+        report = write_report(layout, cfg, teacher, results)
+    return {"run_dir": layout.root, "report": str(report), "teacher": teacher, "methods": results}
 
 
 def comparison_table(results: dict[str, dict]) -> str:

@@ -150,7 +150,7 @@ def test_d_is_trained_on_the_texts_the_training_step_scores():
     learns the form instead of the quality."""
     from qcrd_ray.config import Config
     from qcrd_ray.qcrd.discriminator import _teacher_pairs
-    from qcrd_ray.qcrd.step import candidate_targets
+    from qcrd_ray.qcrd.targets import candidate_targets
 
     row = {
         "id": "x", "input": "q", "label": "( 2.0 + 2.0 )", "majority_answer": "4",
@@ -160,7 +160,7 @@ def test_d_is_trained_on_the_texts_the_training_step_scores():
         "student_negatives": ["two times two The answer is 4."],
     }
     positives, negatives = _teacher_pairs([row], student_negatives=True)
-    pos, neg = candidate_targets(row, Config(), "qcrd")
+    pos, neg = candidate_targets(row, Config())
     assert [t for _, t in positives] == pos == ["two plus two The answer is 4."]
     assert [t for _, t in negatives] == neg
     assert "two and three The answer is 5." in neg

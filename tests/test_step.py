@@ -1,12 +1,16 @@
 """The training step: collation, every method and ablation, the fast path equals the naive computation."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from qcrd_ray.config import Config, StudentConfig
+from qcrd_ray.config import Config, StudentConfig, TrainConfig
 from qcrd_ray.data import prompts
+from qcrd_ray.methods import METHODS, method_spec
 from qcrd_ray.qcrd.discriminator import Discriminator
-from qcrd_ray.qcrd.step import DistillModel, candidate_targets, make_batch
+from qcrd_ray.qcrd.step import DistillModel, make_batch
+from qcrd_ray.qcrd.targets import candidate_targets, tokenizer_texts
 from qcrd_ray.student import load_student, tiny_t5
 
 
@@ -36,60 +40,99 @@ def teacher_rows():
     return rows
 
 
+def run(method, cfg=None):
+    """``cfg`` (default: the defaults) training ``method``: the method is always read from ``train.method``."""
+    return (cfg or Config()).replace(train={"method": method})
+
+
 @pytest.fixture(scope="module")
 def tok():
     rows = teacher_rows()
     texts = [prompts.student_input(m, r["input"]) for r in rows for m in ("predict", "explain")]
-    texts += [t for r in rows for t in candidate_targets(r, Config(), "qcrd")[0] + candidate_targets(r, Config(), "qcrd")[1]]
+    texts += [t for r in rows for t in candidate_targets(r, Config())[0] + candidate_targets(r, Config())[1]]
     texts += [r["label"] for r in rows] + ["question: rationale: The answer is"]
     return load_student(StudentConfig(), texts)[1]
 
 
 def build(tok, method, cfg=None, naive=False, seed=0):
-    cfg = cfg or Config()
+    cfg = run(method, cfg)
     torch.manual_seed(seed)
     student = tiny_t5(cfg.student, vocab_size=len(tok))
-    disc = Discriminator.from_student(student, cfg.discriminator) if method == "qcrd" else None
-    return DistillModel(student, disc, cfg, method, naive=naive)
+    disc = Discriminator.from_student(student, cfg.discriminator) if method_spec(cfg).uses_discriminator else None
+    return DistillModel(student, disc, cfg, naive=naive)
+
+
+def test_every_method_has_one_spec_named_by_the_config():
+    assert set(METHODS) == set({f.name: f for f in dataclasses.fields(TrainConfig)}["method"].metadata["choices"])
+    assert method_spec(Config()).name == Config().train.method == "qcrd"
+    assert [method_spec(run(m)).name for m in METHODS] == list(METHODS)
+    with pytest.raises(ValueError, match="train.method to one of finetune, dss, qcrd"):
+        method_spec("distill")
+    finetune, dss, qcrd = (method_spec(m) for m in ("finetune", "dss", "qcrd"))
+    assert finetune.eval_modes == ("predict",) and dss.eval_modes == qcrd.eval_modes == ("predict", "explain")
+    assert not finetune.explains and dss.explains and qcrd.explains
+
+
+def test_the_ablation_switches_decide_within_what_the_method_allows():
+    qcrd, dss = method_spec("qcrd"), method_spec("dss")
+    assert qcrd.needs_discriminator(Config()) and not qcrd.needs_discriminator(
+        Config().replace(loss={"quality_judge": False}))
+    assert not dss.needs_discriminator(Config())  # QJ on by default, but D is no part of DSS
+    assert [qcrd.needs_student_negatives(Config().replace(loss={"negatives": n}))
+            for n in ("both", "student", "teacher", "none")] == [True, True, False, False]
+    assert not dss.needs_student_negatives(Config())
 
 
 def test_candidate_targets_follow_the_switches():
     row = teacher_rows()[0]
-    pos, neg = candidate_targets(row, Config(), "qcrd")
+    pos, neg = candidate_targets(row, Config())
     assert pos[0] == prompts.explain_target(row["positives"][0], row["majority_answer"])
     # a teacher negative carries the wrong answer its own sample gave; the student's is verbatim
     assert neg == [prompts.explain_target(row["negatives"][0], row["samples"][0]["answer"]),
                    row["student_negatives"][0]]
-    only = lambda **kw: candidate_targets(row, Config().replace(loss=kw), "qcrd")  # noqa: E731
+    only = lambda **kw: candidate_targets(row, Config().replace(loss=kw))  # noqa: E731
     assert len(only(positives="single")[0]) == 1
     assert only(negatives="none")[1] == []
     assert only(negatives="teacher")[1] == neg[:1]
     assert only(negatives="student")[1] == neg[1:]
     # DSS: the first teacher sample, whatever its answer (one rationale per example, as distilling step-by-step)
-    assert candidate_targets(row, Config(), "dss") == ([neg[0]], [])
-    assert candidate_targets(row, Config(), "finetune") == ([], [])
-    assert candidate_targets(teacher_rows()[-2], Config(), "qcrd")[0] == []
+    assert candidate_targets(row, run("dss")) == ([neg[0]], [])
+    assert candidate_targets(row, run("finetune")) == ([], [])
+    assert candidate_targets(teacher_rows()[-2], Config())[0] == []
+
+
+def test_the_tokenizer_sees_every_teacher_target_of_every_method():
+    rows = teacher_rows()
+    texts = set(tokenizer_texts(rows))
+    for method in METHODS:
+        for row in rows:
+            pos, neg = candidate_targets({**row, "student_negatives": []}, run(method))
+            assert set(pos + neg) <= texts, method
+    # a positive carries its own sample's answer, not the majority's (here they differ)
+    row = {**rows[0], "majority_answer": "( 0 + 0 )"}
+    assert prompts.explain_target(row["positives"][0], row["label"]) in tokenizer_texts([row])
 
 
 def test_make_batch_shapes(tok):
     rows = teacher_rows()
-    b = make_batch(rows, tok, Config(), "qcrd")
-    n_cands = sum(len(p) + len(n) for p, n in (candidate_targets(r, Config(), "qcrd") for r in rows))
+    b = make_batch(rows, tok, Config())
+    n_cands = sum(len(p) + len(n) for p, n in (candidate_targets(r, Config()) for r in rows))
     assert b.size == 6 and b.cand_labels.shape[0] == n_cands == b.disc_ids.shape[0]
     assert b.n_slots == 5 and b.cand_example.max() == 5
     assert b.negative_rounds == [0] * 6
     assert (b.cand_labels == -100).any() and (b.pred_labels[:, 0] != -100).all()
-    f = make_batch(rows, tok, Config(), "finetune")
-    assert f.cand_labels is None and f.expl_ids is None
-    assert make_batch(rows, tok, Config().replace(loss={"quality_judge": "off"}), "qcrd").disc_ids is None
-    with pytest.raises(ValueError, match="finetune, dss, qcrd"):
-        make_batch(rows, tok, Config(), "distill")
+    f = make_batch(rows, tok, run("finetune"))
+    assert f.method == "finetune" and f.cand_labels is None and f.expl_ids is None
+    assert make_batch(rows, tok, Config().replace(loss={"quality_judge": "off"})).disc_ids is None
+    assert make_batch(rows, tok, run("dss")).disc_ids is None  # D is no part of DSS
+    with pytest.raises(ValueError, match="made for 'dss', model runs 'qcrd'"):
+        build(tok, "qcrd")(make_batch(rows, tok, run("dss")))
 
 
 @pytest.mark.parametrize("method", ["finetune", "dss", "qcrd"])
 def test_one_step_per_method_reaches_student_and_discriminator(tok, method):
     model = build(tok, method)
-    out = model(make_batch(teacher_rows(), tok, Config(), method), alpha3=0.5)
+    out = model(make_batch(teacher_rows(), tok, run(method)), alpha3=0.5)
     out.loss.backward()
     expected = {"finetune": {"loss", "l_pred", "l_rationale"}, "dss": {"loss", "l_pred", "l_rationale"},
                 "qcrd": {"loss", "l_pred", "l_cl", "l_pos", "l_neg", "l_d", "s_pos", "s_neg"}}[method]
@@ -115,7 +158,7 @@ def test_fast_path_equals_naive_all_candidates_with_grad(tok, loss_cfg):
     """The optimisation (encoder once, score without grad, grad on the selected only) changes cost, not the loss:
     same value and the same gradients as every candidate through the full model with gradient."""
     cfg = Config().replace(loss=loss_cfg)
-    batch = make_batch(teacher_rows(), tok, cfg, "qcrd")
+    batch = make_batch(teacher_rows(), tok, cfg)
     fast, naive = build(tok, "qcrd", cfg), build(tok, "qcrd", cfg, naive=True)
     naive.load_state_dict(fast.state_dict())
     fast.eval(), naive.eval()  # dropout off: both paths see the same function
@@ -133,17 +176,17 @@ def test_quality_judge_off_needs_no_discriminator(tok):
     cfg = Config().replace(loss={"quality_judge": "off"})
     model = build(tok, "qcrd", cfg)
     assert model.disc is None
-    out = model(make_batch(teacher_rows(), tok, cfg, "qcrd"))
+    out = model(make_batch(teacher_rows(), tok, cfg))
     assert out.metrics["s_pos"] == 1.0 and out.metrics["s_neg"] == 0.0 and out.metrics["l_d"] == 0.0
     with pytest.raises(ValueError, match="discriminator"):
-        DistillModel(model.student, None, Config(), "qcrd")
+        DistillModel(model.student, None, Config())
 
 
 def test_batch_without_any_rationale_trains_only_the_label_task(tok):
     rows = [teacher_rows()[-2]]
     rows[0] = {**rows[0], "negatives": [], "student_negatives": []}
     model = build(tok, "qcrd")
-    out = model(make_batch(rows, tok, Config(), "qcrd"))
+    out = model(make_batch(rows, tok, Config()))
     assert out.metrics["l_cl"] == 0.0 and out.metrics["l_d"] == 0.0
     assert out.loss.item() == pytest.approx(0.5 * out.metrics["l_pred"])
     out.loss.backward()
@@ -153,7 +196,7 @@ def test_batch_without_any_rationale_trains_only_the_label_task(tok):
 def test_a_few_optimizer_steps_lower_the_loss(tok, method):
     cfg = Config()
     model = build(tok, method, cfg)
-    batch = make_batch(teacher_rows(), tok, cfg, method)
+    batch = make_batch(teacher_rows(), tok, run(method, cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.eval()  # dropout off so the comparison measures learning, not noise
     losses = []
@@ -168,7 +211,7 @@ def test_a_few_optimizer_steps_lower_the_loss(tok, method):
 
 def test_fast_path_gives_gradient_to_the_selected_candidates_only(tok):
     model = build(tok, "qcrd")
-    batch = make_batch(teacher_rows(), tok, Config(), "qcrd")
+    batch = make_batch(teacher_rows(), tok, Config())
     decoded = []
     inner = model.decode_losses
 
@@ -188,7 +231,7 @@ def test_shared_encoder_discriminator_trains_the_student_encoder_through_l_d(tok
     cfg = Config().replace(discriminator={"share_encoder": True})
     model = build(tok, "qcrd", cfg)
     assert model.disc.encoder is model.student.get_encoder()
-    batch = make_batch(teacher_rows(), tok, cfg, "qcrd")
+    batch = make_batch(teacher_rows(), tok, cfg)
     s = model.to_grid(batch, model.disc_scores(batch))
     from qcrd_ray.qcrd.losses import discriminator_loss
 
@@ -211,9 +254,6 @@ def test_param_groups_give_the_discriminator_its_own_lr(tok):
 
 
 def test_gold_rule_positives_keep_their_own_answer_when_the_majority_is_wrong():
-    from qcrd_ray.config import Config
-    from qcrd_ray.qcrd.step import candidate_targets
-
     row = {
         "id": "x", "input": "q", "label": "( 2.0 + 2.0 )", "majority_answer": "5",
         "positives": ["two plus two"], "negatives": ["two and three"],
@@ -224,6 +264,6 @@ def test_gold_rule_positives_keep_their_own_answer_when_the_majority_is_wrong():
         ],
     }
     cfg = Config().replace(self_consistency={"positive_rule": "gold"})
-    pos, neg = candidate_targets(row, cfg, "qcrd")
+    pos, neg = candidate_targets(row, cfg)
     assert pos == ["two plus two The answer is 4."]
     assert neg[0] == "two and three The answer is 5."

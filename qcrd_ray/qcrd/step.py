@@ -1,19 +1,10 @@
-"""One training step of ``finetune``, ``dss`` or ``qcrd`` (no Ray): collate teacher rows, compute the losses.
+"""One training step of any method (no Ray): collate teacher rows, compute the losses.
 
+The method is ``cfg.train.method``; what it trains on, whether it has D, is its spec (qcrd_ray/methods.py).
 ``make_batch`` turns TEACHER_SCHEMA rows (optionally with ``student_negatives`` and ``negative_round``) into padded
-tensors; ``DistillModel`` holds the student and, for ``qcrd`` with the quality judge on, the discriminator D, so one
-DDP wrapper syncs both; ``DistillModel(batch, alpha3)`` returns the step's loss and metrics.
-
-Targets of the ``explain:`` task (``prompts.explain_target(rationale, answer)``):
-
-- a positive: its rationale with the example's majority answer (the answer that made it a positive);
-- a teacher negative: its rationale with the answer the teacher gave in that sample (joined through ``samples`` by
-  rationale text), so the student is pushed away from the wrong reasoning *and* the wrong answer it led to; without
-  a matching sample the rationale alone (pushing away "reasoning + the right answer" would unteach the answer);
-- a student negative: the student's sampled ``explain:`` output verbatim (it already ends in its own answer);
-- ``dss`` / ``positives=single``: one teacher rationale, as distilling step-by-step has one per example: for
-  ``dss`` the first successfully parsed teacher sample with its own answer (the single-sample setting, whatever
-  its answer), else the first positive; for ``single`` the first positive.
+tensors, with the explain targets of ``qcrd/targets.py``; ``DistillModel`` holds the student and, when the method
+needs one, the discriminator D, so one DDP wrapper syncs both; ``DistillModel(batch, alpha3)`` returns the step's
+loss and metrics.
 
 QCRD's fast path (one-hot many-to-one schemes): the ``explain:`` input is encoded once per example with gradient;
 the decoder scores every candidate rationale without gradient on the (detached, expanded) encoder states; the
@@ -33,11 +24,10 @@ from torch import nn
 
 from qcrd_ray.config import Config
 from qcrd_ray.data import prompts
+from qcrd_ray.methods import LABEL_ONLY, ONE_RATIONALE, method_spec
 from qcrd_ray.qcrd import losses as L
-from qcrd_ray.qcrd import targets
 from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
-
-METHODS = ("finetune", "dss", "qcrd")
+from qcrd_ray.qcrd.targets import candidate_targets
 
 
 @dataclass
@@ -45,7 +35,7 @@ class Batch:
     """Padded tensors of one batch. Candidates (rationales) are flattened over the batch: candidate ``m`` belongs
     to example ``cand_example[m]`` and sits in column ``cand_slot[m]`` of that example's ``[B, C]`` grid."""
 
-    method: str
+    method: str  # the spec name it was collated for
     pred_ids: torch.Tensor  # [B, Lx] "predict: x"
     pred_mask: torch.Tensor
     pred_labels: torch.Tensor  # [B, Ly] label tokens, -100 on padding
@@ -55,7 +45,7 @@ class Batch:
     cand_example: torch.Tensor | None = None  # [M] long
     cand_slot: torch.Tensor | None = None  # [M] long
     cand_positive: torch.Tensor | None = None  # [M] bool (False = negative)
-    disc_ids: torch.Tensor | None = None  # [M, Ld] D inputs "question: x rationale: r" (qcrd with QJ on)
+    disc_ids: torch.Tensor | None = None  # [M, Ld] D inputs "question: x rationale: r" (when the method needs D)
     disc_mask: torch.Tensor | None = None
     n_slots: int = 0  # C
     negative_rounds: list = field(default_factory=list)  # per example: round its student negative came from
@@ -76,49 +66,15 @@ class StepOutput:
     metrics: dict
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def _dss_rationale(row: Mapping) -> str | None:
-    for s in sorted(row.get("samples") or [], key=lambda s: s.get("index", 0)):
-        if s.get("status") == "ok" and s.get("rationale") and s.get("answer"):
-            return prompts.explain_target(s["rationale"], s["answer"])
-    positives = row.get("positives") or []
-    if positives and row.get("majority_answer"):
-        return prompts.explain_target(positives[0], row["majority_answer"])
-    return None
-
-
-def candidate_targets(row: Mapping, cfg: Config, method: str) -> tuple[list[str], list[str]]:
-    """The explain-task targets ``(positives, negatives)`` of one row under ``method`` and the ED/NK switches."""
-    _check_method(method)
-    if method == "finetune":
-        return [], []
-    if method == "dss":
-        target = _dss_rationale(row)
-        return ([target] if target else []), []
-    pos, teacher_neg = targets.teacher_targets(row)
-    if cfg.loss.positives == "single":
-        pos = pos[:1]
-    neg: list[str] = []
-    if cfg.loss.negatives in ("teacher", "both"):
-        neg += teacher_neg
-    if cfg.loss.negatives in ("student", "both"):
-        neg += targets.student_negatives(row)
-    return pos, neg
-
-
 def _labels(tokenizer, texts: Sequence[str], max_len: int) -> torch.Tensor:
     ids = tokenizer(text_target=list(texts), padding=True, truncation=True, max_length=max_len,
                     return_tensors="pt")["input_ids"]
     return ids.masked_fill(ids == tokenizer.pad_token_id, L.IGNORE_INDEX)
 
 
-def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config, method: str) -> Batch:
-    """Collate TEACHER_SCHEMA rows into a :class:`Batch` for ``method`` (``finetune``, ``dss`` or ``qcrd``)."""
-    _check_method(method)
+def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config) -> Batch:
+    """Collate TEACHER_SCHEMA rows into a :class:`Batch` for ``cfg.train.method``."""
+    spec = method_spec(cfg)
     if not rows:
         raise ValueError("make_batch: empty batch")
     s = cfg.student
@@ -129,14 +85,14 @@ def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config, method: str) -> 
         return enc["input_ids"], enc["attention_mask"]
 
     pred_ids, pred_mask = inputs("predict")
-    batch = Batch(method, pred_ids, pred_mask, _labels(tokenizer, [r["label"] for r in rows], s.max_target_len),
+    batch = Batch(spec.name, pred_ids, pred_mask, _labels(tokenizer, [r["label"] for r in rows], s.max_target_len),
                   negative_rounds=[r.get("negative_round") for r in rows])
-    if method == "finetune":
+    if not spec.explains:
         return batch
     batch.expl_ids, batch.expl_mask = inputs("explain")
     texts, example, slot, positive, questions, rationales = [], [], [], [], [], []
     for i, row in enumerate(rows):
-        pos, neg = candidate_targets(row, cfg, method)
+        pos, neg = candidate_targets(row, cfg)
         for c, (text, is_pos) in enumerate([(t, True) for t in pos] + [(t, False) for t in neg]):
             texts.append(text)
             example.append(i)
@@ -150,26 +106,25 @@ def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config, method: str) -> 
     batch.n_slots = max(slot) + 1 if slot else 0
     batch.cand_labels = (_labels(tokenizer, texts, s.max_target_len) if texts
                          else torch.full((0, 1), L.IGNORE_INDEX, dtype=torch.long))
-    if method == "qcrd" and cfg.loss.quality_judge and texts:
+    if spec.needs_discriminator(cfg) and texts:
         enc = encode_pairs(tokenizer, questions, rationales, s.max_input_len)
         batch.disc_ids, batch.disc_mask = enc["input_ids"], enc["attention_mask"]
     return batch
 
 
 class DistillModel(nn.Module):
-    """The student and (``qcrd`` with the quality judge on) D as one module; ``forward(batch, alpha3)``."""
+    """The student and (when ``cfg.train.method`` needs one) D as one module; ``forward(batch, alpha3)``."""
 
-    def __init__(self, student: nn.Module, disc: Discriminator | None, cfg: Config, method: str,
+    def __init__(self, student: nn.Module, disc: Discriminator | None, cfg: Config,
                  *, naive: bool = False, score_chunk: int = 8):
         super().__init__()
-        _check_method(method)
-        needs_disc = method == "qcrd" and cfg.loss.quality_judge
+        self.spec = method_spec(cfg)
+        needs_disc = self.spec.needs_discriminator(cfg)
         if needs_disc and disc is None:
-            raise ValueError("qcrd with loss.quality_judge on needs a discriminator")
+            raise ValueError(f"{self.spec.name} with loss.quality_judge on needs a discriminator")
         self.student = student
         self.disc = disc if needs_disc else None
         self.cfg = cfg
-        self.method = method
         self.naive = naive  # reference path: every candidate through the full model with gradient
         self.score_chunk = score_chunk  # candidates per no-grad scoring chunk (bounds the [M, T, V] logits)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # the `sampling` scheme's draws
@@ -236,12 +191,12 @@ class DistillModel(nn.Module):
         return grid.index_put((batch.cand_example, batch.cand_slot), flat)
 
     def forward(self, batch: Batch, alpha3: float | None = None) -> StepOutput:
-        if batch.method != self.method:
-            raise ValueError(f"batch was made for {batch.method!r}, model runs {self.method!r}")
+        if batch.method != self.spec.name:
+            raise ValueError(f"batch was made for {batch.method!r}, model runs {self.spec.name!r}")
         l_pred = self.label_loss(batch)
-        if self.method == "finetune":
+        if self.spec.targets == LABEL_ONLY:
             return StepOutput(l_pred, {"loss": l_pred.item(), "l_pred": l_pred.item(), "l_rationale": 0.0})
-        if self.method == "dss":
+        if self.spec.targets == ONE_RATIONALE:
             return self._dss(batch, l_pred)
         return self._qcrd(batch, l_pred, self.cfg.loss.alpha3 if alpha3 is None else alpha3)
 
@@ -286,8 +241,8 @@ class DistillModel(nn.Module):
         else:
             loss_grid = zero.expand(batch.size, 0)
             w_pos = w_neg = loss_grid.detach()
-        l_pos, s_pos = L.positive_term(loss_grid, w_pos, s_grid)
-        l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta)
+        l_pos, s_pos = L.positive_term(loss_grid, w_pos, s_grid, lc.scheme)
+        l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta, lc.scheme)
         has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
         l_cl = L.contrastive_loss(l_pos, l_neg, has_pos, has_neg, lc.beta)
         l_d = L.discriminator_loss(s_grid, pos_mask, neg_mask) if s_grid is not None else zero

@@ -1,17 +1,29 @@
-"""Teacher rationales as explain-task targets: one definition shared by the training step and D's training.
+"""Explain-task targets: the one module that turns teacher rows into the texts the student learns and D judges.
 
-A teacher row stores rationale texts without their answers (teacher/consistency.py). The student learns, and D
-judges, ``prompts.explain_target(rationale, answer)``: each rationale with the answer its own sample gave (under
-``positive_rule: gold`` a positive's answer is the gold one even where the majority is wrong); the majority
-answer stands in for rows without samples. Student negatives are the sampler's raw ``explain:`` outputs, which
-already end in an answer.
+A teacher row stores rationale texts without their answers (teacher/consistency.py). Every target is
+``prompts.explain_target(rationale, answer)``:
+
+- a positive: its rationale with the answer *its own sample* gave (under ``positive_rule: majority`` that is the
+  majority answer; under ``gold`` it is the gold one even where the majority is wrong); the majority answer stands
+  in only for rows without samples;
+- a teacher negative: its rationale with the wrong answer its own sample gave, so the student is pushed away from
+  the wrong reasoning *and* the answer it led to; without a matching sample the bare rationale (pushing away
+  "reasoning + the right answer" would unteach the answer);
+- a student negative: the sampler's raw ``explain:`` output, which already ends in its own answer;
+- ``dss`` (one rationale per example, as distilling step-by-step): the first parsed teacher sample with its own
+  answer, whatever that answer is (the single-sample setting), else the first positive.
+
+Which of these a method trains on is its spec's ``targets`` (qcrd_ray/methods.py); the ``loss.positives`` /
+``loss.negatives`` ablation switches select among QCRD's.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
+from qcrd_ray.config import Config
 from qcrd_ray.data import prompts
+from qcrd_ray.methods import CONTRASTIVE, LABEL_ONLY, ONE_RATIONALE, method_spec
 
 
 def sample_answers(row: Mapping) -> dict[str, str]:
@@ -33,3 +45,48 @@ def teacher_targets(row: Mapping) -> tuple[list[str], list[str]]:
 
 def student_negatives(row: Mapping) -> list[str]:
     return [t.strip() for t in row.get("student_negatives") or [] if t and t.strip()]
+
+
+def one_rationale(row: Mapping) -> str | None:
+    """DSS's single target: the first parsed teacher sample with its own answer, else the first positive."""
+    for s in sorted(row.get("samples") or [], key=lambda s: s.get("index", 0)):
+        if s.get("status") == "ok" and s.get("rationale") and s.get("answer"):
+            return prompts.explain_target(s["rationale"], s["answer"])
+    positives = row.get("positives") or []
+    if positives and row.get("majority_answer"):
+        return prompts.explain_target(positives[0], row["majority_answer"])
+    return None
+
+
+def candidate_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
+    """The explain targets ``(positives, negatives)`` of one row under ``cfg.train.method`` and the ED/NK
+    switches (``loss.positives``, ``loss.negatives``)."""
+    kind = method_spec(cfg).targets
+    if kind == LABEL_ONLY:
+        return [], []
+    if kind == ONE_RATIONALE:
+        target = one_rationale(row)
+        return ([target] if target else []), []
+    assert kind == CONTRASTIVE, kind
+    pos, teacher_neg = teacher_targets(row)
+    if cfg.loss.positives == "single":
+        pos = pos[:1]
+    neg: list[str] = []
+    if cfg.loss.negatives in ("teacher", "both"):
+        neg += teacher_neg
+    if cfg.loss.negatives in ("student", "both"):
+        neg += student_negatives(row)
+    return pos, neg
+
+
+def tokenizer_texts(rows: Iterable[Mapping]) -> list[str]:
+    """Everything the student reads or writes for teacher ``rows``, whatever the method: both inputs, the label
+    and every teacher target (the tiny student's tokenizer is trained on these)."""
+    texts: list[str] = []
+    for row in rows:
+        texts += [prompts.student_input("predict", row["input"]), prompts.student_input("explain", row["input"]),
+                  row["label"]]
+        pos, neg = teacher_targets(row)
+        dss = one_rationale(row)
+        texts += pos + neg + ([dss] if dss else [])
+    return texts

@@ -1,13 +1,13 @@
 """The training loop every Ray Train worker runs, top to bottom: data shard → model → resume → rounds.
 
-One loop serves ``finetune``, ``dss`` and ``qcrd`` (the step itself is ``qcrd.step.DistillModel``). A round is
+One loop serves every method (``cfg.train.method``; the step itself is ``qcrd.step.DistillModel``). A round is
 ``train.round_steps`` optimizer steps (0 = one epoch of this worker's shard). At each round end: collect the next
 round's student negatives (sampled meanwhile from the lagged snapshot), refresh D on them, checkpoint, publish the
 new snapshot, decay α3.
 
-Everything a worker needs comes in ``loop_config`` (see ``trainer.run_training``): ``cfg``, ``method``,
-``run_dir``, ``init_model_dir``, ``store`` (SnapshotStore handle, qcrd only), ``negatives`` (NegativePool or None)
-and ``fail_after_round`` (test hook: raise once that many rounds are checkpointed, to kill a run mid-way).
+Everything a worker needs comes in ``loop_config`` (see ``trainer.run_training``): ``cfg``, ``run_dir``,
+``init_model_dir``, ``store`` (SnapshotStore handle, when the run samples student negatives), ``negatives``
+(NegativePool or None) and ``fail_after_round`` (test hook: raise once that many rounds are checkpointed, to kill a run mid-way).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from qcrd_ray import student as student_lib
+from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses
 from qcrd_ray.qcrd.discriminator import Discriminator, pretrain_discriminator, refresh
 from qcrd_ray.qcrd.snapshots import cpu_state_dict
@@ -121,7 +122,8 @@ class MetricsLog:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    cfg, method = loop_config["cfg"], loop_config["method"]
+    cfg = loop_config["cfg"]
+    spec = method_spec(cfg)
     tc = cfg.train
     run_dir = Path(loop_config["run_dir"])
     store, pool = loop_config.get("store"), loop_config.get("negatives")
@@ -145,9 +147,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         resume_dir = Path(resume_dir) if resume_dir else None
         model_dir = resume_dir / ckpt.MODEL_DIR if resume_dir else Path(loop_config["init_model_dir"])
         student, tokenizer = student_lib.load_pretrained(model_dir, dtype=cfg.student.dtype)
-        needs_disc = method == "qcrd" and cfg.loss.quality_judge
-        disc = Discriminator.from_student(student, cfg.discriminator) if needs_disc else None
-        model = DistillModel(student, disc, cfg, method)
+        disc = Discriminator.from_student(student, cfg.discriminator) if spec.needs_discriminator(cfg) else None
+        model = DistillModel(student, disc, cfg)
         optimizer = torch.optim.AdamW(model.param_groups(), lr=tc.lr, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / (tc.warmup_steps + 1)))  # linear warmup, then constant
@@ -167,7 +168,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             stats = pretrain_discriminator(disc, tokenizer, rows, cfg, seed=tc.seed)
             log.info("discriminator pre-training: %s", stats)
     model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": method == "qcrd"})
+        model, parallel_strategy_kwargs={"find_unused_parameters": spec.find_unused_parameters})
     core = model.module if hasattr(model, "module") else model
 
     # ---- negatives: publish the student this round starts from; the sampler works one round ahead
@@ -190,7 +191,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for _ in range(round_steps):
             rows_now = with_negatives(batch_rows(rows, global_step, tc.batch_size, steps_per_epoch, tc.seed),
                                       negatives)
-            batch = make_batch(rows_now, tokenizer, cfg, method).to(device)
+            batch = make_batch(rows_now, tokenizer, cfg).to(device)
             out = model(batch, alpha3)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()

@@ -24,11 +24,13 @@ import ray.train
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from qcrd_ray import console
 from qcrd_ray import student as student_lib
 from qcrd_ray.config import Config
-from qcrd_ray.data import prompts
+from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd.sampler import NegativePool
 from qcrd_ray.qcrd.snapshots import snapshot_store
+from qcrd_ray.qcrd.targets import tokenizer_texts
 from qcrd_ray.train import checkpoint as ckpt
 from qcrd_ray.train.loop import train_loop_per_worker
 
@@ -48,25 +50,10 @@ def teacher_files(teacher_dir: str | Path) -> list[str]:
     return files
 
 
-def tokenizer_texts(table) -> list[str]:
-    """Everything the student reads or writes, for the tiny student's tokenizer."""
-    cols = table.to_pydict()
-    texts = []
-    for text, label, answer, positives, negatives in zip(cols["input"], cols["label"], cols["majority_answer"],
-                                                         cols["positives"], cols["negatives"]):
-        texts += [prompts.student_input("predict", text), prompts.student_input("explain", text), label]
-        texts += [prompts.explain_target(r, answer or label) for r in positives] + list(negatives)
-    return texts
-
-
-def needs_student_negatives(cfg: Config, method: str) -> bool:
-    return method == "qcrd" and cfg.loss.negatives in ("student", "both")
-
-
-def run_training(cfg: Config, teacher_dir: str | Path, run_dir: str | Path, method: str | None = None) -> dict:
-    """Train ``method`` (default ``cfg.train.method``) on the teacher shards in ``teacher_dir``; the final student
-    goes to ``run_dir/model`` (HF format + ``discriminator.pt``). Returns a summary of the run."""
-    method = method or cfg.train.method
+def run_training(cfg: Config, teacher_dir: str | Path, run_dir: str | Path) -> dict:
+    """Train ``cfg.train.method`` on the teacher shards in ``teacher_dir``; the final student goes to
+    ``run_dir/model`` (HF format + ``discriminator.pt`` when the method has D). Returns a summary of the run."""
+    method = method_spec(cfg).name
     run_dir = Path(run_dir).resolve()
     train_dir = run_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +63,7 @@ def run_training(cfg: Config, teacher_dir: str | Path, run_dir: str | Path, meth
     last = ckpt.latest(train_dir / "checkpoints")
     done = ckpt.load_state(last).completed_rounds if last else 0
     if done < cfg.train.rounds:
-        _fit(cfg, teacher_files(teacher_dir), run_dir, method, resume_round=done)
+        _fit(cfg, teacher_files(teacher_dir), run_dir, resume_round=done)
         last = ckpt.latest(train_dir / "checkpoints")
     else:
         log.info("%s: all %d rounds already trained; exporting the last checkpoint", run_dir, done)
@@ -87,20 +74,21 @@ def run_training(cfg: Config, teacher_dir: str | Path, run_dir: str | Path, meth
             "metrics": _last_metrics(train_dir / "metrics.jsonl")}
 
 
-def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round: int) -> None:
+def _fit(cfg: Config, files: list[str], run_dir: Path, resume_round: int) -> None:
     train_dir = run_dir / "train"
-    table = pq.read_table(files, columns=["id", "input", "label", "majority_answer", "positives", "negatives"])
+    table = pq.read_table(files, columns=["id", "input", "label", "majority_answer", "positives", "negatives",
+                                          "samples"])
     init_dir = train_dir / "init_model"
     if not (init_dir / "config.json").is_file():  # one vocabulary for every worker and the sampler
         torch.manual_seed(cfg.train.seed)  # a tiny student's random init is part of the run's reproducibility
-        model, tokenizer = student_lib.load_student(cfg.student, tokenizer_texts(table))
+        model, tokenizer = student_lib.load_student(cfg.student, tokenizer_texts(table.to_pylist()))
         student_lib.save_student(model, tokenizer, init_dir)
 
     # Read before the trainer and the sampler hold their CPUs: on a small machine the read's planning tasks
     # would otherwise wait forever for a whole free CPU.
     dataset = ray.data.read_parquet(files, num_cpus=_READ_NUM_CPUS).materialize()
     store = pool = None
-    if needs_student_negatives(cfg, method):
+    if method_spec(cfg).needs_student_negatives(cfg):
         name = "qcrd-snapshots-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
         store = snapshot_store(name, cfg.snapshots.j, cfg.snapshots.neg_source, str(train_dir / "snapshots"))
         if resume_round:
@@ -116,7 +104,7 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round
     tc = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "method": method, "run_dir": str(run_dir), "init_model_dir": str(init_dir),
+        train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "init_model_dir": str(init_dir),
                            "store": store, "negatives": pool,
                            "fail_after_round": int(fail_after) if fail_after else None},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -132,7 +120,10 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, method: str, resume_round
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
-        trainer.fit()
+        # equal splits: each worker holds rows // workers (the driver follows rank 0's metrics for the display)
+        with console.follow_training(f"train {cfg.train.method}", str(train_dir / "metrics.jsonl"), tc.rounds,
+                                     tc.round_steps or table.num_rows // tc.num_workers // tc.batch_size):
+            trainer.fit()
     finally:
         if pool is not None:
             pool.shutdown()
