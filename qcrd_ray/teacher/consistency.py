@@ -4,9 +4,8 @@ Pure: no Ray, no torch. Answers are grouped by `answers.answer_key` (so ``8``, `
 are one answer). Samples without a usable answer (failed request, no ``<Answer>``, an answer that has no key)
 neither vote nor become negatives: they stay visible in the row's ``samples`` with their status.
 
-Positives and negatives are rationale texts (without their answer; the trainer appends the majority answer to a
-positive and, through ``samples``, a negative's own answer). An answer given without any rationale votes but
-adds no rationale.
+Positives and negatives are rationale texts without their answer; qcrd/targets.py appends to each the answer its
+own sample gave (found through ``samples``). An answer given without any rationale votes but adds no rationale.
 """
 
 from __future__ import annotations
