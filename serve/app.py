@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,9 +45,11 @@ from serve.schemas import (
     PredictRequest,
     PredictResponse,
     RequestError,
+    check_encodable,
     completion_response,
     describe_validation_errors,
     error_body,
+    input_params,
     interpret_output,
     models_response,
     plan_completion,
@@ -98,6 +100,19 @@ def batch_groups(items: list[GenerationItem]) -> dict[tuple, list[int]]:
     return groups
 
 
+def isolate_failures(generate: Callable[[list[str]], list[str]], texts: list[str]) -> list[str | Exception]:
+    """``generate(texts)``, except that when it raises, the texts are bisected and retried so that only the
+    inputs that fail on their own get the exception: one bad input must not fail the requests batched with it.
+    One call when all is well; about 2·log2(n) more per failing input (2n − 1 calls if everything fails)."""
+    try:
+        return list(generate(texts))
+    except Exception as e:
+        if len(texts) == 1:
+            return [e]
+    mid = len(texts) // 2
+    return isolate_failures(generate, texts[:mid]) + isolate_failures(generate, texts[mid:])
+
+
 @dataclass(frozen=True)
 class ServedModel:
     model_dir: str
@@ -142,14 +157,15 @@ class StudentServer:
 
         outputs: list[str | Exception] = [""] * len(items)
         for (temperature, max_new_tokens, seed), group in batch_groups(items).items():
-            try:
-                texts = generate(self.model, self.tokenizer, [items[i].text for i in group],
-                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                 batch_size=len(group), max_input_len=self.max_input_len)
-            except Exception as e:  # one bad group fails its own requests (500), not the batch's others
-                logger.exception("generation failed for a group of %d", len(group))
-                texts = [e] * len(group)
+            def run(texts: list[str]) -> list[str]:
+                return generate(self.model, self.tokenizer, texts, max_new_tokens=max_new_tokens,
+                                temperature=temperature, seed=seed, batch_size=len(texts),
+                                max_input_len=self.max_input_len)
+
+            texts = isolate_failures(run, [items[i].text for i in group])
             for i, text in zip(group, texts):
+                if isinstance(text, Exception):
+                    logger.error("generation failed for one input", exc_info=text)
                 outputs[i] = text
         return outputs
 
@@ -175,8 +191,9 @@ class StudentServer:
         from qcrd_ray.data import prompts
 
         plan = plan_predict(req, self.limits, self.tasks, self.train_task)
-        outputs = await self._generate([prompts.student_input(plan.mode, t) for t in plan.texts],
-                                       plan.temperature, plan.max_new_tokens, plan.seed)
+        texts = [prompts.student_input(plan.mode, t) for t in plan.texts]
+        check_encodable(self.tokenizer, texts, input_params("input", len(texts), plan.is_list))
+        outputs = await self._generate(texts, plan.temperature, plan.max_new_tokens, plan.seed)
         task = self.train_spec if plan.task == self.train_task else plan.task
         predictions = [interpret_output(task, plan.mode, out, choices)
                        for out, choices in zip(outputs, plan.choices)]
@@ -188,6 +205,8 @@ class StudentServer:
     async def completions(self, req: CompletionRequest) -> CompletionResponse:
         """OpenAI-compatible text completion; the prompt is the student's input verbatim."""
         plan = plan_completion(req, self.limits, self.model_name)
+        check_encodable(self.tokenizer, plan.prompts,
+                        input_params("prompt", len(plan.prompts), isinstance(req.prompt, list)))
         texts = [p for p in plan.prompts for _ in range(plan.n)]  # prompt-major, as OpenAI numbers choices
         outputs = await self._generate(texts, plan.temperature, plan.max_new_tokens, plan.seed)
         return completion_response(

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +77,10 @@ class Limits:
         return cls(cfg.max_input_chars, cfg.max_inputs_per_request, cfg.max_new_tokens)
 
 
+# JSON may escape half of a UTF-16 pair (`"\ud800"`); such a string is not Unicode text and no tokenizer encodes it
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_text(text: str, param: str, limits: Limits) -> str:
     if not text.strip():
         raise RequestError(422, f"{param}: must not be empty", param)
@@ -84,7 +88,31 @@ def _check_text(text: str, param: str, limits: Limits) -> str:
         raise RequestError(
             422, f"{param}: {len(text)} characters is over the limit of {limits.max_input_chars}", param
         )
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise RequestError(
+            422, f"{param}: not valid Unicode text: a lone surrogate U+{ord(bad.group()):04X} at character "
+            f"{bad.start()} (send UTF-8 text; a JSON \\u escape must encode a whole character)", param,
+        )
     return text
+
+
+def input_params(name: str, count: int, is_list: bool) -> tuple[str, ...]:
+    """How errors name each input of a request: ``input`` for a single one, ``input[i]`` in a list."""
+    return tuple(f"{name}[{i}]" for i in range(count)) if is_list else (name,) * count
+
+
+def check_encodable(tokenize: Callable[[str], object], texts: Sequence[str], params: Sequence[str]) -> None:
+    """Refuse (422) a text the model's tokenizer cannot encode before it is queued: inside a batch it would fail
+    the ``generate`` call of every request batched with it."""
+    for text, param in zip(texts, params, strict=True):
+        try:
+            tokenize(text)
+        except Exception as e:
+            # the reason may quote the text; keep the response encodable as UTF-8
+            reason = f"{type(e).__name__}: {e}".encode("utf-8", "backslashreplace").decode("utf-8")
+            raise RequestError(422, f"{param}: the model's tokenizer cannot encode this text ({reason})",
+                               param) from e
 
 
 def _check_count(count: int, param: str, limits: Limits) -> None:

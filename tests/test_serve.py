@@ -4,6 +4,7 @@ every bad-request case, overload → 503, a crashed replica replaced)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,10 @@ from serve.schemas import (
     PredictRequest,
     RequestError,
     apply_stop,
+    check_encodable,
     completion_response,
     describe_validation_errors,
+    input_params,
     interpret_output,
     plan_completion,
     plan_predict,
@@ -171,6 +174,60 @@ def test_a_batch_is_split_by_generation_settings():
              GenerationItem("d", 0.7, 8, None), GenerationItem("e", 0.0, 16, None), GenerationItem("f", 0.7, 8, 1)]
     assert batch_groups(items) == {(0.0, 8, None): [0, 2], (0.7, 8, 1): [1, 5], (0.7, 8, None): [3],
                                    (0.0, 16, None): [4]}
+
+
+def test_text_that_is_not_unicode_is_refused_with_its_position():
+    """A JSON-escaped lone surrogate is a 422 naming the input, before anything reaches the tokenizer."""
+    for body, param in [({"input": "Tom has 5\ud800 apples."}, "input"), ({"input": ["ok", "\udfff"]}, "input[1]"),
+                        ({"task": "cqa", "question": "\ud800?", "choices": ["a", "b"]}, "question")]:
+        with pytest.raises(RequestError) as err:
+            _plan(**body)
+        assert (err.value.status, err.value.param) == (422, param) and "lone surrogate" in err.value.message
+    with pytest.raises(RequestError, match="prompt\\[0\\]: not valid Unicode text: a lone surrogate U\\+D800 at "
+                                           "character 2"):
+        plan_completion(CompletionRequest(prompt=["ab\ud800", "c"]), LIMITS, "m")
+    assert _plan(input="Mia 🍎 has 3.").texts == ("Mia 🍎 has 3.",)  # a real pair (any emoji) is fine
+
+
+def test_check_encodable_names_the_input_the_tokenizer_refuses():
+    def tokenize(text):
+        if "\x00" in text:
+            raise TypeError("cannot encode \ud800")  # a reason quoting undecodable text stays UTF-8 safe
+        return [1]
+
+    check_encodable(tokenize, ["a", "b"], input_params("input", 2, True))
+    with pytest.raises(RequestError) as err:
+        check_encodable(tokenize, ["a", "b\x00"], input_params("input", 2, True))
+    assert (err.value.status, err.value.param) == (422, "input[1]")
+    assert "tokenizer cannot encode this text (TypeError: cannot encode" in err.value.message
+    err.value.message.encode("utf-8")
+    assert input_params("prompt", 2, False) == ("prompt", "prompt")
+
+
+def test_a_failing_input_fails_alone_in_its_batch():
+    """Bisection: a batch whose generate call raises is retried in halves, so only the input that fails on its
+    own gets the error and every other input gets the output it gets when all is well."""
+    from serve.app import isolate_failures
+
+    calls = []
+
+    def generate(texts):
+        calls.append(list(texts))
+        if "bad" in texts:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+        return [t.upper() for t in texts]
+
+    out = isolate_failures(generate, ["a", "b", "bad", "c", "d"])
+    assert [o for i, o in enumerate(out) if i != 2] == ["A", "B", "C", "D"]
+    assert isinstance(out[2], TypeError) and "TextEncodeInput" in str(out[2])
+    assert calls == [["a", "b", "bad", "c", "d"], ["a", "b"], ["bad", "c", "d"], ["bad"], ["c", "d"]]
+
+    calls.clear()
+    assert isolate_failures(generate, ["a", "b", "c"]) == ["A", "B", "C"] and len(calls) == 1  # one call if fine
+    calls.clear()
+    out = isolate_failures(generate, ["bad", "bad", "x", "bad"])
+    assert [type(o).__name__ if isinstance(o, Exception) else o for o in out] == [
+        "TypeError", "TypeError", "X", "TypeError"]
 
 
 def test_deployment_options_come_from_the_serve_config():
@@ -359,6 +416,50 @@ def test_concurrent_requests_are_batched(server, reference):
     new_sizes = {int(k) for k, v in after["batch_size_counts"].items() if v > before["batch_size_counts"].get(k, 0)}
     assert max(new_sizes) > 1, after  # 16 requests did not run one at a time
     assert max(new_sizes) <= after["max_batch_size"] == 8
+
+
+def _post_json(url: str, body: dict) -> httpx.Response:
+    # json.dumps escapes a lone surrogate as \ud800, as a client's JSON encoder does (httpx's own would raise)
+    return httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                      timeout=120)
+
+
+POISON = "Tom has 5 apples.\ud800 He buys 3 more.\nHow many apples does he have now?"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("route", ["predict", "predict-list", "completions"])
+def test_one_poisoned_request_does_not_fail_the_requests_batched_with_it(server, route):
+    """12 valid requests sent together with one holding a lone surrogate: every valid one answers 200 with what
+    it answers alone, the poisoned one alone gets a 422 that says why."""
+    from qcrd_ray.data import prompts
+
+    if route == "completions":
+        path, answer, param = "v1/completions", lambda r: r.json()["choices"][0]["text"], "prompt"
+        valid = [{"prompt": prompts.student_input("predict", q), "max_tokens": 24, "temperature": 0}
+                 for q in QUESTIONS]
+        poisoned = {"prompt": prompts.student_input("predict", POISON), "max_tokens": 24, "temperature": 0}
+    else:
+        path, answer = "v1/predict", lambda r: r.json()["output"]
+        valid = [{"input": q} for q in QUESTIONS]
+        poisoned = {"input": [QUESTIONS[1], POISON]} if route == "predict-list" else {"input": POISON}
+        param = "input[1]" if route == "predict-list" else "input"
+
+    alone = []
+    for body in valid:
+        resp = _post_json(f"{server}/{path}", body)
+        assert resp.status_code == 200, resp.text
+        alone.append(answer(resp))
+    bodies = [valid[i % len(valid)] for i in range(12)]
+    bodies.insert(6, poisoned)  # mid-burst, so it is queued among the others
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: _post_json(f"{server}/{path}", b), bodies))
+    bad = responses.pop(6)
+    assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses if r.status_code != 200]
+    assert [answer(r) for r in responses] == [alone[i % len(valid)] for i in range(12)]
+    assert bad.status_code == 422, bad.text
+    error = bad.json()["error"]
+    assert error["param"] == param and "lone surrogate U+D800" in error["message"]
 
 
 @pytest.mark.parametrize(
