@@ -11,6 +11,7 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from qcrd_ray import storage
 from qcrd_ray.cli import main as qcrd
 from qcrd_ray.config import Config, StudentConfig, from_dict
 from qcrd_ray.data.loaders import load_split
@@ -94,6 +95,40 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(ray_session, tmp_pa
 
     with pytest.raises(ConfigError, match="teacher.temperature"):
         run_teacher(cfg.replace(teacher={"temperature": 1.2}), part)
+
+
+def test_teacher_output_on_s3_streams_shards_and_resumes_from_the_uri(ray_session, s3_server, tmp_path, monkeypatch):
+    cfg = _synthetic(14, shard_rows=5)  # 3 shards, the last one short
+    local = tmp_path / "local"
+    local_summary = run_teacher(cfg, local)
+    scratch = tmp_path / "cwd"
+    scratch.mkdir()
+    monkeypatch.chdir(scratch)  # the driver's working directory must hold nothing of the run
+    out = storage.join(s3_server, "teach-resume", "teacher")
+
+    stored = []
+
+    def crash_after_one(shard, table):
+        stored.append(sorted(storage.basename(p) for p in storage.list_files(out, "part-*")))
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_teacher(cfg, out, on_shard=crash_after_one)
+    assert len(stored[0]) == 1  # the shard was in the bucket before the hook ran, not buffered to the end
+    assert json.loads(storage.read_text(storage.join(out, "manifest.json")))["examples"] == 14
+
+    resumed = []
+    summary = run_teacher(cfg, out, on_shard=lambda shard, table: resumed.append(storage.basename(shard.path)))
+    assert sorted(resumed + stored[0]) == [f"part-{i:05d}.parquet" for i in range(3)]  # only the missing ones ran
+    names = [storage.basename(p) for p in storage.list_files(out)]
+    assert names == ["config.yaml", "errors.jsonl", "manifest.json", "part-00000.parquet", "part-00001.parquet",
+                     "part-00002.parquet", "rejects.jsonl", "summary.json"]
+    for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
+        assert storage.read_parquet(storage.join(out, name)).equals(pq.read_table(local / name))
+    assert summary == local_summary == json.loads(storage.read_text(storage.join(out, "summary.json")))
+    assert storage.read_text(storage.join(out, "errors.jsonl")) == (local / "errors.jsonl").read_text() != ""
+    assert [r["id"] for r in iter_teacher_rows(out)] == [f"synthetic-train-{i}" for i in range(14)]
+    assert list(scratch.iterdir()) == []
 
 
 def test_recorded_backend_on_shared_svamp(ray_session, shared_data, tmp_path):

@@ -9,22 +9,22 @@ example -> self-consistency -> Parquet shards, resumable.
 
 Grouping happens on the driver per shard rather than with a Dataset groupby: a groupby is a barrier over the
 whole split, while per-shard grouping streams, so finished shards reach disk (and survive a crash) while the
-rest is still being generated.
+rest is still being generated. Every file goes through ``qcrd_ray.storage``, so the output folder is a local path
+or a URI (``s3://bucket/run/teacher``) alike, and only the driver writes to it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import time
 from functools import partial
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from qcrd_ray import console, storage
 from qcrd_ray.config import Config
 from qcrd_ray.data import prompts
 from qcrd_ray.data.loaders import load_split
@@ -32,15 +32,7 @@ from qcrd_ray.data.schema import examples_table
 from qcrd_ray.data.tasks import TaskSpec, get_task
 from qcrd_ray.teacher.backends import backend_class
 from qcrd_ray.teacher.samples import expand_samples, parse_samples
-from qcrd_ray.teacher.shards import (
-    Shard,
-    ShardCollector,
-    check_manifest,
-    manifest,
-    plan_shards,
-    remove_partial_writes,
-    write_atomic,
-)
+from qcrd_ray.teacher.shards import Shard, ShardCollector, check_manifest, manifest, plan_shards
 from qcrd_ray.teacher.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -132,16 +124,17 @@ def _generate(cfg: Config, task: TaskSpec, examples: list[dict], todo: list[Shar
     ds = build_dataset(cfg, task, examples, todo)
     done = examples_done = 0
     started = time.monotonic()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    bar = console.progress("teach", total=sum(s.size for s in todo) * cfg.teacher.k, unit="samples")
+    for batch in bar.track(ds.iter_batches(batch_format="pyarrow", batch_size=None), lambda b: b.num_rows):
         for shard, table in collector.add(batch):
-            write_atomic(table, shard.path)
+            storage.write_parquet(shard.path, table)
             done += 1
             examples_done += shard.size
             not_ok = sum(s["status"] != "ok" for row in table.column("samples").to_pylist() for s in row)
             log.info(
                 "shard %d written (%d/%d this run): %d examples, %d samples not ok, %.1f examples/s -> %s",
                 shard.index, done, len(todo), table.num_rows, not_ok,
-                examples_done / max(time.monotonic() - started, 1e-9), shard.path.name,
+                examples_done / max(time.monotonic() - started, 1e-9), storage.basename(shard.path),
             )
             if on_shard is not None:
                 on_shard(shard, table)
@@ -149,51 +142,55 @@ def _generate(cfg: Config, task: TaskSpec, examples: list[dict], todo: list[Shar
         raise RuntimeError(f"the pipeline ended with shards {collector.unfinished} incomplete")
 
 
-def iter_teacher_rows(out_dir: str | Path) -> Iterator[dict]:
-    """Every TEACHER_SCHEMA row of a teacher output folder, shard by shard."""
-    for path in sorted(Path(out_dir).glob("part-*.parquet")):
-        yield from pq.read_table(path).to_pylist()
+def iter_teacher_rows(out_dir: storage.Location) -> Iterator[dict]:
+    """Every TEACHER_SCHEMA row of a teacher output folder (a path or a URI), shard by shard: one shard in
+    memory at a time."""
+    for location in storage.list_files(out_dir, "part-*.parquet"):
+        yield from storage.read_parquet(location).to_pylist()
 
 
-def _write_errors(out_dir: Path) -> None:
-    """errors.jsonl: every sample that is not ok, with its reason (rebuilt from the shards, so a resumed run
-    reports the same as an uninterrupted one)."""
-    with open(out_dir / "errors.jsonl", "w") as f:
-        for row in iter_teacher_rows(out_dir):
-            for s in row["samples"]:
-                if s["status"] != "ok":
-                    reason = s["error"] or ("no answer in the output" if s["status"] == "no_answer" else "empty output")
-                    f.write(json.dumps({"id": row["id"], "index": s["index"], "status": s["status"], "reason": reason,
-                                        "text": s["text"][:500]}) + "\n")
+def _errors(rows: Iterator[dict], sink: list[dict]) -> Iterator[dict]:
+    """Passes ``rows`` through, collecting into ``sink`` every sample that is not ok, with its reason, so the
+    summary and errors.jsonl come from one read of the shards (rebuilt from them, so a resumed run reports
+    the same as an uninterrupted one)."""
+    for row in rows:
+        for s in row["samples"]:
+            if s["status"] != "ok":
+                reason = s["error"] or ("no answer in the output" if s["status"] == "no_answer" else "empty output")
+                sink.append({"id": row["id"], "index": s["index"], "status": s["status"], "reason": reason,
+                             "text": s["text"][:500]})
+        yield row
 
 
 def run_teacher(
     cfg: Config,
-    out_dir: str | Path,
+    out_dir: storage.Location,
     split: str | None = None,
     *,
     on_shard: Callable[[Shard, pa.Table], None] | None = None,
 ) -> dict:
-    """Generate (or finish generating) the teacher output of one split into ``out_dir`` and return the run
-    summary (also written to ``summary.json``). Rerunning on the same folder skips finished shards.
+    """Generate (or finish generating) the teacher output of one split into ``out_dir`` (a local path or a URI)
+    and return the run summary (also written to ``summary.json``). Rerunning on the same folder skips finished
+    shards.
 
-    ``on_shard(shard, table)`` is called after each shard is on disk (progress reporting, early stopping).
+    ``on_shard(shard, table)`` is called after each shard is stored (progress reporting, early stopping).
     """
     split = split or cfg.data.train_split
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = os.fspath(out_dir)
     task = get_task(cfg.data.task, cfg.data.answer_type)
-    loaded = load_split(cfg.data, split, rejects_path=out / "rejects.jsonl")
+    loaded = load_split(cfg.data, split)
+    storage.write_jsonl(storage.join(out, "rejects.jsonl"), loaded.rejects)
     examples = loaded.rows
     ids = [ex["id"] for ex in examples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.data.task}/{split}: example ids are not unique; teacher output is keyed by id")
     check_manifest(out, manifest(cfg, split, ids))
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    remove_partial_writes(out)
+    storage.write_text(storage.join(out, "config.yaml"), cfg.to_yaml())
+    storage.remove_partial_writes(out)
 
     shards = plan_shards(len(examples), cfg.teacher.shard_rows, out)
-    todo = [s for s in shards if not s.path.exists()]
+    finished = set(storage.list_files(out, "part-*.parquet"))
+    todo = [s for s in shards if s.path not in finished]
     log.info(
         "teacher %s on %s/%s: %d examples x K=%d in %d shards (%d already done), %d rejected rows",
         cfg.teacher.backend, cfg.data.task, split, len(examples), cfg.teacher.k, len(shards),
@@ -202,7 +199,7 @@ def run_teacher(
     if todo:
         _generate(cfg, task, examples, todo, on_shard)
 
-    _write_errors(out)
+    errors: list[dict] = []
     summary = {
         "task": cfg.data.task,
         "split": split,
@@ -211,9 +208,10 @@ def run_teacher(
         "positive_rule": cfg.self_consistency.positive_rule,
         "shards": len(shards),
         "rejected_rows": len(loaded.rejects),
-        **summarize(iter_teacher_rows(out)),
+        **summarize(_errors(iter_teacher_rows(out), errors)),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_jsonl(storage.join(out, "errors.jsonl"), errors)
+    storage.write_json(storage.join(out, "summary.json"), summary)
     return summary
 
 

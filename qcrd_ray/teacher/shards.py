@@ -1,8 +1,8 @@
 """Output shards: the unit of resumption.
 
 Examples are cut, in input order, into shards of ``shard_rows``; shard i is ``part-0000i.parquet`` in
-TEACHER_SCHEMA, written to a temporary name and renamed into place (atomic on one filesystem), so a shard file
-either holds all its examples or does not exist. A rerun regenerates exactly the missing shards; per-sample
+TEACHER_SCHEMA, written atomically through ``qcrd_ray.storage`` (a local path or a URI such as ``s3://``), so a
+shard file either holds all its examples or does not exist. A rerun regenerates exactly the missing shards; per-sample
 seeds make them equal to what an uninterrupted run writes. A manifest pins what the shards were made from, so
 a rerun with other data or other teacher settings fails loudly instead of mixing two runs.
 """
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from qcrd_ray import storage
 from qcrd_ray.config import Config, ConfigError
 from qcrd_ray.data.schema import TEACHER_SCHEMA
 from qcrd_ray.teacher.consistency import teacher_row
@@ -33,30 +31,18 @@ class Shard:
     index: int
     start: int  # first example (position in the split)
     stop: int  # one past the last example
-    path: Path
+    path: str  # location (storage.join of the output folder and part-NNNNN.parquet)
 
     @property
     def size(self) -> int:
         return self.stop - self.start
 
 
-def plan_shards(n_examples: int, shard_rows: int, out_dir: Path) -> list[Shard]:
+def plan_shards(n_examples: int, shard_rows: int, out_dir: storage.Location) -> list[Shard]:
     return [
-        Shard(i, start, min(start + shard_rows, n_examples), Path(out_dir) / f"part-{i:05d}.parquet")
+        Shard(i, start, min(start + shard_rows, n_examples), storage.join(out_dir, f"part-{i:05d}.parquet"))
         for i, start in enumerate(range(0, n_examples, shard_rows))
     ]
-
-
-def write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def remove_partial_writes(out_dir: Path) -> None:
-    """Temporary files of a run killed while writing a shard."""
-    for tmp in Path(out_dir).glob(".part-*.parquet.tmp-*"):
-        tmp.unlink(missing_ok=True)
 
 
 def manifest(cfg: Config, split: str, ids: Sequence[str]) -> dict:
@@ -74,13 +60,13 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_manifest(out_dir: Path, current: dict) -> None:
+def check_manifest(out_dir: storage.Location, current: dict) -> None:
     """Write the manifest of a new output folder, or check that an existing one matches this run."""
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        path.write_text(json.dumps(current, indent=2) + "\n")
+    path = storage.join(out_dir, MANIFEST)
+    if not storage.exists(path):
+        storage.write_json(path, current)
         return
-    previous = json.loads(path.read_text())
+    previous = json.loads(storage.read_text(path))
     if previous == current:
         return
     diff = [k for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]
