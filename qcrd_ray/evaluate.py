@@ -22,6 +22,7 @@ from qcrd_ray.config import Config
 from qcrd_ray.data import answers, prompts
 from qcrd_ray.data.loaders import load_split
 from qcrd_ray.data.tasks import get_task
+from qcrd_ray.runs import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ def score_output(task, mode: str, output: str, gold: str, choices) -> dict:
 
 def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=None, *,
              batch_size: int = 32) -> dict:
-    """Score the student at ``model_dir`` (a run directory or an HF model directory) on ``split`` of
-    ``cfg.data``. Writes ``predictions.jsonl`` and ``metrics.json`` to ``out_dir`` when given. Returns the metrics:
+    """Score the student at ``model_dir`` (a run, a method directory ``RUN/<method>`` or an HF model directory;
+    see ``qcrd_ray.runs.resolve_model``) on ``split`` of ``cfg.data``. Writes ``predictions.jsonl`` and
+    ``metrics.json`` to ``out_dir`` when given. Returns the metrics:
     ``task, split, mode, n, correct, accuracy, unparsed, rejected, model``."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    model_path = student_lib.resolve_model_dir(model_dir)
+    model_path = resolve_model(str(model_dir)).model_dir
     data = load_split(cfg.data, split, rejects_path=Path(out_dir) / "rejects.jsonl" if out_dir else None)
     if not data.rows:
         raise ValueError(f"{cfg.data.task} {split}: no rows to evaluate ({data.summary.get('rejected', 0)} rejected)")

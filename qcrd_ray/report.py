@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from qcrd_ray.config import Config
+from qcrd_ray.methods import method_spec
+from qcrd_ray.runs import MethodLayout, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +92,25 @@ def plot_score_distributions(scores: Mapping[str, list[float]], path: Path, titl
     return path
 
 
+def agreement_bars(histogram: Mapping) -> list[tuple[str, int]]:
+    """The agreement histogram as (tick label, examples) bars (pure): numeric agreements ascending, then the
+    examples where no sample gave an answer ("none") and any other key the teacher may write, as they are."""
+    numeric, other = [], []
+    for key, count in histogram.items():
+        try:
+            numeric.append((float(key), f"{float(key):.2f}", count))
+        except (TypeError, ValueError):
+            other.append((str(key), count))
+    return [(label, count) for _, label, count in sorted(numeric)] + other
+
+
 def plot_agreement(histogram: Mapping, path: Path) -> Path | None:
-    if not histogram:
+    bars = agreement_bars(histogram or {})
+    if not bars:
         return None
     plt = _plt()
-    keys = sorted(histogram, key=float)
     fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.bar(range(len(keys)), [histogram[k] for k in keys], tick_label=[f"{float(k):.2f}" for k in keys])
+    ax.bar(range(len(bars)), [count for _, count in bars], tick_label=[label for label, _ in bars])
     ax.set_xlabel("agreement (share of samples with the majority answer)")
     ax.set_ylabel("examples")
     fig.tight_layout()
@@ -105,7 +119,7 @@ def plot_agreement(histogram: Mapping, path: Path) -> Path | None:
     return path
 
 
-def discriminator_scores(method_dir: Path, cfg: Config, teacher_rows: list[dict],
+def discriminator_scores(method: MethodLayout, cfg: Config, teacher_rows: list[dict],
                          student_negatives: Iterable[dict]) -> dict:
     """Scores of the trained D for up to MAX_SCORED teacher positives, teacher negatives and student negatives."""
     import torch
@@ -114,10 +128,10 @@ def discriminator_scores(method_dir: Path, cfg: Config, teacher_rows: list[dict]
     from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
     from qcrd_ray.qcrd.targets import teacher_targets
 
-    d_path = method_dir / "model" / "discriminator.pt"
+    d_path = Path(method.discriminator)
     if not d_path.exists():
         return {}
-    model, tokenizer = student.load_pretrained(method_dir / "model")
+    model, tokenizer = student.load_pretrained(method.model)
     disc = Discriminator.from_student(model, cfg.discriminator)
     disc.load_state_dict(torch.load(d_path, map_location="cpu"))
     disc.eval()
@@ -164,14 +178,15 @@ def accuracy_table(cfg: Config, results: Mapping[str, dict]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, results: Mapping[str, dict]) -> Path:
-    """Write RUN/report.md and RUN/figures/*.png; returns the report's path."""
+def write_report(run: RunLayout | str | Path, cfg: Config, teacher_summary: Mapping,
+                 results: Mapping[str, dict]) -> Path:
+    """Write RUN/report.md and RUN/figures/*.png; returns the report's path. Any teacher summary the teacher
+    writes (or none of its keys) gives a report: missing statistics are shown as "-"."""
     from qcrd_ray.teacher.pipeline import iter_teacher_rows
 
-    run_dir = Path(run_dir)
-    figures = run_dir / "figures"
+    layout = run if isinstance(run, RunLayout) else RunLayout(str(run))
+    figures = Path(layout.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    teacher_dir = run_dir / "teacher"
     lines = [f"# QCRD run: {cfg.data.task}", ""]
     lines += [f"Methods: {', '.join(results)}. Student: `{cfg.student.model}`. Teacher: `{cfg.teacher.backend}`"
               f"{' (' + cfg.teacher.model + ')' if cfg.teacher.model else ''}, K = {cfg.teacher.k} at "
@@ -180,7 +195,7 @@ def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, res
     lines += ["## Accuracy", ""] + accuracy_table(cfg, results) + [""]
 
     lines += ["## Data and rejects", ""]
-    rejects = read_jsonl(teacher_dir / "rejects.jsonl")
+    rejects = read_jsonl(Path(layout.teacher, "rejects.jsonl"))
     lines.append(f"Examples taught: {teacher_summary.get('examples', '-')}; rejected rows: {len(rejects)}.")
     if rejects:
         reasons = Counter(str(r.get("reason", "?")).split(":")[0] for r in rejects)
@@ -192,21 +207,22 @@ def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, res
     lines += ["| statistic | value |", "|---|---|"]
     lines += [f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in scalars.items()]
     lines.append("")
-    agreement = plot_agreement(teacher_summary.get("agreement_histogram") or {}, figures / "teacher-agreement.png")
+    histogram = teacher_summary.get("agreement_histogram")
+    agreement = plot_agreement(histogram if isinstance(histogram, Mapping) else {}, figures / "teacher-agreement.png")
     if agreement:
         lines += [f"![teacher agreement](figures/{agreement.name})", ""]
 
-    teacher_rows = list(iter_teacher_rows(teacher_dir))
+    teacher_rows = list(iter_teacher_rows(layout.teacher))
     for method, r in results.items():
-        method_dir = Path(r["dir"])
+        where = MethodLayout(str(r["dir"]))
         lines += [f"## Training: {method}", ""]
-        metrics = read_jsonl(method_dir / "train" / "metrics.jsonl")
+        metrics = read_jsonl(Path(where.metrics))
         curves = plot_training_curves(metrics, figures / f"{method}-training.png", f"{method}: loss terms")
         lines += [f"![{method} training curves](figures/{curves.name})" if curves else "No training metrics.", ""]
-        if method == "qcrd":
+        if method_spec(method).uses_discriminator:
             try:
-                negatives = read_jsonl(method_dir / "train" / "negatives.jsonl")
-                scores = discriminator_scores(method_dir, cfg, teacher_rows, negatives)
+                negatives = read_jsonl(Path(where.negatives))
+                scores = discriminator_scores(where, cfg, teacher_rows, negatives)
             except Exception as e:  # the report must not fail a finished run
                 log.warning("discriminator scores skipped: %s", e)
                 scores = {}
@@ -217,6 +233,6 @@ def write_report(run_dir: str | Path, cfg: Config, teacher_summary: Mapping, res
                 lines += ["### Discriminator scores", "", f"![discriminator scores](figures/{fig.name})", "", means, ""]
 
     lines += ["## Resolved config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
-    path = run_dir / "report.md"
+    path = Path(layout.report)
     path.write_text("\n".join(lines))
     return path

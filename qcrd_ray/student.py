@@ -100,20 +100,6 @@ def load_pretrained(name_or_path: str | Path, dtype: str = "float32") -> tuple[P
     return model, tokenizer
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run directory (its final student in ``RUN/model``) or a Hugging Face model directory → the model
-    directory; ``FileNotFoundError`` naming what was looked for otherwise. (Shared by ``qcrd eval`` and
-    ``qcrd serve``.)"""
-    path = Path(path)
-    for candidate in (path / "model", path):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path}: no model found (expected a run directory with model/config.json or an HF model directory "
-        f"with config.json)"
-    )
-
-
 def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
     """Write the model (safetensors) and tokenizer in Hugging Face format; reload with :func:`load_pretrained`."""
     path = Path(path)

@@ -241,21 +241,16 @@ class StudentServer:
 
 
 def resolve_served_model(path: str | Path, cfg: Config, name: str | None = None) -> ServedModel:
-    """A run directory (its ``model/``) or an HF model directory → what the deployment needs.
+    """A run directory, a method directory (``RUN/<method>``) or an HF model directory → what the deployment
+    needs (``qcrd_ray.runs.resolve_model``). The task, answer type and input length come from the config the
+    model was trained with when there is one, else from ``cfg``; the name defaults to the run's."""
+    from qcrd_ray.runs import resolve_model
 
-    The name defaults to the run directory's name (or the model directory's); the task and input length come
-    from the run's ``config.yaml`` when there is one, else from ``cfg``.
-    """
-    from qcrd_ray.student import resolve_model_dir
-
-    model_dir = resolve_model_dir(path).resolve()
-    run_dir = model_dir.parent if model_dir.name == "model" else None
-    task = None
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")
-        task = cfg.data.task
-    return ServedModel(str(model_dir), name or (run_dir or model_dir).name, task, cfg.data.answer_type,
-                       cfg.student.max_input_len)
+    resolved = resolve_model(str(path))
+    trained = resolved.config or cfg
+    task = resolved.config.data.task if resolved.config is not None else None
+    return ServedModel(resolved.model_dir, name or resolved.name, task, trained.data.answer_type,
+                       trained.student.max_input_len)
 
 
 def deployment_options(cfg: ServeConfig) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,197 @@ def test_rerun_reuses_finished_stages(finished_run, capsys):
 def test_rerun_with_another_config_is_refused(finished_run, capsys):
     assert main(["run", "--out", str(finished_run), *SMALL, "--set", "teacher.k=4"]) == 2
     assert "teacher.k" in capsys.readouterr().err
+
+
+def test_printed_serve_command_serves_the_run_without_a_task(finished_run, capsys):
+    """`qcrd run` prints `qcrd serve --model RUN/<method>`: that exact path serves a model that knows its task,
+    so a request without `task` is answered in predict and explain mode (issue 10.1)."""
+    import httpx
+    from ray import serve
+
+    from qcrd_ray.cli import build_parser, load_config_from_args
+    from serve.app import build
+
+    assert main(["run", "--out", str(finished_run), "--methods", "dss,qcrd", *SMALL]) == 0
+    [command] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("serve it: ")]
+    argv = command.removeprefix("serve it: qcrd ").split()
+    assert argv == ["serve", "--model", str(finished_run / "qcrd")]
+    args = build_parser(load_subcommands="serve").parse_args([*argv, "--port", str(_free_port())])
+    cfg = load_config_from_args(args, host="serve.host", port="serve.port")
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+    try:
+        serve.run(build(args.model, cfg, args.name), name="printed", route_prefix="/")
+        url = f"http://127.0.0.1:{cfg.serve.port}/v1/predict"
+        question = "Tom has 5 apples. He buys 3 more.\nHow many apples does he have now?"
+        for explain in (False, True):
+            r = httpx.post(url, json={"input": question, "explain": explain}, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == f"{finished_run.name}/qcrd"
+            assert (r.json()["rationale"] is not None) == explain
+    finally:
+        serve.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_eval_of_a_method_directory_uses_the_runs_config(finished_run, capsys):
+    """`qcrd eval --model RUN/<method>` needs no --task or --config: the run's config (task, sizes) is used and
+    the outputs land in RUN/<method>/eval."""
+    assert main(["eval", "--model", str(finished_run / "dss"), "--mode", "explain", "--split", "valid",
+                 "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (metrics["task"], metrics["mode"], metrics["split"]) == ("synthetic", "explain", "valid")
+    assert (finished_run / "dss" / "eval" / "valid-explain" / "metrics.json").is_file()
+
+
+def test_serve_config_yaml_with_its_model_path_set_serves_the_run(finished_run, tmp_path):
+    """serve/config.yaml's builder with args.model = RUN/<method> (relative, as in the file) resolves the run's
+    task: its app serves requests without `task`."""
+    import os
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    [app] = ServeDeploySchema.model_validate(raw).applications
+    cwd = os.getcwd()
+    os.chdir(finished_run.parent)
+    try:
+        bound = build_app({**app.args, "model": f"{finished_run.name}/qcrd"})
+    finally:
+        os.chdir(cwd)
+    served = bound._bound_deployment.init_args[0]
+    assert served.task == "synthetic" and served.model_dir == str(finished_run / "qcrd" / "model")
+
+
+def test_a_failed_stage_ends_with_one_line_and_the_traceback_in_the_log(ray_session, tmp_path, capsys):
+    """A teacher output with no usable sample stops the run before training, with one line naming the stage,
+    why, and the log file; the traceback is in RUN/logs/qcrd.log, not on the console (issue 10.7 c, d)."""
+    out = tmp_path / "run"
+    # an OpenAI-compatible teacher that nobody serves: every request fails, as the issue's cqa run did
+    code = main(["run", "--out", str(out), *SMALL, "--set", "data.synthetic_train_size=8",
+                 "--set", "teacher.backend=http", "--set", "teacher.base_url=http://127.0.0.1:9/v1",
+                 "--set", "teacher.max_retries=0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    [line] = [x for x in err.splitlines() if x.startswith("qcrd run failed")]
+    assert "teach:" in line and "teacher samples failed" in line and str(out / "logs" / "qcrd.log") in line
+    assert "Traceback" not in err
+    assert "Traceback" in (out / "logs" / "qcrd.log").read_text()
+    assert not (out / "qcrd").exists()  # stopped before training
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_layout_paths_join_on_strings_so_a_run_can_live_at_a_uri():
+    from qcrd_ray.runs import RunLayout
+
+    run = RunLayout("s3://bucket/run")
+    assert run.config == "s3://bucket/run/config.yaml" and run.teacher == "s3://bucket/run/teacher"
+    assert run.log_file == "s3://bucket/run/logs/qcrd.log" and run.report == "s3://bucket/run/report.md"
+    qcrd = run.method("qcrd")
+    assert qcrd.model == "s3://bucket/run/qcrd/model" and qcrd.metrics == "s3://bucket/run/qcrd/train/metrics.jsonl"
+    assert qcrd.eval("test", "explain") == "s3://bucket/run/qcrd/eval/test-explain"
+    assert qcrd.checkpoints.endswith("/qcrd/train/checkpoints") and qcrd.negatives.endswith("/train/negatives.jsonl")
+
+
+def _fake_run(root: Path, methods=("dss", "qcrd"), task="svamp") -> Path:
+    from qcrd_ray.config import Config
+
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(Config().replace(data={"task": task}).to_yaml())
+    for m in methods:
+        (root / m / "model").mkdir(parents=True)
+        (root / m / "model" / "config.json").write_text("{}")
+    return root
+
+
+def test_resolve_model_finds_the_run_and_its_method_from_any_entry_point(tmp_path):
+    from qcrd_ray.runs import resolve_model
+
+    run = _fake_run(tmp_path / "run")
+    for given in (run / "dss", run / "dss" / "model"):
+        r = resolve_model(str(given))
+        assert r.model_dir == str(run / "dss" / "model")
+        assert (r.config.data.task, r.config.train.method, r.run.root) == ("svamp", "dss", str(run))
+        assert r.method.eval("test", "predict") == str(run / "dss" / "eval" / "test-predict")
+    assert resolve_model(str(run)).model_dir == str(run / "qcrd" / "model")  # the run's train.method
+    bare = tmp_path / "hf"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    r = resolve_model(str(bare))
+    assert (r.model_dir, r.config, r.run, r.name) == (str(bare), None, None, "hf")
+    with pytest.raises(FileNotFoundError, match="no model found"):
+        resolve_model(str(tmp_path / "nothing"))
+
+
+def test_resolve_model_refuses_a_run_with_several_methods_and_no_default(tmp_path):
+    from qcrd_ray.runs import resolve_model
+
+    run = _fake_run(tmp_path / "run", methods=("finetune", "dss"))
+    with pytest.raises(FileNotFoundError, match="finetune, dss"):
+        resolve_model(str(run))
+
+
+def test_a_symlinked_method_directory_keeps_its_run(tmp_path):
+    from qcrd_ray.runs import resolve_model
+
+    run = _fake_run(tmp_path / "run")
+    store = tmp_path / "elsewhere" / "qcrd"
+    store.parent.mkdir()
+    (run / "qcrd").rename(store)
+    (run / "qcrd").symlink_to(store, target_is_directory=True)
+    r = resolve_model(str(run / "qcrd"))
+    assert r.run is not None and r.run.root == str(run) and r.config.data.task == "svamp"
+    assert r.model_dir == str(run / "qcrd" / "model")
+
+
+def test_teacher_problem_stops_on_mostly_failed_samples_or_no_positive():
+    from qcrd_ray.pipeline import teacher_problem
+
+    base = {"examples": 10, "samples": 30, "backend": "synthetic", "examples_without_positive": 2,
+            "teacher_accuracy": 0.8, "status_counts": {"ok": 16, "no_answer": 14, "empty": 0, "request_error": 0}}
+    assert teacher_problem(base) is None  # 14 of 30 failed: under half
+    failed = {**base, "status_counts": {"ok": 14, "no_answer": 6, "empty": 0, "request_error": 10}}
+    assert "16 of 30 teacher samples failed" in teacher_problem(failed)
+    assert "request_error 10" in teacher_problem(failed)
+    no_positive = {**base, "examples_without_positive": 10}
+    assert "no example has a positive" in teacher_problem(no_positive)
+    assert "no samples" in teacher_problem({"examples": 0, "samples": 0})
+
+
+def test_a_teacher_that_cannot_serve_the_task_is_refused_before_anything_starts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--task", "cqa", "--data", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.backend: synthetic cannot teach task 'cqa'" in err and "recorded, hf, http, vllm" in err
+    assert not out.exists()
+
+
+def test_report_survives_every_agreement_key_the_teacher_writes(tmp_path):
+    """The svamp recorded teacher writes a `none` agreement (no sample answered); the report draws it as its
+    own bar after the numeric ones (issue 10.7 a)."""
+    from qcrd_ray.config import Config
+    from qcrd_ray.report import agreement_bars, write_report
+    from qcrd_ray.teacher.summary import summarize
+
+    rows = [{"samples": [{"status": "ok"}], "majority_answer": "3", "agreement": 1.0, "teacher_correct": True,
+             "positives": ["r"], "negatives": []},
+            {"samples": [{"status": "no_answer"}], "majority_answer": None, "agreement": 0.0,
+             "teacher_correct": False, "positives": [], "negatives": ["r"]}]
+    summary = summarize(rows)
+    assert set(summary["agreement_histogram"]) == {"1.00", "none"}
+    assert agreement_bars({"none": 2, "1.00": 3, "0.50": 1}) == [("0.50", 1), ("1.00", 3), ("none", 2)]
+    for teacher_summary in (summary, {}, {"agreement_histogram": {"none": 4}}):
+        report = write_report(tmp_path / "run", Config(), teacher_summary, {})
+        assert "## Teacher" in report.read_text()
+    assert (tmp_path / "run" / "figures" / "teacher-agreement.png").stat().st_size > 1000

@@ -7,8 +7,7 @@ import logging
 import sys
 
 from qcrd_ray.cli import add_config_arguments, load_config_from_args
-
-METHODS = ("finetune", "dss", "qcrd")
+from qcrd_ray.methods import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,29 +25,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
 
+def _log_to_file(path: str) -> logging.Handler:
+    """Everything logged in this process goes to RUN/logs/qcrd.log, tracebacks included."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
 def run(args: argparse.Namespace) -> int:
-    from qcrd_ray.config import ConfigError
-    from qcrd_ray.pipeline import comparison_table, run_pipeline
+    from qcrd_ray.pipeline import check_runnable, comparison_table, run_pipeline
+    from qcrd_ray.runs import RunLayout
 
     cfg = load_config_from_args(args, data="data.data_dir", task="data.task")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else (cfg.train.method,)
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ConfigError(f"--methods: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
-    out = args.out or f"runs/{cfg.data.task}"
+    check_runnable(cfg, methods)  # refused here, before a run directory or Ray exists
+    layout = RunLayout(args.out or f"runs/{cfg.data.task}")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log_file = _log_to_file(layout.log_file)
     import ray
 
+    from qcrd_ray.config import ConfigError
+
     connected_before = ray.is_initialized()
-    result = run_pipeline(cfg, out, methods, address=args.address)
-    if not connected_before:
-        ray.shutdown()  # flushes the workers' log lines now, so they do not land in the middle of the summary
+    try:
+        result = run_pipeline(cfg, layout.root, methods, address=args.address)
+    except ConfigError:
+        raise
+    except Exception as e:
+        # The traceback goes to the log file only; the console gets one line saying what failed and where to look.
+        log_file.handle(logging.getLogger(__name__).makeRecord(
+            __name__, logging.ERROR, __file__, 0, "qcrd run failed", (), (type(e), e, e.__traceback__)))
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"qcrd run failed: {what} (full log: {layout.log_file})", file=sys.stderr)
+        return 1
+    finally:
+        if not connected_before:
+            ray.shutdown()  # flushes the workers' log lines now, so they do not land in the middle of the summary
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
 
     print()
     print(comparison_table(result["methods"]))
     print(f"\nreport: {result['report']}")
-    best = methods[-1]
-    print(f"serve it: qcrd serve --model {out}/{best}")
+    print(f"serve it: qcrd serve --model {layout.method(methods[-1]).root}")
     sys.stdout.flush()
     return 0

@@ -12,12 +12,13 @@ from qcrd_ray.cli import add_config_arguments, load_config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="RUN_OR_DIR",
-                        help="a run directory (its model/ is served) or a Hugging Face model directory")
+                        help="a method of a run (RUN/<method>, as `qcrd run` prints), a run directory (its "
+                        "train.method) or a Hugging Face model directory")
     parser.add_argument("--host", help="interface to bind (default serve.host: 127.0.0.1, loopback only; "
                         "0.0.0.0 exposes the service on the network)")
     parser.add_argument("--port", type=int, help="HTTP port (default serve.port: 8000)")
     parser.add_argument("--name", help="model name clients see in responses and /v1/models "
-                        "(default: the run directory's name)")
+                        "(default: <run>/<method> for a method of a run, else the directory's name)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     add_config_arguments(parser)
     parser.epilog = ("Routes: POST /v1/predict, POST /v1/completions (OpenAI-compatible), GET /v1/models, "

@@ -1,0 +1,213 @@
+"""The run layout: the one place that knows where every artifact of a run lives, and how a path given to
+``qcrd eval`` / ``qcrd serve`` / ``serve run`` is resolved to a model and the config it was trained with.
+
+::
+
+    RUN/config.yaml                      the resolved config of the run (train.method is per method, below)
+    RUN/teacher/                         teacher shards, summary.json, rejects.jsonl, errors.jsonl
+    RUN/<method>/train/                  config.yaml, checkpoints/, snapshots/, init_model/, metrics.jsonl,
+                                         tensorboard/, negatives.jsonl
+    RUN/<method>/model/                  the final student (HF format) + discriminator.pt
+    RUN/<method>/eval/<split>-<mode>/    predictions.jsonl, metrics.json
+    RUN/report.md, RUN/figures/, RUN/logs/qcrd.log
+
+Paths are strings joined with ``posixpath.join``, so a run root may later be a URI (``s3://bucket/run``) without
+changing the layout. The layout classes never touch a filesystem; :func:`resolve_model` does (local paths today).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+from qcrd_ray.config import Config, load_config
+from qcrd_ray.methods import METHODS
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (``s3://b/run`` + ``teacher`` → ``s3://b/run/teacher``)."""
+    return posixpath.join(str(base), *parts)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _normalize(path: str) -> str:
+    """An absolute local path, made lexically (``os.path.abspath``): a symlinked directory keeps its place in
+    the run rather than being followed to wherever it points. URIs are kept as given."""
+    path = str(path)
+    return path.rstrip("/") if _is_uri(path) else os.path.abspath(path)
+
+
+@dataclass(frozen=True)
+class MethodLayout:
+    """``RUN/<method>``: one method's training, final model and evaluations."""
+
+    root: str
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.root.rstrip("/"))
+
+    @property
+    def train(self) -> str:
+        return join(self.root, "train")
+
+    @property
+    def train_config(self) -> str:
+        return join(self.train, "config.yaml")
+
+    @property
+    def checkpoints(self) -> str:
+        return join(self.train, "checkpoints")
+
+    @property
+    def snapshots(self) -> str:
+        return join(self.train, "snapshots")
+
+    @property
+    def init_model(self) -> str:
+        return join(self.train, "init_model")
+
+    @property
+    def metrics(self) -> str:
+        return join(self.train, "metrics.jsonl")
+
+    @property
+    def tensorboard(self) -> str:
+        return join(self.train, "tensorboard")
+
+    @property
+    def negatives(self) -> str:
+        return join(self.train, "negatives.jsonl")
+
+    @property
+    def model(self) -> str:
+        return join(self.root, "model")
+
+    @property
+    def discriminator(self) -> str:
+        return join(self.model, "discriminator.pt")
+
+    def eval(self, split: str, mode: str) -> str:
+        return join(self.root, "eval", f"{split}-{mode}")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """``RUN``: the shared teacher output, one :class:`MethodLayout` per method, the report and the logs."""
+
+    root: str
+
+    @property
+    def config(self) -> str:
+        return join(self.root, "config.yaml")
+
+    @property
+    def teacher(self) -> str:
+        return join(self.root, "teacher")
+
+    @property
+    def teacher_summary(self) -> str:
+        return join(self.teacher, "summary.json")
+
+    @property
+    def report(self) -> str:
+        return join(self.root, "report.md")
+
+    @property
+    def figures(self) -> str:
+        return join(self.root, "figures")
+
+    @property
+    def logs(self) -> str:
+        return join(self.root, "logs")
+
+    @property
+    def log_file(self) -> str:
+        return join(self.logs, "qcrd.log")
+
+    def method(self, name: str) -> MethodLayout:
+        return MethodLayout(join(self.root, name))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resolving a path given by a user (local filesystem calls live here, not in the layout classes)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model_dir: str  # holds config.json (HF format)
+    config: Config | None  # the config it was trained with (train.method set); None for a bare HF directory
+    method: MethodLayout | None  # where its eval outputs go; None for a bare HF directory
+    run: RunLayout | None  # the `qcrd run` it belongs to, if any
+
+    @property
+    def name(self) -> str:
+        """What the served model is called: the run's name for a method of a run, else the directory's."""
+        if self.run is not None:
+            return f"{posixpath.basename(self.run.root)}/{self.method.name}"
+        where = self.method.root if self.method is not None else self.model_dir
+        return posixpath.basename(where)
+
+
+def _is_model(path: str) -> bool:
+    return os.path.isfile(join(path, "config.json"))
+
+
+def _is_file(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+def _trained_methods(run: RunLayout) -> list[str]:
+    return [m for m in METHODS if _is_model(run.method(m).model)]
+
+
+def _method_dir(root: str) -> ResolvedModel:
+    """A directory holding ``model/``: a method of a `qcrd run`, a `qcrd train --out` directory, or a run
+    directory that holds its model directly (config.yaml beside model/)."""
+    method = MethodLayout(root)
+    parent = RunLayout(posixpath.dirname(root))
+    if method.name in METHODS and _is_file(parent.config):  # RUN/<method> of a `qcrd run`
+        cfg = load_config(parent.config).replace(train={"method": method.name})
+        return ResolvedModel(method.model, cfg, method, parent)
+    for config in (method.train_config, join(root, "config.yaml")):
+        if _is_file(config):
+            return ResolvedModel(method.model, load_config(config), method, None)
+    return ResolvedModel(method.model, None, method, None)
+
+
+def resolve_model(path: str) -> ResolvedModel:
+    """A run directory, a method directory (``RUN/<method>``), its ``model/`` or a bare Hugging Face model
+    directory → the model directory and the config it was trained with. ``FileNotFoundError`` naming what was
+    looked for when there is no model."""
+    root = _normalize(path)
+    if _is_model(join(root, "model")):
+        return _method_dir(root)
+    if _is_model(root):
+        parent = posixpath.dirname(root)
+        if posixpath.basename(root) == "model" and (
+            _is_file(join(parent, "train", "config.yaml")) or _is_file(join(parent, "config.yaml"))
+            or _is_file(RunLayout(posixpath.dirname(parent)).config)
+        ):
+            return _method_dir(parent)
+        return ResolvedModel(root, None, None, None)
+    run = RunLayout(root)
+    if _is_file(run.config):
+        trained = _trained_methods(run)
+        cfg = load_config(run.config)
+        if cfg.train.method in trained:
+            return _method_dir(run.method(cfg.train.method).root)
+        if len(trained) == 1:
+            return _method_dir(run.method(trained[0]).root)
+        if trained:
+            raise FileNotFoundError(
+                f"{path}: a run with several trained methods ({', '.join(trained)}); name one, e.g. "
+                f"{join(str(path), trained[-1])}")
+        raise FileNotFoundError(f"{path}: a run directory, but no method has a trained model yet "
+                                f"(expected {run.method(cfg.train.method).model}/config.json)")
+    raise FileNotFoundError(
+        f"{path}: no model found (expected a run directory RUN, a method directory RUN/<method> with "
+        f"model/config.json, or an HF model directory with config.json)")
