@@ -7,6 +7,9 @@
 
 `submit` ships this directory as the job's working dir, follows the logs until the job ends (unless
 --no-follow) and exits 0 only if the job SUCCEEDED, so it can gate a shell script or CI.
+
+A cluster started from cluster.yaml requires Ray's token: every request carries it (``auth_token``), so this
+works whatever RAY_AUTH_MODE says on this machine.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 # Never shipped with the working dir: local environments, run outputs, VCS metadata.
 WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
@@ -24,10 +28,37 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 120.0  # how long a submission waits for a freshly started head's job agent
 
 
+class TokenError(ValueError):
+    """The token file named by RAY_AUTH_TOKEN_PATH cannot be used."""
+
+
+def auth_token(env: Mapping[str, str] = os.environ, home: Path | None = None) -> str | None:
+    """The cluster's token, looked up where Ray looks: ``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``,
+    then ``~/.ray/auth_token`` (what ``ray get-auth-token --generate`` writes); None when there is none."""
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip()
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise TokenError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file ({e})") from e
+        if not token:  # as Ray does: a named token file that is empty is a mistake, not "no token"
+            raise TokenError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
+        return token
+    default = (home or Path.home()) / ".ray" / "auth_token"
+    return (default.read_text().strip() or None) if default.is_file() else None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    # a cluster without token auth ignores the header, so it is always sent when there is a token
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    return JobSubmissionClient(address, headers=auth_headers(auth_token()))
 
 
 def submit(address: str, entrypoint: list[str], working_dir: str = ".", job_id: str | None = None,
@@ -95,7 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "logs":
             q.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
     args = parser.parse_args(argv)
+    from ray.exceptions import AuthenticationError
 
+    try:
+        return _run(args, parser)
+    except (AuthenticationError, TokenError) as e:
+        print(f"error: {args.address}: {e}\nThe token is read from $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH "
+              "or ~/.ray/auth_token; the cluster's own is printed by `ray get-auth-token` on its head.",
+              file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.action == "submit":
         entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
         if not entrypoint:
