@@ -102,14 +102,25 @@ def multinode_cluster(request, s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
+    def start() -> Cluster:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        try:
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+        except Exception:
+            cluster.shutdown()
+            raise
+        return cluster
+
     had_local = ray.is_initialized()
     if had_local:
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
+        cluster = start()
+    except Exception:  # Ray gives a raylet a fixed 30 s to register; a loaded 2-core machine can miss it once
+        cluster = start()
+    try:
         ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
         yield cluster
     finally:
