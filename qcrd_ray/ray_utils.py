@@ -1,22 +1,73 @@
-"""Starting or joining a Ray cluster the same way from every entrypoint."""
+"""Starting or joining a Ray cluster the same way from every entrypoint, with Ray's output where it belongs."""
 
 from __future__ import annotations
 
+import logging
 import os
+
+from qcrd_ray import console
+
+# Ray's driver-side loggers that print through their own console handlers (propagate off).
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+# Progress bars of libraries on the workers: their output goes to RUN/logs/workers.log, where a bar is noise.
+QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+_PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives its handler that prints worker output on the driver
+_LOG_HANDLER = "qcrd_worker_logs"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``, as set by ``ray job submit``), else start a local Ray.
 
-    Idempotent: a process that is already connected keeps its connection.
+    Idempotent: a process that is already connected keeps its connection. Either way, unless the command runs
+    with ``--verbose``, workers' output goes to the ``console.WORKER_LOGGER`` log (RUN/logs/workers.log) instead
+    of the console, and Ray's own progress bars and INFO lines stay off the console.
     """
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = address or os.environ.get("RAY_ADDRESS")
-    # A local Ray gets its dashboard (http://127.0.0.1:8265): users watch the run there, and Ray Train's
-    # placement-group cleaner polls the state API it serves.
-    kwargs = {"address": address} if address else {"num_cpus": num_cpus}
-    ray.init(log_to_driver=True, configure_logging=False, **kwargs)
+    quiet = not console.is_verbose()
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        address = address or os.environ.get("RAY_ADDRESS")
+        # A local Ray gets its dashboard (http://127.0.0.1:8265): users watch the run there, and Ray Train's
+        # placement-group cleaner polls the state API it serves.
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+        # Variables the job's own runtime_env already sets are left out: Ray refuses to merge a conflict.
+        env = {k: v for k, v in QUIET_WORKER_ENV.items() if k not in os.environ}
+        if quiet and env:
+            kwargs["runtime_env"] = {"env_vars": env}
+        # log_to_driver stays on: the driver receives every node's worker output and routes it (below).
+        ray.init(log_to_driver=True, configure_logging=False, **kwargs)
+    _route_ray_output(quiet)
+
+
+def _route_ray_output(quiet: bool) -> None:
+    import ray.data
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler(_LOG_HANDLER)  # add_handler appends: once per process
+    dispatcher.add_handler(_LOG_HANDLER, _log_worker_lines)
+    if quiet:
+        dispatcher.remove_handler(_PRINT_HANDLER)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.enable_operator_progress_bars = not quiet
+    for handler in logging.getLogger("ray.data").handlers:
+        handler.addFilter(_not_bars_notice)
+    console.adopt_library_loggers(RAY_LOGGERS)
+
+
+def _not_bars_notice(record: logging.LogRecord) -> bool:
+    """Ray Data's warning that its bars are off, which we just did on purpose."""
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+_workers_log = logging.getLogger(console.WORKER_LOGGER)
+
+
+def _log_worker_lines(data: dict) -> None:
+    """One batch of a worker's stdout/stderr lines (Ray's log monitor format) → the workers log, prefixed
+    like Ray prints them: ``(RayTrainWorker pid=123, ip=10.0.0.2) <line>``."""
+    who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}, ip={data.get('ip')})"
+    stream = "err" if data.get("is_err") else "out"
+    for line in data.get("lines", []):
+        _workers_log.info("%s %s: %s", who, stream, line)

@@ -20,12 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The two options every stage takes: a YAML file and ``--set section.key=value`` overrides."""
+    """The options every stage takes: a YAML file, ``--set section.key=value`` overrides and ``--verbose``."""
     parser.add_argument("--config", "-c", help="YAML config file (see `qcrd config show` for every key)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set train.rounds=3 (repeatable)",
     )
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also print INFO logs, Ray's own output and every worker's output (progress bars "
+                             "included); by default they go to the log files only")
 
 
 def load_config_from_args(args: argparse.Namespace, config=None, **flags: str):
@@ -76,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from qcrd_ray import console
     from qcrd_ray.config import ConfigError
 
     module = importlib.import_module(f"qcrd_ray.cli.{COMMANDS[args.command][0]}")
     try:
-        return int(module.run(args) or 0)
+        with console.session(verbose=getattr(args, "verbose", False)):
+            return int(module.run(args) or 0)
     except ConfigError as e:
         print(f"qcrd {args.command}: config error: {e}", file=sys.stderr)
         return 2
