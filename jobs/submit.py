@@ -81,9 +81,9 @@ def submit(address: str, entrypoint: list[str], working_dir: str = ".", job_id: 
             time.sleep(1.0)
 
 
-def follow(address: str, job_id: str, out=sys.stdout) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
-    client = _client(address)
+def follow(address: str, job_id: str, out=None) -> str:
+    """Stream the job's logs until it ends (to ``out``, default the current stdout); returns its final status."""
+    client, out = _client(address), out or sys.stdout
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):

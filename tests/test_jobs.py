@@ -1,15 +1,22 @@
-"""`ray job submit` path: a real head started with `ray start --head`, the pipeline submitted as a job."""
+"""`ray job submit` path: a real head started with `ray start --head`, the pipeline submitted as a job; the
+cluster's token authentication (cluster.yaml keeps it on, jobs/submit.py sends the token)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs import submit as jobs_submit
 
@@ -31,22 +38,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A separate local cluster, started the way a user starts one, from this environment's `ray`."""
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+@contextlib.contextmanager
+def _head(env: dict[str, str]):
+    """A separate local cluster, started the way a user starts one, from this environment's `ray`; yields its job
+    server's address. `--block` keeps the head's processes in one process group that this test owns, so the
+    teardown stops exactly them (`ray stop` would stop every Ray on the machine)."""
+    # every port of our own: the agent's default (52365) is taken by any other head on this machine
+    port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )
+    with open(Path(temp_dir) / "start.log", "wb") as log:
+        head = subprocess.Popen(
+            [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    with _head({"RAY_AUTH_MODE": "disabled"}) as address:
+        yield address
 
 
 def test_pipeline_job_succeeds_on_a_real_head(ray_head, tmp_path):
@@ -72,3 +96,81 @@ def test_failed_job_gives_a_nonzero_exit_code(ray_head, tmp_path):
     assert status == "FAILED"
     assert jobs_submit.exit_code(status) == 1
     assert "train.rounds" in jobs_submit._client(ray_head).get_job_logs(job_id)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# token authentication
+
+
+def test_cluster_yaml_keeps_token_auth_on_and_the_dashboard_on_loopback():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        assert "RAY_AUTH_MODE=token" in command and "disabled" not in command, command
+        assert "0.0.0.0" not in command, command
+    [head] = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head.split()
+    assert "RAY_AUTH_MODE=disabled" not in (ROOT / "cluster.yaml").read_text()
+    # every node gets the token at the path Ray reads by default
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_the_token_is_looked_up_where_ray_looks(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    assert jobs_submit.auth_token({}, home) is None and jobs_submit.auth_headers(None) == {}
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    assert jobs_submit.auth_token({}, home) == "from-home"
+    (tmp_path / "tok").write_text(" from-path \n")
+    assert jobs_submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")}, home) == "from-path"
+    assert jobs_submit.auth_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")},
+                                  home) == "from-env"
+    assert jobs_submit.auth_headers("from-env") == {"Authorization": "Bearer from-env"}
+    with pytest.raises(jobs_submit.TokenError, match="RAY_AUTH_TOKEN_PATH=.*missing: cannot read"):
+        jobs_submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(jobs_submit.TokenError, match="empty"):
+        jobs_submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")}, home)
+
+
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A head with token auth on, its token at ~/.ray/auth_token of the head's HOME (as cluster.yaml mounts it)."""
+    home, token = tmp_path_factory.mktemp("head-home"), secrets.token_hex(16)
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    with _head({"RAY_AUTH_MODE": "token", "HOME": str(home)}) as address:
+        yield address, home, token
+
+
+def test_submit_sends_the_token_a_token_cluster_requires(token_head, tmp_path, monkeypatch, capsys):
+    from ray.exceptions import AuthenticationError
+
+    address, head_home, token = token_head
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "hello.py").write_text("print('hello from the job')\n")
+    entrypoint = [sys.executable, "hello.py"]
+    # this process's own RAY_AUTH_MODE stays as the tests set it: the token must travel anyway
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token here
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+    with pytest.raises(AuthenticationError, match="Missing authentication token"):
+        jobs_submit.submit(address, entrypoint, working_dir=str(work))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-" + token)
+    assert jobs_submit.main(["--address", address, "status", "any"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid authentication token" in err and "~/.ray/auth_token" in err and "ray get-auth-token" in err
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    job_id = jobs_submit.submit(address, entrypoint, working_dir=str(work))
+    assert jobs_submit.wait(address, job_id, timeout_s=120) == "SUCCEEDED"
+    assert "hello from the job" in jobs_submit._client(address).get_job_logs(job_id)
+
+    # the CLI end to end, the token from ~/.ray/auth_token (where `ray get-auth-token --generate` puts it)
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("HOME", str(head_home))
+    assert jobs_submit.main(["--address", address, "submit", "--working-dir", str(work), "--", *entrypoint]) == 0
+    assert "hello from the job" in capsys.readouterr().out
