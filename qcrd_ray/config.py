@@ -145,6 +145,9 @@ class SnapshotConfig:
     sampler_num_cpus: float = _num(0.5, 0.0)
     sampler_num_gpus: float = _num(0.0, 0.0)
     sampler_batch_size: int = _num(32, 1)
+    # times Ray restarts the snapshot store / each sampler actor after its process dies (bounded, so an actor
+    # that cannot start does not restart forever); a sampler lost for good: its examples get teacher negatives
+    actor_restarts: int = _num(3, 0)
 
 
 @dataclass(frozen=True)

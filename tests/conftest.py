@@ -27,7 +27,9 @@ def shared_data() -> Path:
 
 # how ray_session starts its local Ray (address="local": a cluster someone started with `ray start` must not
 # capture the tests); multinode_cluster restarts it the same way after it is done
-LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+# with its dashboard: the state API (fault tests find an actor's PID there; Ray Train's cleaner polls it) is
+# served by it, and without one ray.util.state would answer from another local cluster's dashboard
+LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, configure_logging=False)
 
 
 def _uses(session, fixture: str) -> bool:

@@ -1,12 +1,16 @@
-"""SnapshotStore: which snapshot feeds which round, the ring's size, persistence and restore."""
+"""SnapshotStore: which snapshot feeds which round, the ring's size, persistence (local path or s3://) and restore.
+Restarts after a kill: tests/test_faults_actors.py."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 import torch
 
+from qcrd_ray import storage
 from qcrd_ray.qcrd.snapshots import (
-    SnapshotStore, persisted_rounds, rounds_to_keep, source_round,
+    SnapshotStore, persisted_rounds, rounds_to_keep, snapshot_bytes, snapshot_path, source_round,
 )
 
 
@@ -36,25 +40,60 @@ def _state(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((3,), value), "b": torch.tensor([value])}
 
 
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path, s3_server):
+    """Where the store persists: a local folder, or a fresh prefix in the test S3 bucket."""
+    if request.param == "local":
+        return str(tmp_path / "snapshots")
+    return f"{s3_server}/{uuid.uuid4().hex[:8]}/train/snapshots"
+
+
+def test_persisted_snapshot_round_trips_tied_weights(tmp_path):
+    from safetensors.torch import load
+
+    emb = torch.arange(6.0).reshape(2, 3)
+    data = snapshot_bytes({"shared.weight": emb, "lm_head.weight": emb, "b": torch.tensor([1.0])})  # tied: T5
+    storage.write_bytes(snapshot_path(tmp_path, 7), data)
+    assert persisted_rounds(tmp_path) == [7] and persisted_rounds(tmp_path / "absent") == []
+    back = load(storage.read_bytes(snapshot_path(tmp_path, 7)))
+    assert torch.equal(back["shared.weight"], emb) and torch.equal(back["lm_head.weight"], emb)
+
+
 @pytest.mark.ray
-def test_store_serves_the_lagged_snapshot_and_survives_restart_from_disk(ray_session, tmp_path):
+def test_store_persists_through_storage_and_a_new_store_reloads_the_ring(ray_session, location):
     ray = ray_session
-    store = SnapshotStore.remote(j=2, persist_dir=str(tmp_path))
+    store = SnapshotStore.remote(j=2, location=location)
     for r in range(5):
         held = ray.get(store.publish.remote(r, _state(float(r))))
     assert held == [2, 3, 4]
-    assert persisted_rounds(tmp_path) == [2, 3, 4]
+    assert persisted_rounds(location) == [2, 3, 4]  # pruning deletes through storage too
     snap_round, ref = ray.get(store.get.remote(5))  # round 5 trains against the student of round 3
     assert snap_round == 3
     assert torch.equal(ray.get(ref)["w"], torch.full((3,), 3.0))
     ray.kill(store)
 
-    # A resumed run at round 4 (the checkpoint's student is republished as round 4): rounds > 3 on disk are stale.
-    store = SnapshotStore.remote(j=2, persist_dir=str(tmp_path))
+    # A new store (a rerun's driver) holds what was persisted, without being asked.
+    store = SnapshotStore.remote(j=2, location=location)
+    assert ray.get(store.rounds.remote()) == [2, 3, 4]
+    # Resumed at round 4 (the checkpoint's student is republished as round 4): rounds > 3 are stale.
     assert ray.get(store.restore.remote(3)) == [2, 3]
-    assert persisted_rounds(tmp_path) == [2, 3]
+    assert persisted_rounds(location) == [2, 3]
     snap_round, ref = ray.get(store.get.remote(4))
     assert snap_round == 2 and torch.equal(ray.get(ref)["b"], torch.tensor([2.0]))
+    # A fresh start (no checkpoint) forgets them all.
+    assert ray.get(store.restore.remote(-1)) == [] and persisted_rounds(location) == []
+    ray.kill(store)
+
+
+@pytest.mark.ray
+def test_new_store_drops_a_round_a_killed_publish_left_beyond_the_ring(ray_session, tmp_path):
+    ray = ray_session
+    for r in range(4):  # a store killed after writing round 3 but before pruning round 0
+        storage.write_bytes(snapshot_path(tmp_path, r), snapshot_bytes(_state(float(r))))
+    (tmp_path / ".round_0004.safetensors.tmp-1-abc").write_bytes(b"torn")  # killed mid-write
+    store = SnapshotStore.remote(j=2, location=str(tmp_path))
+    assert ray.get(store.rounds.remote()) == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"round_000{r}.safetensors" for r in (1, 2, 3)]
     ray.kill(store)
 
 

@@ -8,18 +8,27 @@ the workers only collect the finished result (the wait is logged as ``neg_wait_s
 
 The actors are asyncio actors: generation runs in one background thread, so a worker collecting a finished round
 is answered at once even while the next round is being sampled, whatever order the requests arrive in.
+
+Faults: the initial student reaches the actors as its files' bytes in the object store (never a path on the
+driver's disk). Ray restarts a killed actor (``snapshots.actor_restarts``), which loads that student again, and
+retries the requests in flight; sampling is seeded by round, so a restarted actor writes the same negatives. An
+actor lost for good (restarts used up) costs its examples their student negatives: :meth:`NegativePool.fetch`
+returns the rest and counts them in ``last_fetch_missing``, and those examples train on teacher negatives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Sequence
 
 import ray
 
-from qcrd_ray import student
+from qcrd_ray import storage, student
 from qcrd_ray.config import SnapshotConfig
 from qcrd_ray.data import prompts
 
@@ -29,16 +38,39 @@ _POLL_S = 0.05
 
 Negatives = dict[str, tuple[str, int]]  # example id -> (sampled explain output, snapshot round it came from)
 
+log = logging.getLogger(__name__)
+
+
+def model_files(location: storage.Location) -> dict[str, bytes]:
+    """Every file of the model folder at ``location`` (a path, or a URI uploaded with ``storage.upload_dir``) by
+    relative path: the student as it travels to the sampler actors through the object store."""
+    folder = storage.download_dir(location) if storage.is_uri(location) else Path(location)
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    if not files:
+        raise FileNotFoundError(f"no model files at {location}: pass the folder the initial student was saved to")
+    return files
+
+
+def load_model_files(files: dict[str, bytes]):
+    """``(model, tokenizer)`` from :func:`model_files`' output, through a temporary folder on this node."""
+    with tempfile.TemporaryDirectory(prefix="qcrd-sampler-") as tmp:
+        for rel, data in files.items():
+            path = Path(tmp, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return student.load_pretrained(tmp)
+
 
 @ray.remote
 class NegativeSampler:
     """Samples the negatives of one shard of the training examples (see the module docstring)."""
 
-    def __init__(self, model_dir: str, store, examples: Sequence[tuple[str, str]], cfg: SnapshotConfig, seed: int):
+    def __init__(self, files: dict[str, bytes], store, examples: Sequence[tuple[str, str]], cfg: SnapshotConfig,
+                 seed: int):
         import torch
 
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.model, self.tokenizer = student.load_pretrained(model_dir)
+        self.model, self.tokenizer = load_model_files(files)
         self.model.eval()
         self.store = store
         self.ids = [i for i, _ in examples]
@@ -62,12 +94,15 @@ class NegativeSampler:
         while True:
             try:
                 snap_round, ref = await self.store.get.remote(round_index)
+                state = await ref
                 break
             except LookupError:  # Ray re-raises the actor's LookupError as a subclass of it
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(_POLL_S)
-        state = await ref
+            except ray.exceptions.ObjectLostError:  # the store died after answering: ask its restarted self
+                if time.monotonic() > deadline:
+                    raise
         loop = asyncio.get_running_loop()
         texts = await loop.run_in_executor(self._pool, self._generate, snap_round, state, round_index)
         return {i: (t, snap_round) for i, t in zip(self.ids, texts)}
@@ -86,18 +121,24 @@ class NegativeSampler:
 class NegativePool:
     """The sampler actors of a run, sharded over the examples; a plain object, so it travels to train workers."""
 
-    def __init__(self, actors: list):
+    def __init__(self, actors: list, shard_sizes: list[int]):
         self.actors = actors
+        self.shard_sizes = shard_sizes
+        self.last_fetch_missing = 0  # examples of the last fetch whose actor was lost (restarts used up)
 
     @classmethod
-    def start(cls, model_dir: str, store, examples: Sequence[tuple[str, str]], cfg: SnapshotConfig,
-              seed: int = 0) -> "NegativePool":
+    def start(cls, model_location: storage.Location, store, examples: Sequence[tuple[str, str]],
+              cfg: SnapshotConfig, seed: int = 0) -> "NegativePool":
+        """Start ``snapshots.sampler_actors`` samplers of the initial student at ``model_location`` (a path the
+        caller can read, or a URI); its files go to them through the object store, once for all."""
+        files = ray.put(model_files(model_location))
         n = min(cfg.sampler_actors, max(1, len(examples)))
-        options = {"num_cpus": cfg.sampler_num_cpus, "num_gpus": cfg.sampler_num_gpus}
-        return cls([
-            NegativeSampler.options(**options).remote(model_dir, store, list(examples[i::n]), cfg, seed + i)
-            for i in range(n)
-        ])
+        options = {"num_cpus": cfg.sampler_num_cpus, "num_gpus": cfg.sampler_num_gpus,
+                   "max_restarts": cfg.actor_restarts, "max_task_retries": -1}
+        shards = [list(examples[i::n]) for i in range(n)]
+        actors = [NegativeSampler.options(**options).remote(files, store, shard, cfg, seed + i)
+                  for i, shard in enumerate(shards)]
+        return cls(actors, [len(s) for s in shards])
 
     def request(self, round_index: int) -> None:
         """Start sampling ``round_index``'s negatives in the background (returns at once)."""
@@ -105,12 +146,21 @@ class NegativePool:
             actor.sample.remote(round_index)
 
     def fetch(self, round_index: int) -> Negatives:
-        """Every example's negative for ``round_index`` (waits only if sampling has not finished)."""
+        """Every example's negative for ``round_index`` (waits only if sampling has not finished). The part of an
+        actor that died for good (or whose snapshot store did) is left out and counted in ``last_fetch_missing``."""
         out: Negatives = {}
-        for part in ray.get([actor.sample.remote(round_index) for actor in self.actors]):
-            out.update(part)
+        missing = 0
+        refs = [actor.sample.remote(round_index) for actor in self.actors]
+        for i, (ref, size) in enumerate(zip(refs, self.shard_sizes)):
+            try:
+                out.update(ray.get(ref))
+            except ray.exceptions.RayActorError as e:  # after Ray's restarts and retries (also wraps the store's)
+                missing += size
+                log.warning("negative sampler %d lost for round %d (%s): its %d examples use teacher negatives",
+                            i, round_index, type(e).__name__, size)
+        self.last_fetch_missing = missing
         return out
 
     def shutdown(self) -> None:
         for actor in self.actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)

@@ -3,21 +3,32 @@
 Snapshot ``r`` is the student's weights at the *start* of round ``r`` (round 0 = the initial student), so the
 negatives of round ``r`` come from snapshot ``r - j`` (DESIGN.md §1). Rank 0 publishes each snapshot in one remote
 call; the actor ``ray.put``s it itself, so the object is owned by the actor and outlives the trainer's workers
-(an object a worker puts dies with that worker). With ``persist_dir`` the actor also writes each snapshot to disk
-so a resumed run can rebuild the ring.
+(an object a worker puts dies with that worker).
+
+With a ``location`` (a path or a URI, ``RUN/<method>/train/snapshots``) the actor writes each snapshot there
+through :mod:`qcrd_ray.storage` (atomically) before it holds it, and deletes what leaves the ring. Ray restarts a
+killed store (``snapshots.actor_restarts``) and retries the calls in flight; the new process reloads its ring from
+the location in ``__init__``, so every round published before the kill is served again. A resumed run uses the
+same reload.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Iterable
 
 import ray
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from qcrd_ray import storage
+from qcrd_ray.config import SnapshotConfig
+
+log = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^round_(\d{4,})\.safetensors$")
 
@@ -82,59 +93,63 @@ def cpu_state_dict(module: torch.nn.Module) -> SnapshotState:
     return SnapshotState((k, v.detach().cpu()) for k, v in module.state_dict().items())
 
 
-def snapshot_path(persist_dir: str | os.PathLike, round_index: int) -> Path:
-    return Path(persist_dir) / f"round_{round_index:04d}.safetensors"
+def snapshot_path(location: storage.Location, round_index: int) -> str:
+    return storage.join(location, f"round_{round_index:04d}.safetensors")
 
 
-def persisted_rounds(persist_dir: str | os.PathLike) -> list[int]:
-    d = Path(persist_dir)
-    if not d.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _FILE.match(p.name)))
+def persisted_rounds(location: storage.Location) -> list[int]:
+    """Rounds with a snapshot at ``location`` (a missing folder holds none)."""
+    names = (storage.basename(p) for p in storage.list_files(location, "round_*.safetensors"))
+    return sorted(int(m.group(1)) for n in names if (m := _FILE.match(n)))
+
+
+def snapshot_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    # safetensors refuses tensors that share memory (tied embeddings): store contiguous clones
+    return save_safetensors({k: v.contiguous().clone() for k, v in state_dict.items()})
 
 
 @ray.remote(num_cpus=0)
 class SnapshotStore:
     """Ring of ``round -> ObjectRef(state_dict)`` for the last j + 1 rounds (see the module docstring)."""
 
-    def __init__(self, j: int, neg_source: str = "lagged", persist_dir: str | None = None):
+    def __init__(self, j: int, neg_source: str = "lagged", location: str | None = None):
         self.j = j
         self.neg_source = neg_source
-        self.persist_dir = persist_dir
+        self.location = location
         self._ring: dict[int, ray.ObjectRef] = {}
-        if persist_dir:
-            Path(persist_dir).mkdir(parents=True, exist_ok=True)
+        if location:
+            storage.remove_partial_writes(location)  # a store killed mid-write (local path) leaves a temporary
+            for r in persisted_rounds(location):
+                self._ring[r] = ray.put(SnapshotState(load_safetensors(storage.read_bytes(snapshot_path(location, r)))))
+            if self._ring:
+                log.info("snapshot store: reloaded rounds %s from %s", sorted(self._ring), location)
+            self._prune()  # a kill between a publish's write and its prune left one round too many
 
     def publish(self, round_index: int, state_dict: dict[str, torch.Tensor]) -> list[int]:
-        """Hold ``state_dict`` as snapshot ``round_index`` (replacing one of that round); returns the held rounds."""
+        """Hold ``state_dict`` as snapshot ``round_index`` (replacing one of that round); returns the held rounds.
+        Persisted first: a round this call acknowledged survives the store's death."""
+        if self.location:
+            storage.write_bytes(snapshot_path(self.location, round_index), snapshot_bytes(state_dict))
         self._ring[round_index] = ray.put(state_dict)
-        if self.persist_dir:
-            path = snapshot_path(self.persist_dir, round_index)
-            tmp = path.with_suffix(".tmp")
-            # safetensors refuses tensors that share memory (tied embeddings): store contiguous clones
-            save_file({k: v.contiguous().clone() for k, v in state_dict.items()}, str(tmp))
-            os.replace(tmp, path)
         return self._prune()
 
     def restore(self, up_to_round: int) -> list[int]:
-        """Reload the persisted snapshots of rounds <= ``up_to_round`` (a resumed run); returns the held rounds."""
-        if not self.persist_dir:
-            raise RuntimeError("SnapshotStore.restore needs a persist_dir")
-        for r in persisted_rounds(self.persist_dir):
-            path = snapshot_path(self.persist_dir, r)
-            if r > up_to_round:
-                path.unlink()  # published after the checkpoint we resume from: will be republished
-            elif r not in self._ring:
-                self._ring[r] = ray.put(SnapshotState(load_file(str(path))))
-        return self._prune()
+        """Forget the snapshots of rounds > ``up_to_round`` (a run resumed from the checkpoint of that round
+        republishes them); returns the held rounds (the rest was reloaded when the store started)."""
+        if not self.location:
+            raise RuntimeError("SnapshotStore.restore needs a location to reload from")
+        for r in [r for r in self._ring if r > up_to_round]:
+            del self._ring[r]
+            storage.delete(snapshot_path(self.location, r))
+        return sorted(self._ring)
 
     def _prune(self) -> list[int]:
         keep = rounds_to_keep(self._ring, self.j, self.neg_source)
         for r in list(self._ring):
             if r not in keep:
                 del self._ring[r]
-                if self.persist_dir:
-                    snapshot_path(self.persist_dir, r).unlink(missing_ok=True)
+                if self.location:
+                    storage.delete(snapshot_path(self.location, r))
         return sorted(self._ring)
 
     def get(self, round_index: int) -> tuple[int, ray.ObjectRef]:
@@ -146,6 +161,9 @@ class SnapshotStore:
         return sorted(self._ring)
 
 
-def snapshot_store(name: str, j: int, neg_source: str = "lagged", persist_dir: str | None = None):
-    """Get or create the named store (one per run; it lives as long as the driver that created it)."""
-    return SnapshotStore.options(name=name, get_if_exists=True).remote(j, neg_source, persist_dir)
+def snapshot_store(name: str, j: int, neg_source: str = "lagged", location: str | None = None,
+                   max_restarts: int = SnapshotConfig.actor_restarts):
+    """Get or create the named store (one per run; it lives as long as the driver that created it). Ray restarts
+    it up to ``max_restarts`` times and retries the calls in flight, so handles keep working across a restart."""
+    return SnapshotStore.options(name=name, get_if_exists=True, max_restarts=max_restarts,
+                                 max_task_retries=-1).remote(j, neg_source, location)

@@ -175,11 +175,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and store is not None:
         store.publish.remote(start_round, cpu_state_dict(core.student))
     metrics_log = MetricsLog(run_dir / "train", global_step) if rank == 0 else None
-    negatives, neg_wait = {}, 0.0
+    negatives, neg_wait, neg_missing = {}, 0.0, 0
     if pool is not None and start_round < tc.rounds:
         t0 = time.perf_counter()
         negatives = pool.fetch(start_round)
-        neg_wait = time.perf_counter() - t0
+        neg_wait, neg_missing = time.perf_counter() - t0, pool.last_fetch_missing  # missing: teacher negatives
 
     for round_index in range(start_round, tc.rounds):
         if rank == 0 and pool is not None and round_index + 1 < tc.rounds:
@@ -209,7 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 now = time.perf_counter()
                 metrics.update(step=global_step, round=round_index, lr=scheduler.get_last_lr()[0],
                                alpha3=alpha3, examples_per_s=world * tc.batch_size * since_log / (now - tick),
-                               neg_wait_s=neg_wait)
+                               neg_wait_s=neg_wait, neg_missing=neg_missing)
                 tick, since_log = now, 0
                 if metrics_log:
                     metrics_log.write(metrics)
@@ -222,7 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if pool is not None and completed < tc.rounds:
             t0 = time.perf_counter()
             negatives = pool.fetch(completed)
-            neg_wait = time.perf_counter() - t0
+            neg_wait, neg_missing = time.perf_counter() - t0, pool.last_fetch_missing
             if rank == 0:
                 write_negatives(run_dir / "train" / "negatives.jsonl", negatives)
             if core.disc is not None:
@@ -232,7 +232,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         rng = [None] * world
         dist.all_gather_object(rng, ckpt.rng_state())
         round_metrics = {"step": global_step, "completed_rounds": completed, "round_s": round_s,
-                         "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0}
+                         "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0,
+                         "neg_missing": neg_missing}
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:

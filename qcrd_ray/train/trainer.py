@@ -90,9 +90,9 @@ def _fit(cfg: Config, files: list[str], run_dir: Path, resume_round: int) -> Non
     store = pool = None
     if method_spec(cfg).needs_student_negatives(cfg):
         name = "qcrd-snapshots-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
-        store = snapshot_store(name, cfg.snapshots.j, cfg.snapshots.neg_source, str(train_dir / "snapshots"))
-        if resume_round:
-            ray.get(store.restore.remote(resume_round - 1))
+        store = snapshot_store(name, cfg.snapshots.j, cfg.snapshots.neg_source, str(train_dir / "snapshots"),
+                               max_restarts=cfg.snapshots.actor_restarts)
+        ray.get(store.restore.remote(resume_round - 1))  # rounds past the checkpoint (all, on a fresh start) go
         examples = list(zip(table.column("id").to_pylist(), table.column("input").to_pylist()))
         pool = NegativePool.start(str(init_dir), store, examples, cfg.snapshots, seed=cfg.train.seed)
         pool.request(resume_round)  # starts as soon as the snapshot it needs is published
