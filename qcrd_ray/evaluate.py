@@ -15,8 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from qcrd_ray import console
 from qcrd_ray import student as student_lib
 from qcrd_ray.config import Config
 from qcrd_ray.data import answers, prompts
@@ -58,7 +57,8 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
     max_new_tokens = cfg.student.max_target_len
 
     records = []
-    with tqdm(total=len(data.rows), desc=f"eval {split} ({mode})", unit="ex") as bar:
+    label = f"eval {split} ({mode})"
+    with console.progress(label, total=len(data.rows), unit="ex", summarize=False) as bar:
         for start in range(0, len(data.rows), _CHUNK):
             rows = data.rows[start:start + _CHUNK]
             outputs = student_lib.generate(
@@ -80,5 +80,5 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
             for record in records:
                 f.write(json.dumps(record) + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("%s %s (%s): accuracy %.4f on %d examples", cfg.data.task, split, mode, metrics["accuracy"], len(records))
+    console.summary(f"{label}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(records)}, {metrics['unparsed']} unparsed)")
     return metrics

@@ -43,7 +43,9 @@ def _stage(name: str):
     except (ConfigError, StageError):
         raise
     except Exception as e:
-        raise StageError(name, f"{type(e).__name__}: {e}") from e
+        cause = getattr(e, "cause", None)  # a RayTaskError: name the error raised on the worker, not Ray's wrapper
+        root = cause if isinstance(cause, BaseException) else e
+        raise StageError(name, f"{type(root).__name__}: {root}") from e
 
 
 def teacher_problem(summary: dict) -> str | None:
@@ -111,7 +113,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.train.trainer import run_training
 
-    layout = RunLayout(str(run_dir))
+    layout = RunLayout.at(str(run_dir))
     methods = tuple(methods or (cfg.train.method,))
     check_runnable(cfg, methods)
     _check_same_config(layout, cfg)

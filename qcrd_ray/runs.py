@@ -47,6 +47,11 @@ class MethodLayout:
 
     root: str
 
+    @classmethod
+    def at(cls, path: str) -> "MethodLayout":
+        """The layout at ``path`` made absolute, so Ray workers with another working directory find it."""
+        return cls(_normalize(path))
+
     @property
     def name(self) -> str:
         return posixpath.basename(self.root.rstrip("/"))
@@ -100,6 +105,11 @@ class RunLayout:
     """``RUN``: the shared teacher output, one :class:`MethodLayout` per method, the report and the logs."""
 
     root: str
+
+    @classmethod
+    def at(cls, path: str) -> "RunLayout":
+        """The layout at ``path`` made absolute, so Ray workers with another working directory find it."""
+        return cls(_normalize(path))
 
     @property
     def config(self) -> str:

@@ -25,31 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
 
-def _log_to_file(path: str) -> logging.Handler:
-    """Everything logged in this process goes to RUN/logs/qcrd.log, tracebacks included."""
-    from pathlib import Path
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
-    return handler
-
-
 def run(args: argparse.Namespace) -> int:
+    from qcrd_ray import console
     from qcrd_ray.pipeline import check_runnable, comparison_table, run_pipeline
     from qcrd_ray.runs import RunLayout
 
     cfg = load_config_from_args(args, data="data.data_dir", task="data.task")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else (cfg.train.method,)
     check_runnable(cfg, methods)  # refused here, before a run directory or Ray exists
-    layout = RunLayout(args.out or f"runs/{cfg.data.task}")
+    layout = RunLayout.at(args.out or f"runs/{cfg.data.task}")
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    log_file = _log_to_file(layout.log_file)
+    log_file = console.log_to_file(layout.logs)  # RUN/logs/qcrd.log (DEBUG, tracebacks) and workers.log
     import ray
 
     from qcrd_ray.config import ConfigError

@@ -31,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from qcrd_ray.teacher.summary import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from qcrd_ray.teacher.backends import check_serves
+
     cfg = load_config_from_args(args, data="data.data_dir", task="data.task")
+    check_serves(cfg.teacher.backend, cfg.data.task, cfg.data.answer_type)  # before Ray or any data is touched
     try:
         summary = run_teacher(cfg, args.out, split=args.split)
     except DataError as e:
