@@ -42,6 +42,40 @@ def test_tokenizer_specials_digits_and_lossless_decode():
     assert len(tok) <= 300
 
 
+# Rare characters on purpose: characters the trainer prunes and adds back are scored in its hash order.
+DETERMINISM_SCRIPT = """
+import json, sys
+from qcrd_ray.data.synthetic import make_split
+from qcrd_ray.student import train_tokenizer
+rows = make_split("train", train_size=300, eval_size=1)
+texts = [r["input"] for r in rows] + [r["label"] for r in rows]
+texts += ["naïve café → 3½ × 2 ≈ 7 ┌─┐ └─┘ α β γ δ ∑ ∪ ±", "Zoë's jalapeño costs $4 @ 10% off; #1 {x} [y] ~z"]
+tok = train_tokenizer(texts, 500)
+probe = "Zoë has 12 boxes ┌─┐ and 7 × 3 ≈ 21, naïve?"
+print(json.dumps({"tokenizer": tok.backend_tokenizer.to_str(), "ids": tok(probe)["input_ids"]}))
+"""
+
+
+def test_tokenizer_is_a_pure_function_of_its_texts():
+    """Same texts, same vocabulary, scores and ids: in separate processes with different hash seeds (the Unigram
+    trainer's own hash order is random per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for seed in ("0", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], env=env, check=True, capture_output=True,
+                             text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r == runs[0] for r in runs[1:])
+    vocab = json.loads(runs[0]["tokenizer"])["model"]["vocab"]
+    assert [piece for piece, _ in vocab[:3]] == ["<pad>", "</s>", "<unk>"]
+    assert 2 not in runs[0]["ids"]  # every character of the text is in the vocabulary: no <unk>
+
+
 def test_tiny_model_follows_the_config():
     model, tok = load_student(CFG, TEXTS)
     assert model.config.d_model == 32 and model.config.num_layers == 1 and model.config.num_heads == 2
