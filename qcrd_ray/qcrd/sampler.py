@@ -121,9 +121,12 @@ class NegativeSampler:
 class NegativePool:
     """The sampler actors of a run, sharded over the examples; a plain object, so it travels to train workers."""
 
-    def __init__(self, actors: list, shard_sizes: list[int]):
+    def __init__(self, actors: list, shard_sizes: list[int], files: ray.ObjectRef):
         self.actors = actors
         self.shard_sizes = shard_sizes
+        # Ray does not keep an actor's constructor arguments for its restarts (ray-project/ray#53727): a restarted
+        # sampler reads the student's files through this reference, held as long as the pool
+        self.files = files
         self.last_fetch_missing = 0  # examples of the last fetch whose actor was lost (restarts used up)
 
     @classmethod
@@ -138,7 +141,7 @@ class NegativePool:
         shards = [list(examples[i::n]) for i in range(n)]
         actors = [NegativeSampler.options(**options).remote(files, store, shard, cfg, seed + i)
                   for i, shard in enumerate(shards)]
-        return cls(actors, [len(s) for s in shards])
+        return cls(actors, [len(s) for s in shards], files)
 
     def request(self, round_index: int) -> None:
         """Start sampling ``round_index``'s negatives in the background (returns at once)."""
