@@ -205,6 +205,70 @@ def test_user_parquet_numeric_task(tmp_path):
     assert result.rows[0]["id"] == "adds-test-0"
 
 
+LATIN1 = "café".encode("latin-1")  # b"caf\xe9": a byte that is not UTF-8
+
+
+def test_dss_rejects_repeated_ids_and_bytes_that_are_not_utf8(tmp_path):
+    cqa = {"question": "Where is it?", "choices": ["here", "there"], "answer": "here"}
+    lines = [json.dumps({**cqa, "id": i}).encode() for i in ("a", "b", "a", "c", "d")]
+    lines[3] = lines[3].replace(b"Where", b"Wh\xe9re")  # c: latin-1 in the question
+    lines.append(b'{"id": "e", "question": "lone \\ud800 surrogate", "choices": ["here", "there"], "answer": "here"}')
+    (tmp_path / "cqa/llm").mkdir(parents=True)
+    (tmp_path / "cqa/cqa_test.json").write_bytes(b"\n".join(lines) + b"\n")
+    cots = [f"r{i}. So the answer is here." for i in range(6)]
+    # one CoT file for all rows: d's rationale holds a latin-1 byte, the others are clean
+    payload = json.dumps(cots, ensure_ascii=False).encode().replace(b"r4.", b"r4 " + LATIN1 + b".")
+    (tmp_path / "cqa/llm/test_CoT_0.json").write_bytes(payload)
+    result = load_split(DataConfig(data_dir=str(tmp_path), task="cqa"), "test")
+    assert [r["id"] for r in result.rows] == ["a", "b"]
+    assert result.rows[0]["rationales"] == ["r0. So the answer is here."]  # the first "a" is kept, with its CoT
+    assert [(r["line"], r["kind"]) for r in result.rejects] == [
+        (3, "duplicate_id"), (4, "not_utf8"), (5, "not_utf8"), (6, "not_utf8")]
+    assert "'a'" in result.rejects[0]["reason"] and "line 1" in result.rejects[0]["reason"]
+    assert "0xe9" in result.rejects[1]["reason"] and "\\xe9" in result.rejects[1]["raw"]
+    assert "test_CoT_0.json[4]" in result.rejects[2]["reason"]
+    assert all("\ufffd" not in r["input"] + "".join(r["rationales"]) for r in result.rows)
+
+
+def test_jsonl_rejects_repeated_ids_and_bytes_that_are_not_utf8_per_line(tmp_path):
+    rec = {"question": "q", "options": ["red", "blue"], "gold": 0}
+    lines = [json.dumps({**rec, "qid": i, "question": f"q{i}"}).encode() for i in (1, 2, 1, 3, 2)]
+    lines[3] = lines[3].replace(b"q3", b"q3 " + LATIN1)
+    (tmp_path / "test.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    cfg = DataConfig(data_dir=str(tmp_path), task="colors", format="jsonl",
+                     columns={"id": "qid", "input": "question", "choices": "options", "label": "gold"})
+    result = load_split(cfg, "test")
+    assert [(r["id"], r["input"]) for r in result.rows] == [("1", "q1"), ("2", "q2")]
+    assert [(r["line"], r["kind"]) for r in result.rejects] == [(3, "duplicate_id"), (4, "not_utf8"),
+                                                                 (5, "duplicate_id")]
+
+
+def test_duplicate_ids_are_checked_across_train_and_the_carved_valid(tmp_path):
+    records = [{"qid": i % 15, "question": f"q{i}", "options": ["red", "blue"], "gold": i % 2} for i in range(20)]
+    _write_jsonl(tmp_path / "train.jsonl", records)  # rows 15..19 repeat the ids of rows 0..4
+    cfg = DataConfig(data_dir=str(tmp_path), task="colors", format="jsonl", valid_fraction=0.25,
+                     columns={"id": "qid", "input": "question", "choices": "options", "label": "gold"})
+    train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
+    kept = {r["input"] for r in train.rows + valid.rows}
+    assert kept == {f"q{i}" for i in range(15)}  # always the first of a pair, whichever split holds it
+    assert not {r["id"] for r in train.rows} & {r["id"] for r in valid.rows}
+    assert sorted(r["line"] for r in train.rejects + valid.rejects) == [16, 17, 18, 19, 20]
+    assert {r["kind"] for r in train.rejects + valid.rejects} == {"duplicate_id"}
+
+
+def test_parquet_rejects_repeated_ids_and_values_that_are_not_utf8(tmp_path):
+    texts = [b"2 and 3", b"4 and " + LATIN1, b"1 and 1", b"5 and 5"]
+    table = pa.table({"id": ["x", "y", "x", "z"], "text": pa.array(texts, pa.binary()).view(pa.string()),
+                      "answer": ["2 + 3", "4 + 5", "1 + 1", "5 + 5"]})
+    pq.write_table(table, tmp_path / "test.parquet")
+    cfg = DataConfig(data_dir=str(tmp_path), task="adds", format="parquet", answer_type="numeric",
+                     columns={"input": "text", "label": "answer"})
+    result = load_split(cfg, "test")
+    assert [(r["id"], r["input"]) for r in result.rows] == [("x", "2 and 3"), ("z", "5 and 5")]
+    assert [(r["index"], r["kind"]) for r in result.rejects] == [(1, "not_utf8"), (2, "duplicate_id")]
+    assert "'text'" in result.rejects[0]["reason"]
+
+
 def test_synthetic_is_the_default_and_other_tasks_need_data():
     assert load_split(DataConfig(synthetic_eval_size=7), "valid").summary["rows"] == 7
     with pytest.raises(DataError, match="data_dir"):

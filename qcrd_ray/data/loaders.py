@@ -16,6 +16,14 @@ A bad row never aborts a load: it is returned in ``LoadResult.rejects`` (and wri
 line or index, a reason and the raw text, and counted in the summary. A CoT file whose length does not match the
 rows it covers cannot be joined safely, so every row of its range is rejected (``cot_mismatch``); a missing CoT
 file rejects its range (``cot_missing``); a split with no CoT files at all loads with empty rationales.
+
+Text is decoded strictly per row: a JSONL line (or a DSS split line) whose bytes are not UTF-8, a Parquet row with
+such a value, or a row whose JSON escapes hold a lone surrogate is rejected (``not_utf8``), never loaded with
+U+FFFD. A CoT file is one JSON array: it is decoded with its bad bytes kept apart, so only the rows whose
+rationale holds them are rejected (``not_utf8``); bad bytes in the array's structure make it unparsable
+(``cot_mismatch`` for its range). Ids are unique per source file: a later row repeating an id (given or generated)
+is rejected (``duplicate_id``), the first row with it is kept; the check runs over the whole file in file order
+before valid is carved, so train and the carved valid never share an id either.
 """
 
 from __future__ import annotations
@@ -57,6 +65,32 @@ class LoadResult:
 
     def table(self) -> pa.Table:
         return examples_table(self.rows)
+
+
+class _NotUtf8:
+    """A record whose bytes are not UTF-8 (``reason`` says where)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _utf8_error(error: UnicodeDecodeError) -> str:
+    return f"not UTF-8: byte 0x{error.object[error.start]:02x} at byte {error.start}"
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds text that cannot be encoded as UTF-8 (an escaped lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 class _Reject(Exception):
@@ -190,9 +224,15 @@ def _user_builder(spec: TaskSpec, columns: dict):
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """(1-based line number, raw line, parsed object or the JSON error) for every non-blank line."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
+    """(1-based line number, raw line, parsed object, the JSON error or :class:`_NotUtf8`) for every non-blank
+    line; each line is decoded on its own, so one bad line does not touch the others."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n"), _NotUtf8(_utf8_error(e))
+                continue
             if not line.strip():
                 continue
             try:
@@ -202,10 +242,24 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, str, Any]]:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(0-based row index, "", record or :class:`_NotUtf8`) for every row. Parquet strings should be UTF-8 but
+    the format does not enforce it; a value that is not fails its row only."""
     import pyarrow.parquet as pq
 
-    for index, record in enumerate(pq.read_table(path).to_pylist()):
-        yield index, "", record
+    table = pq.read_table(path)
+    try:
+        records: list[Any] = table.to_pylist()
+    except UnicodeDecodeError:
+        records = [{} for _ in range(table.num_rows)]
+        for name, column in zip(table.column_names, table.columns):
+            for index, value in enumerate(column):
+                if isinstance(records[index], _NotUtf8):
+                    continue
+                try:
+                    records[index][name] = value.as_py()
+                except UnicodeDecodeError as e:
+                    records[index] = _NotUtf8(f"column {name!r} is {_utf8_error(e)}")
+    yield from ((index, "", record) for index, record in enumerate(records))
 
 
 def _load_cots(task_dir: Path, split: str, batch: int, n_rows: int) -> tuple[dict[int, str], dict[int, tuple[str, str]], list[dict]]:
@@ -233,7 +287,8 @@ def _load_cots(task_dir: Path, split: str, batch: int, n_rows: int) -> tuple[dic
             bad.update({k: ("cot_missing", f"{name} is missing") for k in range(lo, hi)})
             continue
         try:
-            texts = json.loads(files[i].read_text(encoding="utf-8"))
+            # bad bytes become lone surrogates, so the rows whose rationale holds them can be told apart below
+            texts = json.loads(files[i].read_bytes().decode("utf-8", errors="surrogateescape"))
             if not isinstance(texts, list):
                 raise ValueError("not a JSON array")
         except ValueError as e:
@@ -244,7 +299,9 @@ def _load_cots(task_dir: Path, split: str, batch: int, n_rows: int) -> tuple[dic
             bad.update({k: ("cot_mismatch", reason) for k in range(lo, hi)})
             continue
         for k, text in enumerate(texts):
-            if isinstance(text, str):
+            if isinstance(text, str) and _has_lone_surrogate(text):
+                bad[lo + k] = ("not_utf8", f"{name}[{k}] is not UTF-8 text")
+            elif isinstance(text, str):
                 cots[lo + k] = text
             else:
                 bad[lo + k] = ("cot_mismatch", f"{name}[{k}] is not a string: {text!r}"[:200])
@@ -331,33 +388,45 @@ def _read_rows(cfg: DataConfig, spec: TaskSpec, split: str) -> tuple[list[dict],
         build = _user_builder(spec, cfg.columns)
         records = list((_parquet_records if cfg.format == "parquet" else _jsonl_records)(source))
     source_split = "train" if carved else split
-    keep: list[int] | range = range(len(records))
+    keep: set[int] | range = range(len(records))
     if carved:
-        keep = sorted(_carve(len(records), cfg.valid_fraction, cfg.split_seed))
+        keep = _carve(len(records), cfg.valid_fraction, cfg.split_seed)
     elif split == "train" and _valid_is_carved(cfg):
         held_out = _carve(len(records), cfg.valid_fraction, cfg.split_seed)
-        keep = [i for i in keep if i not in held_out]
+        keep = set(keep) - held_out
     cots, bad_cots, rejects = {}, {}, []
     if cfg.format == "dss":
         cots, bad_cots, rejects = _load_cots(task_dir, source_split, COT_BATCH[cfg.task], len(records))
     position = "index" if cfg.format == "parquet" else "line"
     rows = []
-    for index in keep:
-        number, line, record = records[index]
+    first_with_id: dict[str, int] = {}
+    # Every row of the file, in file order, so "the first row with an id" does not depend on the split carved.
+    for index, (number, line, record) in enumerate(records):
         try:
+            if isinstance(record, _NotUtf8):
+                raise _Reject("not_utf8", record.reason)
             if isinstance(record, json.JSONDecodeError):
                 raise _Reject("bad_json", f"not valid JSON: {record.msg} (column {record.colno})")
             if not isinstance(record, dict):
                 raise _Reject("bad_json", f"expected a JSON object, got {type(record).__name__}")
+            if _has_lone_surrogate(record):
+                raise _Reject("not_utf8", "holds an escaped lone surrogate (\\ud800-\\udfff): not encodable as UTF-8")
             row = build(record)
             if index in bad_cots:
                 raise _Reject(*bad_cots[index])
+            row["id"] = row.get("id") or f"{cfg.task}-{source_split}-{index}"
+            if row["id"] in first_with_id:
+                raise _Reject("duplicate_id", f"id {row['id']!r} repeats {position} "
+                                              f"{records[first_with_id[row['id']]][0]} (the first is kept)"[:200])
+            first_with_id[row["id"]] = index
         except _Reject as r:
-            raw = line or json.dumps(record, default=str, ensure_ascii=False)
-            rejects.append({position: number, "source": source.name, "kind": r.kind, "reason": r.reason,
-                            "raw": raw[:RAW_CHARS]})
+            if index in keep:
+                raw = line or (json.dumps(record, default=str, ensure_ascii=False) if isinstance(record, dict) else "")
+                rejects.append({position: number, "source": source.name, "kind": r.kind, "reason": r.reason,
+                                "raw": raw[:RAW_CHARS]})
             continue
-        row["id"] = row.get("id") or f"{cfg.task}-{source_split}-{index}"
+        if index not in keep:
+            continue
         row["task"] = cfg.task
         row["rationales"] = [cots[index]] if index in cots else row.get("rationales", [])
         rows.append(row)
