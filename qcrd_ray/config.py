@@ -73,6 +73,8 @@ class TeacherConfig:
     num_cpus: float = _num(0.5, 0.0)  # per teacher actor (fractional on a laptop)
     num_gpus: float = _num(0.0, 0.0)  # per teacher actor (vllm / hf on a GPU cluster)
     shard_rows: int = _num(256, 1)  # examples per output Parquet shard (the unit of resumption)
+    # times Ray restarts a lost teacher actor (killed, its node gone); its unfinished batches rerun on the new one
+    max_restarts: int = _num(3, 0)
     # http backend (OpenAI-compatible)
     base_url: str = "http://127.0.0.1:8000/v1"
     api: str = _choice("chat", "chat", "completions")

@@ -113,6 +113,12 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: lis
         compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
         num_cpus=t.num_cpus,
         num_gpus=t.num_gpus,
+        # A killed actor is restarted and the batches it held are resubmitted to the pool. Outputs are a pure
+        # function of (id, sample seed), and a batch whose actor died never reached the driver, so every sample
+        # arrives exactly once. Bounded, so an actor that keeps dying (OOM loading the model) fails the run.
+        # (Ray 2.60 takes these only as remote args; it warns that form goes in 2.64, with no replacement yet.)
+        max_restarts=t.max_restarts,
+        max_task_retries=-1 if t.max_restarts else 0,
     )
 
 
