@@ -57,6 +57,38 @@ def load_config_from_args(args: argparse.Namespace, config=None, **flags: str):
     return load_config(config if config is not None else args.config, overrides)
 
 
+# the arguments of each command that name a run location, checked by check_locations before the command runs
+LOCATION_ARGS: dict[str, tuple[str, ...]] = {
+    "run": ("out",), "teach": ("out",), "train": ("out", "teacher"), "eval": ("model", "out"),
+    "report": ("out",), "serve": ("model",),
+}
+
+
+def check_locations(args: argparse.Namespace) -> None:
+    """Refuse, before anything is written, a location that the other nodes of a multi-node cluster cannot reach
+    (``storage.check_shared``). Only a cluster that exists already can have other nodes: a command that starts
+    its own local Ray (no ``--address``, no ``RAY_ADDRESS``) is not checked, and Ray is not started for it."""
+    import os
+
+    import ray
+
+    from qcrd_ray import storage
+
+    names = LOCATION_ARGS.get(args.command, ())
+    locations = [getattr(args, n) for n in names if getattr(args, n, None) is not None]
+    if args.command == "run" and args.out is None:  # qcrd run's default, runs/<task>, is relative
+        locations.append(os.path.join("runs", args.task or "<task>"))
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    if not locations or not (ray.is_initialized() or address):
+        return
+    from qcrd_ray.ray_utils import init_ray
+
+    init_ray(address)
+    multi_node = storage.is_multi_node()
+    for location in locations:
+        storage.check_shared(location, multi_node)
+
+
 def build_parser(load_subcommands: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qcrd",
@@ -79,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from qcrd_ray import console
+    from qcrd_ray import console, storage
     from qcrd_ray.config import ConfigError
 
     module = importlib.import_module(f"qcrd_ray.cli.{COMMANDS[args.command][0]}")
     try:
         with console.session(verbose=getattr(args, "verbose", False)):
+            check_locations(args)
             return int(module.run(args) or 0)
     except ConfigError as e:
         print(f"qcrd {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except storage.StorageError as e:
+        print(f"qcrd {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"qcrd {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -1,0 +1,186 @@
+"""The cluster path end to end: a real multi-node Ray (head with no CPUs + two 1-CPU worker nodes) and a real S3
+server on loopback. `qcrd run --out s3://…` from a scratch directory, interrupted for real (its driver SIGKILLed
+once a checkpoint is in the bucket) and resumed by the same command; every artifact in the bucket and nothing in
+the scratch directory; then a second driver from another directory evaluates, reports and serves the run from its
+URI alone. A relative --out on this cluster is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from qcrd_ray import storage
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[1]
+QCRD = str(Path(sys.executable).parent / "qcrd")
+ROUNDS, ROUND_STEPS, EVAL_SIZE = 3, 3, 12
+# tiny, and fractional CPUs: two train workers, the sampler and the teacher pool share two 1-CPU nodes
+SMALL_RUN = [
+    "--set", "data.synthetic_train_size=32", "--set", f"data.synthetic_eval_size={EVAL_SIZE}",
+    "--set", "teacher.k=3", "--set", "teacher.shard_rows=16", "--set", "teacher.num_cpus=0.25",
+    "--set", "teacher.max_actors=1",
+    "--set", f"train.rounds={ROUNDS}", "--set", f"train.round_steps={ROUND_STEPS}", "--set", "train.num_workers=2",
+    "--set", "train.num_cpus_per_worker=0.25",
+    "--set", "snapshots.j=1", "--set", "snapshots.max_new_tokens=16", "--set", "snapshots.sampler_num_cpus=0.25",
+    "--set", "discriminator.pretrain_steps=5", "--set", "discriminator.refresh_steps=2",
+    "--set", "student.max_target_len=48", "--set", "serve.num_cpus=0.25",
+]
+WAIT_S = 300.0
+
+
+def _env(cluster) -> dict[str, str]:
+    # what `ray job submit` gives a job's driver: the cluster's address; the S3 variables come from s3_server
+    return {**os.environ, "RAY_ADDRESS": cluster.address, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _qcrd(cluster, cwd: Path, *args: str, timeout: float = WAIT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([QCRD, *args], cwd=cwd, env=_env(cluster), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _files(uri: str) -> list[str]:
+    """Every file under ``uri``, relative to it."""
+    fs, path = storage.resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+@pytest.fixture(scope="module")
+def run_uri(multinode_cluster, s3_server, tmp_path_factory):
+    """`qcrd run --out s3://…` from a scratch directory: killed once its first checkpoint is in the bucket, then
+    rerun to completion. Yields (run URI, scratch directory, figures of the interruption)."""
+    uri = storage.join(s3_server, "multinode", "run")
+    scratch = tmp_path_factory.mktemp("scratch")
+    command = [QCRD, "run", "--out", uri, *SMALL_RUN]
+    checkpoints = storage.join(uri, "qcrd", "train", "checkpoints")
+    first = subprocess.Popen(command, cwd=scratch, env=_env(multinode_cluster), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + WAIT_S
+    try:
+        while not any("round_" in f for f in _files(checkpoints)):
+            assert first.poll() is None, f"the first run ended before a checkpoint: {first.stdout.read()[-4000:]}"
+            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver (and anything it spawned): no chance to clean up
+        first.wait(timeout=60)
+    figures = {"model_complete_at_kill": storage.is_complete(storage.join(uri, "qcrd", "model"))}
+    started = time.monotonic()
+    second = _qcrd(multinode_cluster, scratch, *command[1:])
+    figures["resume_s"] = time.monotonic() - started
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    yield uri, scratch, figures
+
+
+def test_a_run_on_s3_keeps_everything_in_the_bucket_and_resumes_after_its_driver_is_killed(run_uri):
+    from qcrd_ray.train import checkpoint as ckpt
+
+    uri, scratch, figures = run_uri
+    assert not figures["model_complete_at_kill"]  # the kill interrupted training, it did not follow it
+    assert list(scratch.iterdir()) == []  # nothing of the run on the driver's disk
+    files = _files(uri)
+    for expected in ("teacher/manifest.json", "teacher/summary.json", "teacher/errors.jsonl", "teacher/rejects.jsonl",
+                     "teacher/config.yaml", "qcrd/train/config.yaml", "qcrd/train/metrics.jsonl",
+                     "qcrd/model/config.json", f"qcrd/model/{storage.COMPLETE_MARKER}",
+                     "qcrd/eval/test-predict/metrics.json", "qcrd/eval/test-predict/predictions.jsonl",
+                     "report.md", "logs/qcrd.log"):
+        assert expected in files, (expected, files)
+    for prefix in ("teacher/part-", "qcrd/train/checkpoints/", "qcrd/train/snapshots/", "qcrd/train/tensorboard/",
+                   "qcrd/train/init_model/"):
+        assert any(f.startswith(prefix) for f in files), (prefix, files)
+    # the resumed run trained the rounds it was asked for, no more, no less
+    state = ckpt.load_state(ckpt.latest(storage.join(uri, "qcrd", "train", "checkpoints")))
+    assert (state.completed_rounds, state.global_step) == (ROUNDS, ROUNDS * ROUND_STEPS)
+    rounds = {json.loads(line).get("round") for line in storage.read_text(
+        storage.join(uri, "qcrd", "train", "metrics.jsonl")).splitlines()}
+    assert len(rounds - {None}) == ROUNDS
+    metrics = json.loads(storage.read_text(storage.join(uri, "qcrd", "eval", "test-predict", "metrics.json")))
+    assert metrics["n"] == EVAL_SIZE
+    print(f"\ndriver killed after the first checkpoint; the same command finished the run in "
+          f"{figures['resume_s']:.0f}s")
+
+
+def test_a_second_driver_elsewhere_evaluates_and_reports_the_run_from_its_uri(run_uri, multinode_cluster, tmp_path):
+    uri, _, _ = run_uri
+    stored = json.loads(storage.read_text(storage.join(uri, "qcrd", "eval", "test-predict", "metrics.json")))
+    result = _qcrd(multinode_cluster, tmp_path, "eval", "--model", storage.join(uri, "qcrd"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (metrics["n"], metrics["correct"]) == (stored["n"], stored["correct"])  # same model, greedy decoding
+
+    storage.delete(storage.join(uri, "report.md"))
+    result = _qcrd(multinode_cluster, tmp_path, "report", "--out", uri)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "qcrd" in storage.read_text(storage.join(uri, "report.md"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster, tmp_path):
+    import httpx
+
+    uri, _, _ = run_uri
+    port = _free_port()
+    server = subprocess.Popen([QCRD, "serve", "--model", storage.join(uri, "qcrd"), "--port", str(port)],
+                              cwd=tmp_path, env=_env(multinode_cluster), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            assert server.poll() is None, server.stdout.read()[-4000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "qcrd serve never became healthy"
+            time.sleep(1)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"input": "What is 5 plus 3?"}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["label"] is not None
+    finally:
+        server.send_signal(signal.SIGTERM)  # qcrd serve shuts Serve down on SIGTERM
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=60)
+
+
+@pytest.mark.parametrize("entrypoint", [["-m", "jobs.pipeline"], ["-m", "jobs.teach"]])
+def test_a_job_with_a_relative_out_is_refused_on_a_multi_node_cluster(multinode_cluster, s3_server, tmp_path,
+                                                                      entrypoint):
+    # the job's driver as the job supervisor starts it: in the shipped working dir, RAY_ADDRESS set
+    result = subprocess.run([sys.executable, *entrypoint, "--out", "runs/x", *SMALL_RUN], cwd=ROOT,
+                            env=_env(multinode_cluster), capture_output=True, text=True, timeout=WAIT_S)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "'runs/x' is a relative path on a multi-node cluster" in result.stderr
+    assert "s3://bucket/run" in result.stderr
+    assert not (ROOT / "runs" / "x").exists()
+
+
+def test_the_location_check_in_process(multinode_cluster, s3_server, tmp_path, monkeypatch, capsys):
+    from qcrd_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["teach", "--out", "runs/x"]) == 2
+    assert "relative path on a multi-node cluster" in capsys.readouterr().err
+    assert main(["run", *SMALL_RUN]) == 2  # qcrd run's default, runs/<task>, is relative too
+    assert "'runs/<task>' is a relative path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
