@@ -89,6 +89,28 @@ def test_pipeline_job_succeeds_on_a_real_head(ray_head, tmp_path):
     assert "report:" in logs and "qcrd serve --model" in logs
 
 
+@pytest.mark.slow
+def test_pipeline_job_writes_the_run_to_s3(s3_server, tmp_path):
+    """The cluster way: the job's --out is a bucket URI; the job reaches the S3 server through the environment its
+    runtime_env hands it (on a real cluster, the nodes' instance role), and nothing lands in its working dir."""
+    from qcrd_ray import storage
+
+    uri = storage.join(s3_server, "job-run")
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    with _head({"RAY_AUTH_MODE": "disabled"}) as address:
+        job_id = jobs_submit.submit(
+            address, [sys.executable, "-m", "jobs.pipeline", "--out", uri, *SMALL_RUN], working_dir=str(ROOT),
+            env={"TOKENIZERS_PARALLELISM": "false", **aws},
+        )
+        status = jobs_submit.wait(address, job_id, timeout_s=600)
+        logs = jobs_submit._client(address).get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    metrics = json.loads(storage.read_text(storage.join(uri, "qcrd", "eval", "test-predict", "metrics.json")))
+    assert metrics["n"] == 16
+    assert storage.exists(storage.join(uri, "report.md")) and storage.is_complete(storage.join(uri, "qcrd", "model"))
+    assert f"qcrd serve --model {uri}/qcrd" in logs
+
+
 def test_failed_job_gives_a_nonzero_exit_code(ray_head, tmp_path):
     job_id = jobs_submit.submit(ray_head, [sys.executable, "-m", "jobs.pipeline", "--set", "train.rounds=0"],
                                 working_dir=str(ROOT))
@@ -114,6 +136,31 @@ def test_cluster_yaml_keeps_token_auth_on_and_the_dashboard_on_loopback():
     assert "RAY_AUTH_MODE=disabled" not in (ROOT / "cluster.yaml").read_text()
     # every node gets the token at the path Ray reads by default
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_cluster_yaml_shows_both_shared_storages(tmp_path):
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = cluster["available_node_types"]
+    # S3 through instance roles: every node has one, so no node holds keys
+    assert types["head"]["node_config"]["IamInstanceProfile"] == {"Name": "qcrd-ray-head"}
+    for name, node in types.items():
+        assert "Name" in node["node_config"]["IamInstanceProfile"], name
+    # EFS/NFS: the mount command runs as shipped (EFS unset: nothing is mounted, nothing is called) ...
+    [mount] = cluster["initialization_commands"]
+    calls = tmp_path / "calls"
+    for tool in ("sudo", "mount", "mountpoint"):
+        (tmp_path / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (tmp_path / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    assert subprocess.run(["bash", "-c", mount], env=env).returncode == 0 and not calls.exists()
+    # ... and with EFS set, mounts it with NFS 4.1 at /mnt/efs
+    set_efs = mount.replace("EFS=;", "EFS=fs-1.efs.us-west-2.amazonaws.com;", 1)
+    (tmp_path / "mountpoint").write_text("#!/bin/sh\nexit 1\n")  # not mounted yet
+    assert subprocess.run(["bash", "-c", set_efs], env=env).returncode == 0
+    lines = calls.read_text().splitlines()
+    assert "sudo mkdir -p /mnt/efs" in lines
+    assert any(line.startswith("sudo mount -t nfs4 -o nfsvers=4.1") and
+               line.endswith("fs-1.efs.us-west-2.amazonaws.com:/ /mnt/efs") for line in lines), lines
 
 
 def test_the_token_is_looked_up_where_ray_looks(tmp_path):
