@@ -1,6 +1,6 @@
 """Submit, follow, inspect and stop qcrd jobs on a Ray cluster (a thin layer over JobSubmissionClient).
 
-    python -m jobs.submit submit [--address URL] -- python -m jobs.pipeline --config configs/cpu/synthetic.yaml
+    python -m jobs.submit submit [--address URL] -- python -m jobs.pipeline --config C --out s3://bucket/runs/x
     python -m jobs.submit logs JOB_ID [--follow]
     python -m jobs.submit status JOB_ID
     python -m jobs.submit stop JOB_ID
