@@ -1,22 +1,31 @@
 """What a round checkpoint holds and how it is written and read back (no Ray here).
 
-A checkpoint directory (``RUN/train/checkpoints/round_NNNN``, written through ``ray.train.report``) holds:
+A checkpoint directory (``RUN/train/checkpoints/round_NNNN``, written through ``ray.train.report``; a local path or
+a URI) holds:
 
 - ``model/``: the student in Hugging Face format (``student.save_student``), loadable on its own;
 - ``discriminator.pt``: D's state dict (``qcrd`` with the quality judge on);
 - ``trainer_state.pt``: optimizer, scheduler, the number of completed rounds, the optimizer step, α3, and every
-  rank's RNG states, so a resumed run continues exactly where the checkpointed one stood.
+  rank's RNG states, so a resumed run continues exactly where the checkpointed one stood;
+- ``_COMPLETE.json`` (``storage.COMPLETE_MARKER``): every other file with its size. Ray Train uploads the folder
+  file by file in no set order, so a checkpoint counts only when its listing is there and every file it lists has
+  its size: a process killed mid-upload leaves a folder that :func:`latest` skips and nothing reads torn.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
+
+from qcrd_ray import storage
 
 MODEL_DIR = "model"
 DISC_FILE = "discriminator.pt"
@@ -49,7 +58,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: str | Path, student, tokenizer, disc, state: TrainerState) -> Path:
-    """Write a checkpoint directory at ``path`` (created)."""
+    """Write a checkpoint directory at local ``path`` (created), its completeness listing last."""
     from qcrd_ray.student import save_student
 
     path = Path(path)
@@ -58,18 +67,37 @@ def save(path: str | Path, student, tokenizer, disc, state: TrainerState) -> Pat
     if disc is not None:
         torch.save(disc.state_dict(), path / DISC_FILE)
     torch.save(vars(state), path / STATE_FILE)
+    listing = {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+    (path / storage.COMPLETE_MARKER).write_text(json.dumps({"files": listing}))
     return path
 
 
-def load_state(path: str | Path) -> TrainerState:
-    return TrainerState(**torch.load(Path(path) / STATE_FILE, weights_only=False))
+def load_state(location: storage.Location) -> TrainerState:
+    """The trainer state of the checkpoint at ``location`` (a path or a URI)."""
+    data = storage.read_bytes(storage.join(location, STATE_FILE))
+    return TrainerState(**torch.load(io.BytesIO(data), weights_only=False))
 
 
-def latest(checkpoints_dir: str | Path) -> Path | None:
-    """The checkpoint with the most completed rounds under ``checkpoints_dir``, or None."""
-    d = Path(checkpoints_dir)
-    if not d.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in d.iterdir()
-             if (m := _ROUND_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+def is_complete(location: storage.Location) -> bool:
+    """Whether every file the checkpoint's listing names is in place with its size."""
+    try:
+        listing = json.loads(storage.read_bytes(storage.join(location, storage.COMPLETE_MARKER)))["files"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+    fs, _ = storage.resolve(location)
+    paths = [storage.resolve(storage.join(location, *rel.split("/")))[1] for rel in listing]
+    infos = fs.get_file_info(paths)
+    return all(i.type == pafs.FileType.File and i.size == listing[rel] for rel, i in zip(listing, infos))
+
+
+def latest(checkpoints: storage.Location) -> str | None:
+    """The complete checkpoint with the most completed rounds under ``checkpoints`` (a path or a URI), or None."""
+    fs, path = storage.resolve(checkpoints)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    found = sorted(((int(m.group(1)), m.group(0)) for i in infos if i.type == pafs.FileType.Directory
+                    and (m := _ROUND_DIR.match(i.base_name))), reverse=True)
+    for _, name in found:
+        location = storage.join(checkpoints, name)
+        if is_complete(location):
+            return location
+    return None

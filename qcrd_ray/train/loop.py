@@ -5,16 +5,18 @@ One loop serves every method (``cfg.train.method``; the step itself is ``qcrd.st
 round's student negatives (sampled meanwhile from the lagged snapshot), refresh D on them, checkpoint, publish the
 new snapshot, decay α3.
 
-Everything a worker needs comes in ``loop_config`` (see ``trainer.run_training``): ``cfg``, ``run_dir``,
-``init_model_dir``, ``store`` (SnapshotStore handle, when the run samples student negatives), ``negatives``
-(NegativePool or None) and ``fail_after_round`` (test hook: raise once that many rounds are checkpointed, to kill a run mid-way).
+Everything a worker needs comes in ``loop_config`` (see ``trainer.run_training``): ``cfg``, ``layout`` (the
+method's ``runs.MethodLayout``: a local path or a URI, reached through ``qcrd_ray.storage`` only), ``store``
+(SnapshotStore handle, when the run samples student negatives) and ``negatives`` (NegativePool or None).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import random
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -26,18 +28,22 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from qcrd_ray import storage
 from qcrd_ray import student as student_lib
 from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses
 from qcrd_ray.qcrd.discriminator import Discriminator, pretrain_discriminator, refresh
 from qcrd_ray.qcrd.snapshots import cpu_state_dict
 from qcrd_ray.qcrd.step import DistillModel, make_batch
+from qcrd_ray.runs import MethodLayout
 from qcrd_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
 # Ray Data hands the shard over in blocks of this many rows (the shard is then held in memory, see shard_rows).
 _READ_BATCH = 1024
+# rank 0 rewrites metrics.jsonl at most this often while steps run (the driver's progress display reads it)
+_METRICS_UPLOAD_S = 2.0
 
 
 def shard_rows(shard) -> list[dict]:
@@ -67,15 +73,6 @@ def with_negatives(rows: list[dict], negatives: dict) -> list[dict]:
     return out
 
 
-def write_negatives(path: Path, negatives: dict) -> None:
-    """The student negatives of the latest round, for inspection and the report's score plot (atomic)."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for example_id, (text, snap_round) in sorted(negatives.items()):
-            f.write(json.dumps({"id": example_id, "text": text, "round": snap_round}) + "\n")
-    tmp.replace(path)
-
-
 def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -95,37 +92,94 @@ def _broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(tensor.data, src=src)
 
 
-class MetricsLog:
-    """Rank 0's metrics: one JSON line per log step in RUN/train/metrics.jsonl and TensorBoard scalars."""
+def negative_records(negatives: dict) -> list[dict]:
+    """The student negatives of a round as ``negatives.jsonl`` lines (for inspection and the report's plot)."""
+    return [{"id": example_id, "text": text, "round": snap_round}
+            for example_id, (text, snap_round) in sorted(negatives.items())]
 
-    def __init__(self, train_dir: Path, resume_step: int):
+
+def kept_metrics(text: str, resume_step: int) -> list[dict]:
+    """The metrics lines a run resumed at ``resume_step`` keeps: what was logged after its checkpoint is replayed,
+    so it is dropped (a restarted worker group never duplicates a line)."""
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [m for m in lines if m.get("step", 0) <= resume_step]
+
+
+class RankZeroLog:
+    """Rank 0's outputs on the run's storage (a path or a URI): ``metrics.jsonl``, TensorBoard event files and
+    ``negatives.jsonl``, written by one background thread so no storage write sits on the step loop.
+
+    An object store cannot append, so ``metrics.jsonl`` is rewritten whole (atomically) at most every
+    ``_METRICS_UPLOAD_S`` while steps run (the driver's display follows it) and once at each round end *before*
+    the round's checkpoint (:meth:`sync`), so a checkpoint never holds steps the file lacks. TensorBoard writes
+    into a node-local folder whose event files are uploaded at each round end."""
+
+    def __init__(self, layout: MethodLayout, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = train_dir / "metrics.jsonl"
-        if self.path.exists():  # drop what a killed run logged after its last checkpoint: it is replayed
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(train_dir / "tensorboard"), purge_step=resume_step + 1)
+        self.layout = layout
+        previous = storage.read_text(layout.metrics) if storage.exists(layout.metrics) else ""
+        self.lines = [json.dumps(m) for m in kept_metrics(previous, resume_step)]
+        self.tb_dir = tempfile.mkdtemp(prefix="tensorboard-", dir=storage.cache_dir("train"))
+        self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qcrd-rank0-log")
+        self.pending: list[concurrent.futures.Future] = []
+        self.last_upload = float("-inf")
+
+    def _submit(self, fn, *args) -> None:
+        still = []
+        for future in self.pending:
+            if future.done():
+                future.result()  # a failed write fails the worker here rather than going unnoticed
+            else:
+                still.append(future)
+        self.pending = still + [self.pool.submit(fn, *args)]
+
+    def _write_metrics(self) -> None:
+        storage.write_text(self.layout.metrics, "".join(line + "\n" for line in list(self.lines)))
+
+    def _write_tensorboard(self) -> None:
+        self.tb.flush()
+        for path in sorted(Path(self.tb_dir).iterdir()):
+            storage.write_bytes(storage.join(self.layout.tensorboard, path.name), path.read_bytes())
 
     def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        self.lines.append(json.dumps(metrics))
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, metrics["step"])
+        if time.monotonic() - self.last_upload >= _METRICS_UPLOAD_S:
+            self.last_upload = time.monotonic()
+            self._submit(self._write_metrics)
+
+    def negatives(self, negatives: dict) -> None:
+        self._submit(storage.write_jsonl, self.layout.negatives, negative_records(negatives))
+
+    def sync(self) -> None:
+        """Every line so far stored (blocks), and the TensorBoard files uploaded in the background."""
+        self._submit(self._write_metrics)
+        self.drain()
+        self._submit(self._write_tensorboard)
+
+    def drain(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pending = []
 
     def close(self) -> None:
-        self.file.close()
+        self._submit(self._write_metrics)
         self.tb.close()
+        self._submit(self._write_tensorboard)
+        self.drain()
+        self.pool.shutdown()
+        shutil.rmtree(self.tb_dir, ignore_errors=True)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = loop_config["cfg"]
     spec = method_spec(cfg)
     tc = cfg.train
-    run_dir = Path(loop_config["run_dir"])
+    layout: MethodLayout = loop_config["layout"]
     store, pool = loop_config.get("store"), loop_config.get("negatives")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -145,7 +199,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
         resume_dir = Path(resume_dir) if resume_dir else None
-        model_dir = resume_dir / ckpt.MODEL_DIR if resume_dir else Path(loop_config["init_model_dir"])
+        # the initial student: downloaded from the run's storage into this node's cache (a local run: read in place)
+        model_dir = resume_dir / ckpt.MODEL_DIR if resume_dir else storage.download_dir(layout.init_model)
         student, tokenizer = student_lib.load_pretrained(model_dir, dtype=cfg.student.dtype)
         disc = Discriminator.from_student(student, cfg.discriminator) if spec.needs_discriminator(cfg) else None
         model = DistillModel(student, disc, cfg)
@@ -174,7 +229,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- negatives: publish the student this round starts from; the sampler works one round ahead
     if rank == 0 and store is not None:
         store.publish.remote(start_round, cpu_state_dict(core.student))
-    metrics_log = MetricsLog(run_dir / "train", global_step) if rank == 0 else None
+    metrics_log = RankZeroLog(layout, global_step) if rank == 0 else None
     negatives, neg_wait, neg_missing = {}, 0.0, 0
     if pool is not None and start_round < tc.rounds:
         t0 = time.perf_counter()
@@ -223,8 +278,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t0 = time.perf_counter()
             negatives = pool.fetch(completed)
             neg_wait, neg_missing = time.perf_counter() - t0, pool.last_fetch_missing
-            if rank == 0:
-                write_negatives(run_dir / "train" / "negatives.jsonl", negatives)
+            if metrics_log:
+                metrics_log.negatives(negatives)
             if core.disc is not None:
                 if rank == 0:
                     refresh(core.disc, tokenizer, with_negatives(rows, negatives), cfg, seed=tc.seed + completed)
@@ -233,8 +288,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dist.all_gather_object(rng, ckpt.rng_state())
         round_metrics = {"step": global_step, "completed_rounds": completed, "round_s": round_s,
                          "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0,
-                         "neg_missing": neg_missing}
-        with tempfile.TemporaryDirectory() as tmp:
+                         "neg_missing": neg_missing, "time": time.time()}  # wall clock: round-to-round time
+        if metrics_log:  # stored before the checkpoint: a run resumed from it finds every line up to it
+            metrics_log.write(round_metrics)
+            metrics_log.sync()
+        with tempfile.TemporaryDirectory(dir=storage.cache_dir("train")) as tmp:
             saved = None
             if rank == 0:
                 state = ckpt.TrainerState(completed, global_step, alpha3, optimizer.state_dict(),
@@ -242,11 +300,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 saved = ray.train.Checkpoint.from_directory(
                     str(ckpt.save(tmp, core.student, tokenizer, core.disc, state)))
             ray.train.report(round_metrics, checkpoint=saved, checkpoint_dir_name=ckpt.round_dir_name(completed))
-        if metrics_log:
-            metrics_log.write(round_metrics)
         if rank == 0 and store is not None and completed < tc.rounds:
             store.publish.remote(completed, cpu_state_dict(core.student))  # after the checkpoint: see trainer.py
-        if loop_config.get("fail_after_round") == completed:
-            raise RuntimeError(f"fail_after_round={completed}: simulated worker failure (test hook)")
     if metrics_log:
         metrics_log.close()
