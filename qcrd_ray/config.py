@@ -167,6 +167,9 @@ class TrainConfig:
     round_steps: int = _num(0, 0)  # optimizer steps per round; 0 = one epoch
     grad_clip: float = _num(1.0, 0.0)
     keep_checkpoints: int = _num(2, 1)
+    # times Ray Train restarts the worker group from the latest checkpoint after a worker dies (0: a lost worker
+    # ends the run, which a rerun then resumes)
+    max_failures: int = _num(3, 0)
     log_every: int = _num(10, 1)
     seed: int = 0
 
