@@ -252,6 +252,33 @@ def log_to_file(log_dir) -> logging.FileHandler:
     return handler
 
 
+def log_to_storage(location) -> tuple[logging.FileHandler, Callable[[], None]]:
+    """:func:`log_to_file` for a log folder that may be a URI. An object store cannot be appended to, so the logs
+    are written into a node-local cache folder (seeded with the stored logs: a resumed run keeps its history) and
+    ``upload()`` copies them to ``location``; call it when the command ends, failed or not. For a local path the
+    logs are written in place and ``upload`` does nothing. Returns ``(qcrd.log handler, upload)``."""
+    import hashlib
+
+    from qcrd_ray import storage
+
+    if not storage.is_uri(location):
+        return log_to_file(location), lambda: None
+    local = storage.cache_dir("logs", hashlib.sha1(str(location).encode()).hexdigest()[:16])
+    names = ("qcrd.log", "workers.log")
+    for name in names:
+        stored = storage.join(location, name)
+        (local / name).write_bytes(storage.read_bytes(stored) if storage.exists(stored) else b"")
+    handler = log_to_file(local)
+
+    def upload() -> None:
+        for _, h in _attached:
+            h.flush()
+        for name in names:
+            storage.write_bytes(storage.join(location, name), (local / name).read_bytes())
+
+    return handler, upload
+
+
 def adopt_library_loggers(names: tuple[str, ...]) -> None:
     """Libraries that log through their own console handlers (Ray's ``ray``, ``ray.data``, ...): their console
     output shows warnings and up only (all of it with ``--verbose``), and everything reaches qcrd.log."""

@@ -6,16 +6,16 @@
 
 Answers are parsed and scored with the task's own rules (``answers.parse_answer`` / ``answers.is_correct``). Each
 example's input, gold label, raw output, parsed prediction, rationale and verdict go to ``predictions.jsonl``; the
-totals go to ``metrics.json``.
+totals go to ``metrics.json``. The model and the output folder may be local paths or URIs (``s3://…``): a model
+on storage is downloaded into this node's cache (``storage.download_dir``, complete uploads only), and the outputs
+are written through ``qcrd_ray.storage`` (atomically).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
-from qcrd_ray import console
+from qcrd_ray import console, storage
 from qcrd_ray import student as student_lib
 from qcrd_ray.config import Config
 from qcrd_ray.data import answers, prompts
@@ -49,11 +49,12 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     model_path = resolve_model(str(model_dir)).model_dir
-    data = load_split(cfg.data, split, rejects_path=Path(out_dir) / "rejects.jsonl" if out_dir else None)
+    data = load_split(cfg.data, split)
     if not data.rows:
         raise ValueError(f"{cfg.data.task} {split}: no rows to evaluate ({data.summary.get('rejected', 0)} rejected)")
     task = get_task(cfg.data.task, cfg.data.answer_type)
-    model, tokenizer = student_lib.load_pretrained(model_path, dtype=cfg.student.dtype)
+    local = storage.download_dir(model_path) if storage.is_uri(model_path) else model_path
+    model, tokenizer = student_lib.load_pretrained(local, dtype=cfg.student.dtype)
     max_new_tokens = cfg.student.max_target_len
 
     records = []
@@ -73,12 +74,9 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
     metrics = {"task": cfg.data.task, "split": split, "mode": mode, "n": len(records), "correct": correct,
                "accuracy": correct / len(records), "unparsed": sum(r["prediction"] is None for r in records),
                "rejected": len(data.rejects), "model": str(model_path)}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "predictions.jsonl").open("w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if out_dir is not None:  # metrics.json last: its presence means the evaluation is complete
+        storage.write_jsonl(storage.join(out_dir, "rejects.jsonl"), data.rejects)
+        storage.write_jsonl(storage.join(out_dir, "predictions.jsonl"), records)
+        storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     console.summary(f"{label}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(records)}, {metrics['unparsed']} unparsed)")
     return metrics

@@ -4,18 +4,19 @@
 Every stage writes its outputs under RUN and is skipped when they are already complete, so rerunning the same
 command after an interruption continues where it stopped (the teacher resumes by shard, training from its last
 round checkpoint). What cannot work is refused before anything starts (a teacher backend that cannot serve the
-task), and a teacher output not worth training on stops the run before training (`teacher_problem`).
+task), and a teacher output not worth training on stops the run before training (`teacher_problem`). RUN may be a
+local path or a URI (``s3://bucket/run``): every stage reads and writes it through ``qcrd_ray.storage``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 
 import yaml
 
+from qcrd_ray import storage
 from qcrd_ray.config import Config, ConfigError, from_dict
 from qcrd_ray.methods import method_spec
 from qcrd_ray.runs import RunLayout
@@ -68,12 +69,10 @@ def teacher_problem(summary: dict) -> str | None:
 
 def _check_same_config(layout: RunLayout, cfg: Config) -> None:
     """Refuse to mix stage outputs made under another config into this run."""
-    path = Path(layout.config)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(cfg.to_yaml())
+    if not storage.exists(layout.config):
+        storage.write_text(layout.config, cfg.to_yaml())
         return
-    old = from_dict(yaml.safe_load(path.read_text())).to_dict()
+    old = from_dict(yaml.safe_load(storage.read_text(layout.config))).to_dict()
     new = cfg.to_dict()
     # The method list is a property of the invocation, not of the stored outputs.
     for resolved in (old, new):
@@ -84,11 +83,6 @@ def _check_same_config(layout: RunLayout, cfg: Config) -> None:
             f"{layout.root} was made with a different config ({', '.join(changed[:6])}"
             f"{' …' if len(changed) > 6 else ''} differ); pass the same config to continue it or choose a new --out"
         )
-
-
-def _read_json(path: str) -> dict | None:
-    p = Path(path)
-    return json.loads(p.read_text()) if p.exists() else None
 
 
 def check_runnable(cfg: Config, methods: tuple[str, ...]) -> None:
@@ -109,7 +103,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
     Raises ConfigError before anything starts, StageError naming the stage that failed."""
     from qcrd_ray.evaluate import evaluate
     from qcrd_ray.ray_utils import init_ray
-    from qcrd_ray.report import write_report
+    from qcrd_ray.report import read_json, write_report
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.train.trainer import run_training
 
@@ -119,7 +113,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
     _check_same_config(layout, cfg)
     init_ray(address)
 
-    teacher = _read_json(layout.teacher_summary)
+    teacher = read_json(layout.teacher_summary)
     with _stage("teach"):
         if teacher is None:
             log.info("stage teach → %s", layout.teacher)
@@ -135,7 +129,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
         mcfg = cfg.replace(train={"method": method})
         where = layout.method(method)
         with _stage(f"train {method}"):
-            if not Path(where.model, "config.json").exists():
+            if not storage.is_complete(where.model):  # the export writes its marker last
                 log.info("stage train (%s) → %s", method, where.root)
                 run_training(mcfg, layout.teacher, where.root)
             else:
@@ -143,7 +137,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
         evals = {}
         for mode in method_spec(method).eval_modes:
             out = where.eval(cfg.data.eval_split, mode)
-            metrics = _read_json(f"{out}/metrics.json")
+            metrics = read_json(storage.join(out, "metrics.json"))
             if metrics is None:
                 log.info("stage eval (%s, %s) → %s", method, mode, out)
                 with _stage(f"eval {method} {mode}"):
@@ -152,7 +146,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
         results[method] = {"dir": where.root, "eval": evals}
     with _stage("report"):
         report = write_report(layout, cfg, teacher, results)
-    return {"run_dir": layout.root, "report": str(report), "teacher": teacher, "methods": results}
+    return {"run_dir": layout.root, "report": report, "teacher": teacher, "methods": results}
 
 
 def comparison_table(results: dict[str, dict]) -> str:

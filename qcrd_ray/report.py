@@ -3,18 +3,26 @@
 Sections: resolved config, data and rejects, teacher statistics, training curves of every loss term,
 discriminator score distributions for teacher positives / teacher negatives / student negatives (the paper's
 Figure 6), the accuracy table, and for the four paper datasets the paper's numbers beside ours.
+
+RUN may be a local path or a URI: every input is read and the report written through ``qcrd_ray.storage``; the
+figures are drawn into a temporary folder on this node, then uploaded. :func:`rebuild_report` makes the report
+again from a finished run's outputs alone (``qcrd report --out RUN``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from qcrd_ray.config import Config
-from qcrd_ray.methods import method_spec
+import yaml
+
+from qcrd_ray import storage
+from qcrd_ray.config import Config, from_dict
+from qcrd_ray.methods import METHODS, method_spec
 from qcrd_ray.runs import MethodLayout, RunLayout
 
 log = logging.getLogger(__name__)
@@ -30,11 +38,11 @@ LOSS_TERMS = ("loss", "l_pred", "l_rationale", "l_cl", "l_pos", "l_neg", "l_d", 
 MAX_SCORED = 256  # rationales of each kind scored by D for the distribution plot
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
+def read_jsonl(location: storage.Location) -> list[dict]:
+    if not storage.exists(location):
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(location).splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -128,12 +136,12 @@ def discriminator_scores(method: MethodLayout, cfg: Config, teacher_rows: list[d
     from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
     from qcrd_ray.qcrd.targets import teacher_targets
 
-    d_path = Path(method.discriminator)
-    if not d_path.exists():
+    if not storage.exists(method.discriminator):
         return {}
-    model, tokenizer = student.load_pretrained(method.model)
+    local = storage.download_dir(method.model) if storage.is_uri(method.model) else Path(method.model)
+    model, tokenizer = student.load_pretrained(local)
     disc = Discriminator.from_student(model, cfg.discriminator)
-    disc.load_state_dict(torch.load(d_path, map_location="cpu"))
+    disc.load_state_dict(torch.load(local / "discriminator.pt", map_location="cpu"))
     disc.eval()
     # Score exactly the texts D judged in training: rationales with their answers appended (qcrd/targets.py).
     kinds: dict[str, list[tuple[str, str]]] = {"teacher positives": [], "teacher negatives": []}
@@ -179,14 +187,22 @@ def accuracy_table(cfg: Config, results: Mapping[str, dict]) -> list[str]:
 
 
 def write_report(run: RunLayout | str | Path, cfg: Config, teacher_summary: Mapping,
-                 results: Mapping[str, dict]) -> Path:
-    """Write RUN/report.md and RUN/figures/*.png; returns the report's path. Any teacher summary the teacher
-    writes (or none of its keys) gives a report: missing statistics are shown as "-"."""
+                 results: Mapping[str, dict]) -> str:
+    """Write RUN/report.md and RUN/figures/*.png (RUN a path or a URI); returns the report's location. Any
+    teacher summary the teacher writes (or none of its keys) gives a report: missing statistics are "-"."""
+    layout = run if isinstance(run, RunLayout) else RunLayout.at(str(run))
+    with tempfile.TemporaryDirectory(prefix="qcrd-figures-", dir=storage.cache_dir()) as tmp:
+        lines = _report_lines(layout, cfg, teacher_summary, results, Path(tmp))
+        for figure in sorted(Path(tmp).iterdir()):
+            storage.write_bytes(storage.join(layout.figures, figure.name), figure.read_bytes())
+    storage.write_text(layout.report, "\n".join(lines))  # last: the figures it embeds are in place
+    return layout.report
+
+
+def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, results: Mapping[str, dict],
+                  figures: Path) -> list[str]:
     from qcrd_ray.teacher.pipeline import iter_teacher_rows
 
-    layout = run if isinstance(run, RunLayout) else RunLayout(str(run))
-    figures = Path(layout.figures)
-    figures.mkdir(parents=True, exist_ok=True)
     lines = [f"# QCRD run: {cfg.data.task}", ""]
     lines += [f"Methods: {', '.join(results)}. Student: `{cfg.student.model}`. Teacher: `{cfg.teacher.backend}`"
               f"{' (' + cfg.teacher.model + ')' if cfg.teacher.model else ''}, K = {cfg.teacher.k} at "
@@ -195,7 +211,7 @@ def write_report(run: RunLayout | str | Path, cfg: Config, teacher_summary: Mapp
     lines += ["## Accuracy", ""] + accuracy_table(cfg, results) + [""]
 
     lines += ["## Data and rejects", ""]
-    rejects = read_jsonl(Path(layout.teacher, "rejects.jsonl"))
+    rejects = read_jsonl(storage.join(layout.teacher, "rejects.jsonl"))
     lines.append(f"Examples taught: {teacher_summary.get('examples', '-')}; rejected rows: {len(rejects)}.")
     if rejects:
         reasons = Counter(str(r.get("reason", "?")).split(":")[0] for r in rejects)
@@ -216,12 +232,12 @@ def write_report(run: RunLayout | str | Path, cfg: Config, teacher_summary: Mapp
     for method, r in results.items():
         where = MethodLayout(str(r["dir"]))
         lines += [f"## Training: {method}", ""]
-        metrics = read_jsonl(Path(where.metrics))
+        metrics = read_jsonl(where.metrics)
         curves = plot_training_curves(metrics, figures / f"{method}-training.png", f"{method}: loss terms")
         lines += [f"![{method} training curves](figures/{curves.name})" if curves else "No training metrics.", ""]
         if method_spec(method).uses_discriminator:
             try:
-                negatives = read_jsonl(Path(where.negatives))
+                negatives = read_jsonl(where.negatives)
                 scores = discriminator_scores(where, cfg, teacher_rows, negatives)
             except Exception as e:  # the report must not fail a finished run
                 log.warning("discriminator scores skipped: %s", e)
@@ -233,6 +249,38 @@ def write_report(run: RunLayout | str | Path, cfg: Config, teacher_summary: Mapp
                 lines += ["### Discriminator scores", "", f"![discriminator scores](figures/{fig.name})", "", means, ""]
 
     lines += ["## Resolved config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
-    path = Path(layout.report)
-    path.write_text("\n".join(lines))
-    return path
+    return lines
+
+
+def read_json(location: storage.Location) -> dict | None:
+    return json.loads(storage.read_text(location)) if storage.exists(location) else None
+
+
+def run_results(layout: RunLayout, cfg: Config) -> dict[str, dict]:
+    """Each trained method of a run with its evaluations on ``data.eval_split`` (what :func:`write_report`
+    takes), read from the run's outputs: a method counts once its exported model is complete."""
+    results = {}
+    for method in METHODS:
+        where = layout.method(method)
+        if not storage.is_complete(where.model):
+            continue
+        evals = {mode: read_json(storage.join(where.eval(cfg.data.eval_split, mode), "metrics.json"))
+                 for mode in method_spec(method).eval_modes}
+        results[method] = {"dir": where.root, "eval": {m: v for m, v in evals.items() if v is not None}}
+    return results
+
+
+def rebuild_report(run: storage.Location) -> str:
+    """The report of a finished (or partly finished) run, from its outputs alone: RUN/config.yaml, the teacher's
+    summary.json and each method's model, metrics and evaluations. Returns the report's location."""
+    layout = RunLayout.at(str(run))
+    if not storage.is_file(layout.config):
+        raise FileNotFoundError(f"{run}: not a run directory (no {layout.config}); pass the --out of a `qcrd run`")
+    cfg = from_dict(yaml.safe_load(storage.read_text(layout.config)) or {})
+    teacher = read_json(layout.teacher_summary)
+    if teacher is None:
+        raise FileNotFoundError(f"{run}: the teacher stage has not finished (no {layout.teacher_summary})")
+    results = run_results(layout, cfg)
+    if not results:
+        raise FileNotFoundError(f"{run}: no method has a trained model yet (expected RUN/<method>/model)")
+    return write_report(layout, cfg, teacher, results)

@@ -71,3 +71,15 @@ def test_cli_eval_json_on_a_run_directory(saved_student, capsys):
 def test_cli_eval_rejects_a_missing_model_with_a_clear_message(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nothing"), "--split", "test"]) == 2
     assert "no model found" in capsys.readouterr().err
+
+
+def test_evaluate_reads_the_model_from_a_bucket_and_writes_its_outputs_there(saved_student, s3_server):
+    from qcrd_ray import storage
+
+    cfg, run = saved_student
+    model_uri, out = f"{s3_server}/eval-test/model", f"{s3_server}/eval-test/out"
+    storage.upload_dir(run / "model", model_uri)
+    metrics = evaluate(model_uri, cfg, "test", mode="predict", out_dir=out)
+    assert metrics == evaluate(run, cfg, "test", mode="predict") | {"model": model_uri}  # the same student
+    assert json.loads(storage.read_text(f"{out}/metrics.json")) == metrics
+    assert len(storage.read_text(f"{out}/predictions.jsonl").splitlines()) == 12

@@ -174,7 +174,7 @@ def test_a_run_stopped_by_a_killed_worker_resumes_on_rerun(uninterrupted, teache
     whole, whole_summary = uninterrupted
     out = tmp_path / "stopped"
     _same_initial_student(whole, out)
-    cfg = small_config(**RESUME_CFG, **{"train": {**RESUME_CFG["train"], "max_failures": 0}})
+    cfg = small_config(train={**RESUME_CFG["train"], "max_failures": 0})
 
     with WorkerKiller(MethodLayout.at(str(out))) as killer:
         with pytest.raises(Exception):

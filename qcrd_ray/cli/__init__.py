@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teach": ("teach", "Sample K teacher rationales per question on Ray Data and split them by self-consistency"),
     "train": ("train", "Train the student (qcrd | dss | finetune) with Ray Train; resumes an existing run"),
     "eval": ("evaluate", "Score a trained student on a split (predict or explain mode)"),
+    "report": ("report", "Rebuild a run's report (report.md + figures) from its outputs"),
     "serve": ("serve", "Serve a trained student over HTTP with Ray Serve"),
     "data": ("data", "Inspect a dataset: rows, rejected rows with reasons, label distribution"),
     "config": ("config", "Show the resolved configuration (defaults <- YAML <- --set overrides)"),

@@ -11,8 +11,8 @@ from qcrd_ray.cli import add_config_arguments, load_config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="RUN_OR_DIR",
-                        help="a method of a run (RUN/<method>, as `qcrd run` prints), a run directory (its "
-                        "train.method), or a Hugging Face model directory")
+                        help="a method of a run (RUN/<method>, as `qcrd run` prints), a run (its train.method), or a "
+                        "Hugging Face model directory; each a path or a URI (s3://bucket/run/qcrd)")
     parser.add_argument("--data", metavar="DIR", help="dataset folder (DSS layout) or file; sets data.data_dir "
                         "(default: the config's, else the built-in synthetic task)")
     parser.add_argument("--task", help="task name (svamp, cqa, anli1, esnli, synthetic, or a user task); sets data.task")
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("predict", "explain"), default="predict",
                         help="predict: decode the label directly (default); explain: write a rationale and parse "
                              "its answer")
-    parser.add_argument("--out", metavar="DIR", help="where predictions.jsonl and metrics.json go (default: "
+    parser.add_argument("--out", metavar="DIR", help="where predictions.jsonl and metrics.json go, a path or a URI (default: "
                         "RUN/<method>/eval/<split>-<mode> for a run, else nothing is written)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     add_config_arguments(parser)

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", help="task name: svamp, cqa, anli1, esnli, synthetic, or a user task (data.task)")
     parser.add_argument("--methods", help="comma-separated methods trained at the same budget and seed, "
                         f"compared in one table (any of {', '.join(METHODS)}; default: train.method)")
-    parser.add_argument("--out", help="run directory (default: runs/<task>)")
+    parser.add_argument("--out", help="run location: a directory, or a URI every node reaches (s3://bucket/run, "
+                        "gs://...); default runs/<task>")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
 
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     check_runnable(cfg, methods)  # refused here, before a run directory or Ray exists
     layout = RunLayout.at(args.out or f"runs/{cfg.data.task}")
 
-    log_file = console.log_to_file(layout.logs)  # RUN/logs/qcrd.log (DEBUG, tracebacks) and workers.log
+    # RUN/logs/qcrd.log (DEBUG, tracebacks) and workers.log; on a URI written locally, uploaded when the run ends
+    log_file, upload_logs = console.log_to_storage(layout.logs)
     import ray
 
     from qcrd_ray.config import ConfigError
@@ -55,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not connected_before:
             ray.shutdown()  # flushes the workers' log lines now, so they do not land in the middle of the summary
+        try:
+            upload_logs()
+        except Exception as e:  # noqa: BLE001 - a failed log upload must not hide the run's own outcome
+            print(f"qcrd run: could not store the logs at {layout.logs}: {e}", file=sys.stderr)
         logging.getLogger().removeHandler(log_file)
         log_file.close()
 

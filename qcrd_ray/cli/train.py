@@ -11,10 +11,11 @@ from qcrd_ray.methods import METHODS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", required=True, metavar="TEACHER_OUT",
-                        help="folder of teacher shards (the output of `qcrd teach`, e.g. RUN/teacher)")
+                        help="folder of teacher shards (the output of `qcrd teach`, e.g. RUN/teacher; a path or a URI)")
     parser.add_argument("--out", required=True, metavar="RUN",
-                        help="run directory: checkpoints and metrics go to RUN/train, the final student to RUN/model; "
-                             "an existing run resumes from its last checkpoint")
+                        help="run location, a directory or a URI (s3://bucket/run): checkpoints and metrics go to "
+                             "RUN/train, the final student to RUN/model; an existing run resumes from its last "
+                             "checkpoint")
     parser.add_argument("--method", choices=METHODS,
                         help="training method (default: train.method of the config)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
