@@ -23,7 +23,7 @@ from qcrd_ray.student import load_student, save_student
 
 pytestmark = pytest.mark.ray
 
-WAIT_S = 120.0  # a hang guard on every wait below, not a speed target: on a busy shared machine a restart takes tens of s
+WAIT_S = 120.0  # a hang guard on every wait below, not a speed target (restarts are slow on a busy machine)
 
 
 def actor_pid(actor, not_pid: int | None = None) -> int:
