@@ -55,6 +55,8 @@ class DataConfig:
     synthetic_train_size: int = _num(600, 1)
     synthetic_eval_size: int = _num(150, 1)
     synthetic_seed: int = 0
+    # operations per synthetic problem: 2 → "( ( a op b ) op c )", whose rationale's intermediate value the label lacks
+    synthetic_steps: int = _num(1, 1, 3)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class TeacherConfig:
     max_tokens: int = _num(256, 1)
     stop: tuple = ()
     seed: int = 0
+    # synthetic backend: the share of sampled rationales with a wrong step (the testbed's dial, docs/quality.md);
+    # None = grows with the temperature (37 % at 0.7). hard_share of the questions err twice as often, mostly
+    # with one shared wrong operator, so their majority can be wrong
+    noise: float | None = _num(None, 0.0, 0.9)
+    hard_share: float = _num(0.2, 0.0, 0.5)
     # Ray Data actor pool: autoscales between min_actors and max_actors with the backlog
     min_actors: int = _num(1, 1)
     max_actors: int = _num(2, 1)
@@ -172,6 +179,13 @@ class TrainConfig:
     max_failures: int = _num(3, 0)
     log_every: int = _num(10, 1)
     seed: int = 0
+    # where rank 0's metrics and the eval results go (qcrd_ray/trackers.py): any of tensorboard, mlflow, wandb;
+    # a tracker is imported only when listed here
+    trackers: tuple = ("tensorboard",)
+    tracking_uri: str | None = None  # MLflow server; None = MLflow's own default (MLFLOW_TRACKING_URI or ./mlruns)
+    experiment: str = "qcrd"  # MLflow experiment / W&B project (a sweep sets its name)
+    run_name: str | None = None  # tracker run name; None = the method's run directory
+    wandb_mode: str = _choice("offline", "offline", "online")
 
 
 @dataclass(frozen=True)
@@ -344,6 +358,9 @@ def _check_cross_field(cfg: Config) -> None:
         )
     if cfg.teacher.backend == "recorded" and cfg.teacher.k != 1:
         raise ConfigError("teacher.k: the recorded backend replays one rationale per example; set teacher.k=1")
+    unknown = sorted(set(cfg.train.trackers) - {"tensorboard", "mlflow", "wandb"})
+    if unknown:
+        raise ConfigError(f"train.trackers: {unknown[0]!r} is not a tracker; choose from tensorboard, mlflow, wandb")
     if cfg.teacher.backend in ("hf", "vllm") and not cfg.teacher.model:
         raise ConfigError(f"teacher.model: the {cfg.teacher.backend} backend needs a model name or path")
 

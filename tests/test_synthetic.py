@@ -50,3 +50,68 @@ def test_large_sizes_and_bad_arguments():
         make_split("dev", train_size=1, eval_size=1)
     with pytest.raises(ValueError, match="at most"):
         make_split("train", train_size=10**6, eval_size=1)
+
+
+# ---- the quality testbed: several steps per problem, a noise dial on the teacher
+
+def test_two_step_problems_need_both_steps():
+    rows = make_split("train", train_size=500, eval_size=10, steps=2)
+    shapes = set()
+    for row in rows:
+        match = re.match(r"^\( \( (\d+\.0) ([-+*/]) (\d+\.0) \) ([-+*/]) (\d+\.0) \)$", row["label"])
+        assert match, row["label"]
+        shapes.add(match.group(4))
+        value = numeric_value(row["label"])
+        assert value == int(value) and value > 0  # every intermediate and final answer is a whole count
+        assert all(str(int(float(match.group(g)))) in row["input"] for g in (1, 3, 5))
+    assert shapes == {"+", "-", "*", "/"}
+    assert len({r["input"] for r in rows}) == 500
+
+
+def test_one_step_stream_is_unchanged_by_the_steps_option():
+    assert make_split("test", train_size=5, eval_size=30) == make_split("test", train_size=5, eval_size=30, steps=1)
+    with pytest.raises(ValueError, match="at least one step"):
+        make_split("test", train_size=5, eval_size=5, steps=0)
+
+
+def _samples(noise, steps, questions=1000, k=10):
+    from qcrd_ray.teacher.backends.synthetic import HARD_SHARE, synthetic_sample  # noqa: F401
+
+    rows = make_split("train", train_size=questions, eval_size=1, steps=steps, seed=7)
+    return [(row, [synthetic_sample(row["label"], 1000 * i + s, 0.7, row["id"], noise) for s in range(k)])
+            for i, row in enumerate(rows)]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("noise", [0.0, 0.1, 0.3, 0.6])
+def test_measured_mistake_rate_matches_the_dial(noise, steps):
+    # 10 000 samples: the standard error of the rate is under 0.6 points (plus some clustering by question), so
+    # 2.5 points is a real margin; the seeds are fixed, so the test cannot fail by chance
+    samples = [m for _, ss in _samples(noise, steps) for _, m in ss]
+    assert abs(sum(m is not None for m in samples) / len(samples) - noise) < 0.025
+    if noise:
+        assert set(samples) == {None, "operator", "arithmetic", "malformed"}
+
+
+def test_mistakes_change_the_answer_and_hard_questions_mislead_the_majority():
+    from collections import Counter
+
+    from qcrd_ray.data.answers import numeric_value as value_of
+    from qcrd_ray.teacher.backends.synthetic import mistake_rates
+
+    ordinary_p, hard_p = mistake_rates(0.45, 0.7)
+    assert hard_p == 0.9 and abs(0.8 * ordinary_p + 0.2 * hard_p - 0.45) < 1e-12
+    wrong_majority = []
+    for row, ss in _samples(0.45, 2, questions=400, k=9):
+        answers = []
+        for text, mistake in ss:
+            answer = text.split("<Answer>: ")[1] if "<Answer>: " in text else None
+            if mistake is None:
+                assert value_of(answer) == value_of(row["label"]) and "Step by step" in text
+            elif mistake != "malformed":
+                assert answer.strip() != row["label"][2:-2]
+            answers.append(answer)
+        top, _ = Counter(a for a in answers if a).most_common(1)[0]
+        wrong_majority.append(top != row["label"][2:-2])
+    # about a fifth of the questions are hard, and on most of them one shared wrong operator wins the vote
+    assert 0.1 < sum(wrong_majority) / len(wrong_majority) < 0.3

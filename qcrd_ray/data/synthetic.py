@@ -3,7 +3,9 @@
 Each problem is one template over + - * / with small operands; the gold label is an SVAMP-style equation
 ``( 5.0 + 3.0 )`` (the rule-based synthetic teacher parses operands and operator back out of it). Answers are
 positive integers: subtraction keeps the larger operand first and division is exact, so a tiny T5 learns the task
-in minutes.
+in minutes. With ``steps`` > 1 each further step applies one more operation to the previous result
+(``( ( 5.0 + 3.0 ) * 2.0 )``, "Then she shares them among 2 friends."), so a rationale's intermediate values
+carry what the one-line label does not; ``steps=1`` draws exactly the single-step stream.
 
 Splits come from one stream of distinct problems drawn from ``random.Random(seed)``: the first ``eval_size`` are
 ``test``, the next ``eval_size`` are ``valid``, the next ``train_size`` are ``train``. The splits are disjoint,
@@ -57,23 +59,53 @@ _TEMPLATES: list[tuple[str, Callable[[random.Random], tuple[int, int]], str]] = 
 MAX_PROBLEMS = 200_000  # well under the number of distinct problems the templates can make
 
 
-def equation(a: float, op: str, b: float) -> str:
-    """The SVAMP label format: ``( 84.0 / 2.0 )``."""
-    return f"( {float(a)} {op} {float(b)} )"
+# A further step on the running total v: (operator, operand sampler or None when v does not allow it, sentence,
+# question). The question of the last step ends the problem.
+_NEXT_STEPS: list[tuple[str, Callable[[random.Random, int], int | None], str, str]] = [
+    ("+", lambda rng, v: rng.randint(2, 50), "Then {pron} finds {c} more.", "How many {item} does {pron} have now?"),
+    ("-", lambda rng, v: rng.randint(2, v - 1) if v > 3 else None, "Then {pron} loses {c} of them.",
+     "How many {item} are left?"),
+    ("*", lambda rng, v: rng.randint(2, 4) if v <= 200 else None, "Then {pron} ends up with {c} times that many.",
+     "How many {item} does {pron} have?"),
+    ("/", lambda rng, v: rng.choice([d for d in range(2, 11) if v % d == 0] or [None]),
+     "Then {pron} shares them equally among {c} friends.", "How many {item} does each friend get?"),
+]
 
 
-def _problem(rng: random.Random) -> tuple[str, str]:
+def equation(a: float | str, op: str, b: float) -> str:
+    """The SVAMP label format: ``( 84.0 / 2.0 )``; ``a`` may be an equation already (a further step)."""
+    return f"( {a if isinstance(a, str) else float(a)} {op} {float(b)} )"
+
+
+def _problem(rng: random.Random, steps: int = 1) -> tuple[str, str]:
     op, operands, template = rng.choice(_TEMPLATES)
     (name, pron), item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = operands(rng)
-    text = template.format(name=name, pron=pron, Pron=pron.capitalize(), item=item, a=a, b=b)
-    return text, equation(a, op, b)
+    words = dict(name=name, pron=pron, Pron=pron.capitalize(), item=item)
+    text = template.format(a=a, b=b, **words)
+    label, value = equation(a, op, b), {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    if steps == 1:
+        return text, label
+    body = [text.split("\n")[0]]
+    for _ in range(steps - 1):
+        feasible = []
+        for step in _NEXT_STEPS:
+            c = step[1](rng, value)
+            if c is not None:
+                feasible.append((step, c))
+        (op, _, sentence, question), c = rng.choice(feasible)  # "+" is always feasible
+        body.append(sentence.format(c=c, **words))
+        label = equation(label, op, c)
+        value = {"+": value + c, "-": value - c, "*": value * c, "/": value // c}[op]
+    return " ".join(body) + "\n" + question.format(**words), label
 
 
-def make_split(split: str, *, train_size: int, eval_size: int, seed: int = 0) -> list[dict]:
-    """Rows (EXAMPLE_SCHEMA dicts) of one split of the synthetic task."""
+def make_split(split: str, *, train_size: int, eval_size: int, seed: int = 0, steps: int = 1) -> list[dict]:
+    """Rows (EXAMPLE_SCHEMA dicts) of one split of the synthetic task; ``steps`` operations per problem."""
     if split not in SPLITS:
         raise ValueError(f"synthetic split {split!r}: choose one of {', '.join(SPLITS)}")
+    if steps < 1:
+        raise ValueError(f"synthetic task: steps={steps}; a problem needs at least one step")
     total = 2 * eval_size + train_size
     if total > MAX_PROBLEMS:
         raise ValueError(f"synthetic task: {total} problems requested, at most {MAX_PROBLEMS}")
@@ -81,7 +113,7 @@ def make_split(split: str, *, train_size: int, eval_size: int, seed: int = 0) ->
     size = train_size if split == "train" else eval_size
     rng, seen, problems = random.Random(seed), set(), []
     while len(problems) < start + size:
-        text, label = _problem(rng)
+        text, label = _problem(rng, steps)
         if text not in seen:
             seen.add(text)
             problems.append((text, label))
