@@ -142,6 +142,12 @@ class DiscriminatorConfig:
     lr: float = _num(1e-4, 0.0)
     mask_prob: float = _num(0.15, 0.0, 1.0)  # augmentation: random word masking
     replace_prob: float = _num(0.1, 0.0, 1.0)  # augmentation: random word replacement
+    # cost options (docs/design.md, "Discriminator cost options"); the spec's D is layers 0, sharing off, pairs 0
+    layers: int = _num(0, 0)  # D's encoder = the first `layers` blocks of the student's encoder copy; 0 = all
+    # D reads the student's own (detached) encoder states of `explain: x` and encodes only the rationale itself
+    share_question_states: bool = False
+    # L_D with gradient on the pairs of a uniform sample of examples holding about this many pairs; 0 = every pair
+    pairs_per_step: int = _num(0, 0)
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,13 @@ class TrainConfig:
     experiment: str = "qcrd"  # MLflow experiment / W&B project (a sweep sets its name)
     run_name: str | None = None  # tracker run name; None = the method's run directory
     wandb_mode: str = _choice("offline", "offline", "online")
+    # cost and memory (docs/design.md, "QCRD step cost"): autocast of the student and D (losses stay fp32)
+    precision: str = _choice("fp32", "fp32", "bf16")
+    # micro-batches of batch_size per optimizer step: the global batch is batch_size × num_workers × grad_accum_steps
+    grad_accum_steps: int = _num(1, 1)
+    score_chunk: int = _num(8, 1)  # candidates per no-grad scoring chunk (bounds the [chunk, T, vocab] logits)
+    # identical candidate texts of an example scored once, weighted by their multiplicity (exact for min/max)
+    dedup_candidates: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = _num(8000, 1, 65535)
     max_batch_size: int = _num(16, 1)
-    batch_wait_timeout_s: float = _num(0.01, 0.0)
+    # the longest a batch waits for the clients of the previous batch to come back (serve/batching.py); a lone
+    # client never waits it. 0 = take whatever is queued when the model is free
+    batch_wait_timeout_s: float = _num(0.1, 0.0)
     min_replicas: int = _num(1, 0)
     max_replicas: int = _num(2, 1)
     target_ongoing_requests: float = _num(4.0, 0.1)

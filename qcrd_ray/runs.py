@@ -11,8 +11,10 @@
     RUN/<method>/eval/<split>-<mode>/    predictions.jsonl, metrics.json
     RUN/report.md, RUN/figures/, RUN/logs/qcrd.log
 
-Paths are strings joined with ``posixpath.join``, so a run root may later be a URI (``s3://bucket/run``) without
-changing the layout. The layout classes never touch a filesystem; :func:`resolve_model` does (local paths today).
+Paths are strings joined with ``storage.join``, so a run root is a local path or a URI (``s3://bucket/run``)
+with the same layout. The layout classes never touch a filesystem; :func:`resolve_model` does, through
+``qcrd_ray.storage`` (the driver reads a run's config from the URI; a model on storage is fetched by whoever
+loads it, with ``storage.download_dir``).
 """
 
 from __future__ import annotations
@@ -21,24 +23,36 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-from qcrd_ray.config import Config, load_config
+import yaml
+
+from qcrd_ray import storage
+from qcrd_ray.config import Config, ConfigError, from_dict
 from qcrd_ray.methods import METHODS
 
 
 def join(base: str, *parts: str) -> str:
-    """``base/part/...`` for a local path or a URI (``s3://b/run`` + ``teacher`` → ``s3://b/run/teacher``)."""
-    return posixpath.join(str(base), *parts)
+    """``base/part/...`` for a local path or a URI (``s3://b/run`` + ``teacher`` → ``s3://b/run/teacher``; a
+    URI's query string stays at the end)."""
+    return storage.join(str(base), *parts)
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
+def _dirname(path: str) -> str:
+    head, sep, query = path.partition("?") if storage.is_uri(path) else (path, "", "")
+    return posixpath.dirname(head.rstrip("/")) + sep + query
+
+
+def _basename(path: str) -> str:
+    return storage.basename(path)
 
 
 def _normalize(path: str) -> str:
     """An absolute local path, made lexically (``os.path.abspath``): a symlinked directory keeps its place in
-    the run rather than being followed to wherever it points. URIs are kept as given."""
+    the run rather than being followed to wherever it points. URIs are kept as given (less a trailing ``/``)."""
     path = str(path)
-    return path.rstrip("/") if _is_uri(path) else os.path.abspath(path)
+    if storage.is_uri(path):
+        head, sep, query = path.partition("?")
+        return head.rstrip("/") + sep + query
+    return os.path.abspath(path)
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,7 @@ class MethodLayout:
 
     @property
     def name(self) -> str:
-        return posixpath.basename(self.root.rstrip("/"))
+        return _basename(self.root)
 
     @property
     def train(self) -> str:
@@ -158,17 +172,28 @@ class ResolvedModel:
     def name(self) -> str:
         """What the served model is called: the run's name for a method of a run, else the directory's."""
         if self.run is not None:
-            return f"{posixpath.basename(self.run.root)}/{self.method.name}"
+            return f"{_basename(self.run.root)}/{self.method.name}"
         where = self.method.root if self.method is not None else self.model_dir
-        return posixpath.basename(where)
+        return _basename(where)
 
 
 def _is_model(path: str) -> bool:
-    return os.path.isfile(join(path, "config.json"))
+    return storage.is_file(join(path, "config.json"))
 
 
 def _is_file(path: str) -> bool:
-    return os.path.isfile(path)
+    return storage.is_file(path)
+
+
+def _load_config(location: str) -> Config:
+    """A run's config.yaml, from a local path or a URI."""
+    try:
+        raw = yaml.safe_load(storage.read_text(location)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{location}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{location}: expected a mapping of sections at the top level")
+    return from_dict(raw)
 
 
 def _trained_methods(run: RunLayout) -> list[str]:
@@ -179,35 +204,46 @@ def _method_dir(root: str) -> ResolvedModel:
     """A directory holding ``model/``: a method of a `qcrd run`, a `qcrd train --out` directory, or a run
     directory that holds its model directly (config.yaml beside model/)."""
     method = MethodLayout(root)
-    parent = RunLayout(posixpath.dirname(root))
+    parent = RunLayout(_dirname(root))
     if method.name in METHODS and _is_file(parent.config):  # RUN/<method> of a `qcrd run`
-        cfg = load_config(parent.config).replace(train={"method": method.name})
+        cfg = _load_config(parent.config).replace(train={"method": method.name})
         return ResolvedModel(method.model, cfg, method, parent)
     for config in (method.train_config, join(root, "config.yaml")):
         if _is_file(config):
-            return ResolvedModel(method.model, load_config(config), method, None)
+            return ResolvedModel(method.model, _load_config(config), method, None)
     return ResolvedModel(method.model, None, method, None)
 
 
 def resolve_model(path: str) -> ResolvedModel:
     """A run directory, a method directory (``RUN/<method>``), its ``model/`` or a bare Hugging Face model
-    directory → the model directory and the config it was trained with. ``FileNotFoundError`` naming what was
-    looked for when there is no model."""
+    directory, each a local path or a URI (``s3://bucket/run``, ``s3://bucket/run/qcrd``, ``s3://bucket/model``)
+    → the model directory (a URI stays a URI) and the config it was trained with. ``FileNotFoundError`` naming
+    what was looked for when there is no model, or when a model on storage lacks its completeness marker (its
+    upload is still running or was interrupted)."""
+    resolved = _find_model(path)
+    if storage.is_uri(resolved.model_dir) and not storage.is_complete(resolved.model_dir):
+        raise FileNotFoundError(
+            f"{resolved.model_dir} is incomplete (no {storage.COMPLETE_MARKER}): its upload is still running or "
+            "was interrupted; wait for training to finish uploading it, or rerun the step that writes it")
+    return resolved
+
+
+def _find_model(path: str) -> ResolvedModel:
     root = _normalize(path)
     if _is_model(join(root, "model")):
         return _method_dir(root)
     if _is_model(root):
-        parent = posixpath.dirname(root)
-        if posixpath.basename(root) == "model" and (
+        parent = _dirname(root)
+        if _basename(root) == "model" and (
             _is_file(join(parent, "train", "config.yaml")) or _is_file(join(parent, "config.yaml"))
-            or _is_file(RunLayout(posixpath.dirname(parent)).config)
+            or _is_file(RunLayout(_dirname(parent)).config)
         ):
             return _method_dir(parent)
         return ResolvedModel(root, None, None, None)
     run = RunLayout(root)
     if _is_file(run.config):
         trained = _trained_methods(run)
-        cfg = load_config(run.config)
+        cfg = _load_config(run.config)
         if cfg.train.method in trained:
             return _method_dir(run.method(cfg.train.method).root)
         if len(trained) == 1:

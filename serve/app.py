@@ -8,14 +8,16 @@ Routes (FastAPI through ``@serve.ingress``; OpenAPI docs at ``/docs``, schema at
 - ``GET  /v1/stats``         this replica's dynamic-batching counters (how many batches of each size it ran)
 - ``GET  /healthz``          liveness
 
-Every input a request carries (a list, or ``n`` samples) is queued separately into one ``@serve.batch`` queue,
-so inputs from concurrent requests share a ``generate`` call. A batch is split by (temperature, max_new_tokens,
+Every input a request carries (a list, or ``n`` samples) is queued separately into one batching queue
+(``serve/batching.py``: a batch is taken when the model is free, with a window that adapts to the load), so
+inputs from concurrent requests share a ``generate`` call. A batch is split by (temperature, max_new_tokens,
 seed), the settings ``generate`` takes per call. Overload is bounded: a replica takes at most
 ``serve.max_ongoing_requests`` requests, the proxy queues at most ``serve.max_queued_requests`` more, and the
 rest get HTTP 503 at once.
 
 Run it with ``qcrd serve --model RUN_OR_DIR``, ``serve run serve/config.yaml`` or
-``serve run serve.app:build_app model=RUN_OR_DIR``.
+``serve run serve.app:build_app model=RUN_OR_DIR``. RUN_OR_DIR may be a storage URI (``s3://bucket/run/qcrd``):
+the driver reads the run's config from it, and each replica downloads the model into its node's cache.
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve the route annotations on the ingress class
@@ -35,8 +37,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 
+from qcrd_ray import storage
 from qcrd_ray.config import Config, ServeConfig, load_config
 from qcrd_ray.data.tasks import get_task
+from serve.batching import Batcher
 from serve.schemas import (
     CompletionRequest,
     CompletionResponse,
@@ -113,9 +117,15 @@ def isolate_failures(generate: Callable[[list[str]], list[str]], texts: list[str
     return isolate_failures(generate, texts[:mid]) + isolate_failures(generate, texts[mid:])
 
 
+def fetch_model(location: str) -> str:
+    """The local folder a replica loads: a local path as it is (no copy); a URI downloaded into this node's
+    cache (``storage.download_dir``), which refuses an upload without its completeness marker."""
+    return str(storage.download_dir(location)) if storage.is_uri(location) else location
+
+
 @dataclass(frozen=True)
 class ServedModel:
-    model_dir: str
+    model_dir: str  # a local path or a storage URI: each replica fetches it on its own node
     name: str  # what clients see in responses and /v1/models
     task: str | None  # the training task (predict's default), when the run's config says
     answer_type: str  # how the training task's answers are parsed (data.answer_type; user tasks need it)
@@ -136,17 +146,16 @@ class StudentServer:
         self.max_input_len = served.max_input_len
         self.tasks = served_tasks(served.task)
         self.created = int(time.time())
-        self.model, self.tokenizer = load_pretrained(served.model_dir)
+        local_dir = fetch_model(served.model_dir)
+        self.model, self.tokenizer = load_pretrained(local_dir)
         self.model.eval()
-        self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.batcher = Batcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        logger.info("serving %s from %s (task %s)", served.name, served.model_dir, served.task)
+        logger.info("serving %s from %s (task %s)", served.name, local_dir, served.task)
 
     # ---------------------------------------------------------------------------------------------- batching
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset from ServeConfig in __init__
     async def _generate_batch(self, items: list[GenerationItem]) -> list[str | Exception]:
         self.batch_sizes[len(items)] += 1
         # generate() runs off the event loop so the replica keeps accepting (and batching) requests meanwhile
@@ -171,7 +180,7 @@ class StudentServer:
 
     async def _generate(self, texts: list[str], temperature: float, max_new_tokens: int, seed: int | None) -> list[str]:
         results = await asyncio.gather(
-            *(self._generate_batch(GenerationItem(t, temperature, max_new_tokens, seed)) for t in texts)
+            *(self.batcher.submit(GenerationItem(t, temperature, max_new_tokens, seed)) for t in texts)
         )
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:

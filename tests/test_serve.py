@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -230,6 +231,107 @@ def test_a_failing_input_fails_alone_in_its_batch():
         "TypeError", "TypeError", "X", "TypeError"]
 
 
+def test_batch_window_takes_a_batch_when_the_clients_of_the_last_one_are_back():
+    from serve.batching import BatchWindow
+
+    w = BatchWindow(max_batch_size=16, max_wait_s=0.1)
+    assert w.wait(queued=1, first_arrival=0.0, now=0.0) == 0  # nothing seen yet: a request goes at once
+    # a batch of 16 finished at t=10: wait (from t=10, at most 0.1 s) until 16 are queued again
+    w.finished(batch_size=16, queued=0, now=10.0)
+    assert w.wait(queued=1, first_arrival=10.02, now=10.02) == pytest.approx(0.1)
+    assert w.wait(queued=15, first_arrival=10.02, now=10.05) == pytest.approx(0.07)
+    assert w.wait(queued=16, first_arrival=10.02, now=10.05) == 0
+    assert w.wait(queued=3, first_arrival=10.02, now=10.12) == 0  # never more than max_wait_s
+    # idle longer than max_wait_s before anyone came back: those clients are gone, a lone request goes at once
+    assert w.wait(queued=1, first_arrival=10.5, now=10.5) == 0
+    # requests queued during generation count from when the model is free, not from their arrival
+    w.finished(batch_size=1, queued=15, now=20.0)
+    assert w.wait(queued=15, first_arrival=19.5, now=20.0) == pytest.approx(0.1)
+    # a lone client in a closed loop never waits: the estimate is what it saw, one
+    w.finished(batch_size=1, queued=0, now=30.0)
+    assert w.wait(queued=1, first_arrival=30.01, now=30.01) == 0
+    # the estimate is capped by the batch size; a zero window takes whatever is queued
+    w.finished(batch_size=16, queued=30, now=40.0)
+    assert w.target(40.0) == 16
+    w = BatchWindow(max_batch_size=16, max_wait_s=0.0)
+    w.finished(batch_size=16, queued=0, now=0.0)
+    assert w.wait(queued=1, first_arrival=0.001, now=0.001) == 0
+
+
+def _closed_loop(batcher, requests_per_client):
+    """Clients that each send their next item as soon as the previous one is answered."""
+    import asyncio
+
+    async def client(c, n):
+        return [await batcher.submit((c, i)) for i in range(n)]
+
+    return asyncio.gather(*(client(c, n) for c, n in enumerate(requests_per_client)))
+
+
+def test_batcher_gathers_closed_loop_clients_and_never_holds_a_lone_one():
+    import asyncio
+
+    from serve.batching import Batcher
+
+    async def scenario():
+        sizes = []
+
+        async def process(items):
+            sizes.append(len(items))
+            await asyncio.sleep(0.01)
+            return [("done", item) for item in items]
+
+        # 8 clients: every batch holds all 8 (the window waits for the ones just answered to come back);
+        # when 4 of them stop, one window of max_wait_s passes and batches of the 4 left follow
+        batcher = Batcher(process, max_batch_size=16, max_wait_s=0.2)
+        answers = await _closed_loop(batcher, [3] * 4 + [6] * 4)
+        assert answers[5] == [("done", (5, i)) for i in range(6)]
+        assert sizes == [8, 8, 8, 4, 4, 4]
+
+        sizes.clear()  # max_batch_size caps a batch
+        await _closed_loop(Batcher(process, max_batch_size=3, max_wait_s=0.2), [2] * 6)
+        assert sizes == [3, 3, 3, 3]
+
+        sizes.clear()  # a lone client: 20 requests, none waits the 1 s window (that alone would take 20 s)
+        start = asyncio.get_running_loop().time()
+        await _closed_loop(Batcher(process, max_batch_size=16, max_wait_s=1.0), [20])
+        assert sizes == [1] * 20 and asyncio.get_running_loop().time() - start < 5
+
+    asyncio.run(scenario())
+
+
+def test_batcher_skips_cancelled_items_and_survives_a_failing_batch():
+    import asyncio
+
+    from serve.batching import Batcher
+
+    async def scenario():
+        batches, gate = [], asyncio.Event()
+
+        async def process(items):
+            batches.append(list(items))
+            await gate.wait()
+            if "boom" in items:
+                raise ValueError("boom")
+            return [ValueError(i) if i == "bad" else i.upper() for i in items]
+
+        batcher = Batcher(process, max_batch_size=8, max_wait_s=0.0)
+        first = asyncio.create_task(batcher.submit("a"))
+        await asyncio.sleep(0.01)  # "a" is generating; b and c queue behind it
+        gone, kept, bad = (asyncio.create_task(batcher.submit(x)) for x in ("b", "c", "bad"))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its client disconnected: b is never generated
+        gate.set()
+        assert await first == "A" and await kept == "C"
+        assert isinstance(await bad, ValueError)  # an exception result is that item's answer, as a value
+        assert batches == [["a"], ["c", "bad"]]
+        with pytest.raises(ValueError, match="boom"):
+            await batcher.submit("boom")
+        assert await batcher.submit("d") == "D"  # the queue keeps serving after a failed batch
+
+    asyncio.run(scenario())
+
+
 def test_deployment_options_come_from_the_serve_config():
     from serve.app import deployment_options
 
@@ -246,8 +348,6 @@ def test_deployment_options_come_from_the_serve_config():
 
 def test_serve_config_yaml_is_valid_for_serve_run(tmp_path):
     """serve/config.yaml passes Serve's own schema, binds to loopback, and its builder takes the documented args."""
-    from pathlib import Path
-
     import yaml
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
@@ -522,6 +622,111 @@ def test_teacher_http_backend_can_use_this_server(server, reference):
     completions = HTTPBackend(cfg).complete(rows)
     assert [c.error for c in completions] == [""] * len(rows)
     assert [c.text for c in completions] == reference([r["prompt"] for r in rows], max_new_tokens=24)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a model on shared storage (S3 on loopback)
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_server, run_dir):
+    """The tiny run uploaded as training leaves it on storage: RUN/config.yaml and RUN/qcrd/model/ (with its
+    completeness marker); plus the bare model at s3://bucket/serve-bare."""
+    from qcrd_ray import storage
+
+    run = f"{s3_server}/serve-run"
+    storage.write_text(f"{run}/config.yaml", RUN_CONFIG.to_yaml())
+    storage.upload_dir(run_dir / "model", f"{run}/qcrd/model")
+    storage.upload_dir(run_dir / "model", f"{s3_server}/serve-bare")
+    return run
+
+
+def _incomplete_upload(s3_server, run_dir, name: str) -> str:
+    """A run whose model upload stopped before its completeness marker."""
+    from qcrd_ray import storage
+
+    run = f"{s3_server}/{name}"
+    storage.write_text(f"{run}/config.yaml", RUN_CONFIG.to_yaml())
+    storage.upload_dir(run_dir / "model", f"{run}/qcrd/model")
+    storage.delete(f"{run}/qcrd/model/{storage.COMPLETE_MARKER}")
+    return run
+
+
+def test_resolve_model_reads_a_run_on_storage(s3_run, s3_server, run_dir, capsys):
+    from qcrd_ray.cli import main
+    from qcrd_ray.runs import resolve_model
+
+    for given in (s3_run, f"{s3_run}/qcrd", f"{s3_run}/qcrd/", f"{s3_run}/qcrd/model"):
+        r = resolve_model(given)
+        assert r.model_dir == f"{s3_run}/qcrd/model", given  # a URI stays a URI: replicas fetch it
+        assert (r.name, r.config.data.task, r.config.train.method) == ("serve-run/qcrd", "synthetic", "qcrd")
+        assert r.method.eval("test", "predict") == f"{s3_run}/qcrd/eval/test-predict"
+    bare = resolve_model(f"{s3_server}/serve-bare")
+    assert (bare.model_dir, bare.config, bare.name) == (f"{s3_server}/serve-bare", None, "serve-bare")
+    with pytest.raises(FileNotFoundError, match="no model found"):
+        resolve_model(f"{s3_server}/nothing-here")
+
+    incomplete = _incomplete_upload(s3_server, run_dir, "serve-incomplete")
+    with pytest.raises(FileNotFoundError, match="incomplete \\(no _COMPLETE.json\\): its upload is still running"):
+        resolve_model(f"{incomplete}/qcrd")
+    # `qcrd serve` refuses it with that line before starting Ray
+    assert main(["serve", "--model", f"{incomplete}/qcrd"]) == 2
+    assert "serve-incomplete/qcrd/model is incomplete" in capsys.readouterr().err
+
+
+def test_fetch_model_keeps_a_local_path_and_downloads_a_uri(s3_run, run_dir, tmp_path):
+    from qcrd_ray import storage
+    from serve.app import fetch_model
+
+    assert fetch_model(str(run_dir / "model")) == str(run_dir / "model")  # no copy, no marker needed
+    local = fetch_model(f"{s3_run}/qcrd/model")
+    assert local.startswith(str(storage.cache_dir("downloads")))
+    assert sorted(p.name for p in (run_dir / "model").iterdir()) == sorted(
+        p.name for p in Path(local).iterdir() if p.name != storage.COMPLETE_MARKER)
+
+
+@pytest.mark.ray
+def test_a_model_on_storage_is_served(server, s3_run):
+    """`build` given s3://…/RUN/qcrd: the replica downloads the model into its node's cache and answers predict
+    without `task` (the run's config, read from storage), exactly as the same model served from a local path."""
+    from ray import serve
+
+    from serve.app import build
+
+    cfg = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_new_tokens": 48})
+    serve.run(build(f"{s3_run}/qcrd", cfg), name="from-s3", route_prefix="/s3")
+    try:
+        remote = httpx.post(f"{server}/s3/v1/predict", json={"input": QUESTIONS[0]}, timeout=60)
+        assert remote.status_code == 200, remote.text
+        local = httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=60).json()
+        assert remote.json()["model"] == "serve-run/qcrd"
+        assert {k: remote.json()[k] for k in ("label", "output")} == {k: local[k] for k in ("label", "output")}
+    finally:
+        serve.delete("from-s3")
+
+
+@pytest.mark.ray
+def test_a_replica_refuses_an_incomplete_upload(server, s3_run, s3_server, run_dir):
+    """The upload was restarted after the driver resolved it (its marker is gone): each replica refuses to
+    load it, and the deployment fails with the reason instead of serving a half-copied model."""
+    from ray import serve
+
+    from qcrd_ray import storage
+    from serve.app import build
+
+    run = f"{s3_server}/serve-restarted"
+    storage.write_text(f"{run}/config.yaml", RUN_CONFIG.to_yaml())
+    storage.upload_dir(run_dir / "model", f"{run}/qcrd/model")
+    app = build(f"{run}/qcrd", Config().replace(serve={"min_replicas": 1, "max_replicas": 1}))
+    storage.delete(f"{run}/qcrd/model/{storage.COMPLETE_MARKER}")
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application restarted failed"):
+            serve.run(app, name="restarted", route_prefix="/restarted")
+        # the reason, as `serve status` shows it
+        message = serve.status().applications["restarted"].deployments["StudentServer"].message
+        assert "serve-restarted/qcrd/model is incomplete (no _COMPLETE.json)" in message, message
+    finally:
+        serve.delete("restarted")
 
 
 @pytest.mark.ray

@@ -13,7 +13,8 @@ from qcrd_ray.cli import add_config_arguments, load_config_from_args
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="RUN_OR_DIR",
                         help="a method of a run (RUN/<method>, as `qcrd run` prints), a run directory (its "
-                        "train.method) or a Hugging Face model directory")
+                        "train.method) or a Hugging Face model directory; a local path or a URI "
+                        "(s3://bucket/run/qcrd): each replica then downloads the model into its node's cache")
     parser.add_argument("--host", help="interface to bind (default serve.host: 127.0.0.1, loopback only; "
                         "0.0.0.0 exposes the service on the network)")
     parser.add_argument("--port", type=int, help="HTTP port (default serve.port: 8000)")
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from serve.app import build
 
     try:
-        app = build(args.model, cfg, args.name)  # a missing model fails here, before Ray starts
+        app = build(args.model, cfg, args.name)  # a missing or incomplete model fails here, before Ray starts
     except FileNotFoundError as e:
         print(f"qcrd serve: {e}", file=sys.stderr)
         return 2
