@@ -114,9 +114,12 @@ class RankZeroLog:
     the round's checkpoint (:meth:`sync`), so a checkpoint never holds steps the file lacks. TensorBoard writes
     into a node-local folder whose event files are uploaded at each round end."""
 
-    def __init__(self, layout: MethodLayout, resume_step: int):
+    def __init__(self, layout: MethodLayout, resume_step: int, cfg=None):
         from torch.utils.tensorboard import SummaryWriter
 
+        from qcrd_ray.trackers import open_trackers
+
+        self.trackers = open_trackers(cfg, layout.root) if cfg is not None else []  # train.trackers beyond TB
         self.layout = layout
         previous = storage.read_text(layout.metrics) if storage.exists(layout.metrics) else ""
         self.lines = [json.dumps(m) for m in kept_metrics(previous, resume_step)]
@@ -146,8 +149,10 @@ class RankZeroLog:
     def write(self, metrics: dict) -> None:
         self.lines.append(json.dumps(metrics))
         for key, value in metrics.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key not in ("step", "time") and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, metrics["step"])
+        for tracker in self.trackers:  # on the writer thread: a tracker's network call never blocks a step
+            self._submit(tracker.log, dict(metrics), metrics["step"])
         if time.monotonic() - self.last_upload >= _METRICS_UPLOAD_S:
             self.last_upload = time.monotonic()
             self._submit(self._write_metrics)
@@ -170,6 +175,8 @@ class RankZeroLog:
         self._submit(self._write_metrics)
         self.tb.close()
         self._submit(self._write_tensorboard)
+        for tracker in self.trackers:
+            self._submit(tracker.close)
         self.drain()
         self.pool.shutdown()
         shutil.rmtree(self.tb_dir, ignore_errors=True)
@@ -229,7 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- negatives: publish the student this round starts from; the sampler works one round ahead
     if rank == 0 and store is not None:
         store.publish.remote(start_round, cpu_state_dict(core.student))
-    metrics_log = RankZeroLog(layout, global_step) if rank == 0 else None
+    metrics_log = RankZeroLog(layout, global_step, cfg) if rank == 0 else None
     negatives, neg_wait, neg_missing = {}, 0.0, 0
     if pool is not None and start_round < tc.rounds:
         t0 = time.perf_counter()
