@@ -101,6 +101,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
                  address: str | None = None) -> dict:
     """Run every stage that has no complete output yet; returns {"teacher": summary, "methods": {...}}.
     Raises ConfigError before anything starts, StageError naming the stage that failed."""
+    from qcrd_ray import trackers
     from qcrd_ray.evaluate import evaluate
     from qcrd_ray.ray_utils import init_ray
     from qcrd_ray.report import read_json, write_report
@@ -143,6 +144,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
                 with _stage(f"eval {method} {mode}"):
                     metrics = evaluate(where.model, mcfg, cfg.data.eval_split, mode=mode, out_dir=out)
             evals[mode] = metrics
+        trackers.log_results(mcfg, where.root, {f"{cfg.data.eval_split}_{m}": e["accuracy"] for m, e in evals.items()})
         results[method] = {"dir": where.root, "eval": evals}
     with _stage("report"):
         report = write_report(layout, cfg, teacher, results)

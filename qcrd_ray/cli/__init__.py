@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "Serve a trained student over HTTP with Ray Serve"),
     "data": ("data", "Inspect a dataset: rows, rejected rows with reasons, label distribution"),
     "config": ("config", "Show the resolved configuration (defaults <- YAML <- --set overrides)"),
+    "sweep": ("sweep", "Run a grid / random search of full teach -> train -> eval trials on Ray Tune"),
 }
 
 

@@ -1,0 +1,37 @@
+"""``qcrd sweep``: a sweep file's trials on Ray Tune (``qcrd_ray.sweep``); rerun the same command to continue."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="sweep file (e.g. sweeps/quality.yaml)")
+    parser.add_argument("--out", required=True, help="sweep directory (a path; a shared mount on a cluster)")
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also print Ray's and the workers' output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from qcrd_ray import console
+    from qcrd_ray.sweep import grid_points, load_sweep, run_sweep
+
+    spec = load_sweep(args.config)  # refused here, before Ray starts
+    log_file = console.log_to_file(os.path.join(os.path.abspath(args.out), "logs"))
+    print(f"sweep {spec.name}: {len(grid_points(spec)) * spec.num_samples} trials → {args.out}")
+    try:
+        rows = run_sweep(spec, args.out, address=args.address)
+    except RuntimeError as e:
+        print(f"qcrd sweep: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import logging
+
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
+    print(open(os.path.join(args.out, "summary.md")).read())
+    print(f"{len(rows)} trials; tables, best.yaml and accuracy.png in {args.out}")
+    return 0

@@ -1,0 +1,175 @@
+"""`qcrd sweep`: the pure parts (sweep files, trial names, teacher sharing keys, statistics) and a 2-trial sweep
+on Ray Tune end to end, interrupted and continued."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qcrd_ray.config import ConfigError
+from qcrd_ray.sweep import (cell_table, grid_points, load_sweep, mean_sd, paired_difference, teacher_key,
+                            trial_config, trial_name)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_points_names_and_configs(tmp_path):
+    spec = load_sweep(_write(tmp_path, """
+name: q
+base: {data: {synthetic_steps: 2}}
+grid:
+  train.method: [finetune, qcrd]
+  teacher.noise: [0.1, 0.3]
+  train.seed: [0, 1]
+"""))
+    points = grid_points(spec)
+    assert len(points) == 8 and points[1] == {"train.method": "finetune", "teacher.noise": 0.1, "train.seed": 1}
+    assert trial_name(points[1]) == "method=finetune,noise=0.1,seed=1"
+    assert len({trial_name(p) for p in points}) == 8
+    cfg = trial_config(spec, points[1])
+    assert (cfg.train.method, cfg.teacher.noise, cfg.train.seed, cfg.data.synthetic_steps) == ("finetune", 0.1, 1, 2)
+    assert (cfg.train.experiment, cfg.train.run_name) == ("q", "method=finetune,noise=0.1,seed=1")
+    # trials differing only in method or student seed share a teacher output; another noise level does not
+    keys = {(p["teacher.noise"], teacher_key(trial_config(spec, p))) for p in points}
+    assert len(keys) == 2 and len({k for _, k in keys}) == 2
+
+
+def test_the_committed_sweep_files_load():
+    for name in ("quality", "ablation", "pilot"):
+        spec = load_sweep(ROOT / "sweeps" / f"{name}.yaml")
+        assert spec.baseline == "dss" and grid_points(spec)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grid: {teacher.noize: [0.1]}", "teacher.noize"),
+    ("grid: {teacher.noise: [2.0]}", "teacher.noise"),
+    ("grid: {noise: [0.1]}", "section.key"),
+    ("grid: {teacher.noise: []}", "non-empty list"),
+    ("random: {train.lr: {normal: [0, 1]}}", "uniform"),
+    ("grd: {}", "unknown sweep key 'grd'"),
+    ("metric: bleu", "metric"),
+])
+def test_bad_sweep_files_are_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_write(tmp_path, text))
+
+
+def test_mean_sd_and_paired_difference_with_a_t_interval():
+    assert mean_sd([0.5]) == (0.5, 0.0)
+    mean, sd = mean_sd([1.0, 2.0, 3.0])
+    assert mean == 2.0 and sd == 1.0
+    # differences 1, 2, 3 by seed: mean 2, sd 1, t(0.975, 2) = 4.3027 → half width 4.3027 / sqrt(3) = 2.4841
+    d = paired_difference({0: 2.0, 1: 4.0, 2: 6.0, 9: 1.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert d["n"] == 3 and d["mean"] == 2.0
+    assert d["lo"] == pytest.approx(2 - 2.4841, abs=1e-4) and d["hi"] == pytest.approx(2 + 2.4841, abs=1e-4)
+    assert paired_difference({0: 1.0}, {0: 0.5}) == {"n": 1, "mean": 0.5, "lo": None, "hi": None}
+    assert paired_difference({0: 1.0}, {1: 0.5})["n"] == 0
+
+
+def test_cell_table_pairs_each_method_with_the_baseline_of_the_same_noise():
+    rows = []
+    for noise, gain in ((0.1, 0.02), (0.5, 0.10)):
+        for seed, base in enumerate((0.40, 0.44, 0.42)):
+            rows.append({"train.method": "dss", "teacher.noise": noise, "train.seed": seed, "test_predict": base})
+            rows.append({"train.method": "qcrd", "teacher.noise": noise, "train.seed": seed,
+                         "test_predict": base + gain + 0.01 * seed})
+    rows.append({"train.method": "qcrd", "teacher.noise": 0.5, "train.seed": 3, "test_predict": None})  # failed
+    table = cell_table(rows, ["train.method", "teacher.noise", "train.seed"], "train.seed", "dss", "test_predict")
+    by_cell = {(line["train.method"], line["teacher.noise"]): line for line in table}
+    assert len(by_cell) == 4 and "diff" not in by_cell[("dss", 0.1)]
+    high = by_cell[("qcrd", 0.5)]
+    assert high["n"] == 3 and high["mean"] == pytest.approx(0.53)
+    assert high["diff"]["mean"] == pytest.approx(0.11) and high["diff"]["lo"] > 0
+    assert by_cell[("qcrd", 0.1)]["diff"]["mean"] == pytest.approx(0.03)
+
+
+SWEEP = """
+name: two
+base:
+  data: {synthetic_train_size: 48, synthetic_eval_size: 16, synthetic_steps: 2}
+  teacher: {k: 3, shard_rows: 32, noise: 0.2}
+  student: {max_target_len: 64}
+  train: {rounds: 2, round_steps: 3, batch_size: 4, log_every: 1}
+  snapshots: {j: 1, max_new_tokens: 24}
+  discriminator: {pretrain_steps: 5, refresh_steps: 2}
+grid:
+  train.method: [finetune, dss]
+  train.seed: [0]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_path):
+    """Trial 1 finishes, the driver is SIGKILLed during trial 2, the same command continues: trial 1 is not
+    trained again, the teacher was taught once for both, and the tables, best config and plot are written."""
+    from qcrd_ray.cli import main
+
+    sweep_file, out = _write(tmp_path, SWEEP), tmp_path / "sweep"
+    first = out / "trials" / "method=finetune,seed=0"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    command = "import sys; from qcrd_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    driver = subprocess.Popen([sys.executable, "-c", command, "sweep", "--config", str(sweep_file),
+                               "--out", str(out)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 150
+        while not (first / "finetune" / "eval" / "test-predict" / "metrics.json").exists():
+            assert driver.poll() is None, "the sweep ended before its first trial finished"
+            assert time.monotonic() < deadline, "the first trial did not finish in 150 s"
+            time.sleep(1)
+        time.sleep(2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    model = first / "finetune" / "model" / "config.json"
+    trained_at = model.stat().st_mtime_ns
+
+    assert main(["sweep", "--config", str(sweep_file), "--out", str(out)]) == 0
+    assert model.stat().st_mtime_ns == trained_at
+    assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 1  # one teacher for both trials
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["train.method"] for r in rows) == ["dss", "finetune"]
+    for row in rows:
+        for column in ("valid_predict", "test_predict", "test_explain" if row["train.method"] == "dss" else None):
+            if column:
+                assert 0.0 <= float(row[column]) <= 1.0
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["chosen_on"] == "valid predict accuracy" and best["cell"]["train.method"] in ("dss", "finetune")
+    summary = (out / "summary.md").read_text()
+    assert "## test predict" in summary and "| dss |" in summary
+    assert (out / "results.md").read_text().count("\n") == 4
+
+
+def test_variants_are_one_more_axis_compared_to_their_baseline(tmp_path):
+    spec = load_sweep(_write(tmp_path, """
+variants:
+  dss: {train.method: dss}
+  no_judge: {train.method: qcrd, loss.quality_judge: false}
+grid: {train.seed: [0, 1]}
+compare_on: variant
+"""))
+    points = grid_points(spec)
+    assert points[0] == {"variant": "dss", "train.seed": 0} and len(points) == 4
+    cfg = trial_config(spec, points[3])
+    assert (cfg.train.method, cfg.loss.quality_judge, cfg.train.seed) == ("qcrd", False, 1)
+    assert trial_name(points[3]) == "variant=no_judge,seed=1"
+    with pytest.raises(ConfigError, match="loss.quality_judg"):
+        load_sweep(_write(tmp_path, "variants: {a: {loss.quality_judg: false}}\ncompare_on: variant"))
+    with pytest.raises(ConfigError, match="compare_on"):
+        load_sweep(_write(tmp_path, "variants: {a: {train.seed: 1}}\ncompare_on: train.method"))
