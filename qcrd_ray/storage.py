@@ -206,7 +206,8 @@ def upload_dir(local_dir: Location, dest: Location) -> None:
         data = p.read_bytes()
         write_bytes(join(dest, *rel.split("/")), data)
         listing[rel] = len(data)
-    write_json(join(dest, COMPLETE_MARKER), {"files": listing})
+    # a fresh id per upload: download_dir caches by (URI, marker), and a re-upload with equal sizes must not hit it
+    write_json(join(dest, COMPLETE_MARKER), {"files": listing, "upload": uuid.uuid4().hex})
 
 
 def is_complete(location: Location) -> bool:
