@@ -148,7 +148,6 @@ def main() -> None:
 
     from qcrd_ray.config import Config
     from qcrd_ray.data import synthetic
-    from qcrd_ray.ray_utils import init_ray
     from serve.app import build
 
     model = args.model
@@ -163,7 +162,8 @@ def main() -> None:
             train_tiny_student(model, args.train_steps, train_size=400)
     questions = [r["input"] for r in synthetic.make_split("test", train_size=1, eval_size=200, seed=1)]
 
-    init_ray(num_cpus=2)
+    # its own local Ray: on a machine where others run Ray, a bare init would try to join theirs
+    ray.init(address="local", num_cpus=2, configure_logging=False)
     port = _free_port()
     # access logs (proxy's and replicas') would cost both modes CPU the 2 shared cores do not have
     quiet = {"enable_access_log": False}
