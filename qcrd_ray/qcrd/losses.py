@@ -46,12 +46,17 @@ def candidate_weights(
     positive: bool,
     scores: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    multiplicity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-candidate weights ``w`` ``[B, C]`` of a many-to-one scheme; each row sums to 1 (0 for a row with no
     candidate). ``values`` are the candidates' (detached) losses, ``scores`` their detached D scores (``wmean``).
 
     Eq. 6 takes ``min_{r ∈ P}`` over positives and Eq. 7 ``max_{r ∈ N}`` over negatives (``minmax``); selection is
     on the raw loss ``l`` (the margin is monotone, so the max of ``min(l − δ, 0)`` is attained at the max of ``l``).
+
+    ``multiplicity`` ``[B, C]``: how many identical copies each (deduplicated) candidate stands for. min/max ignore
+    it (exact); ``mean``/``wmean`` weigh each candidate by it and ``sampling`` draws in proportion to it
+    (``argmax u^(1/w)``), as over the undeduplicated list.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown many-to-one scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -61,6 +66,8 @@ def candidate_weights(
     if scheme in ONE_HOT_SCHEMES:
         if scheme == "sampling":
             noise = torch.rand(values.shape, generator=generator, device="cpu").to(values.device)
+            if multiplicity is not None:
+                noise = noise ** (1.0 / multiplicity.clamp(min=1.0))
             index = noise.masked_fill(~mask, -1.0).argmax(dim=1)
         else:
             take_min = (scheme == "minmax") == positive
@@ -69,6 +76,8 @@ def candidate_weights(
             else:
                 index = values.masked_fill(~mask, float("-inf")).argmax(dim=1)
         return F.one_hot(index, values.shape[1]).to(values.dtype) * has_any.to(values.dtype)
+    if multiplicity is not None:
+        maskf = maskf * multiplicity
     if scheme == "mean" or scores is None:
         raw = maskf
     else:
@@ -120,15 +129,19 @@ def contrastive_loss(
 
 
 def discriminator_loss(
-    scores: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor
+    scores: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor, multiplicity: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Eq. 2 as printed, ``L_D = mean_i [ −log( Σ_{r ∈ P_i} exp(s(x_i, r)) / Σ_{r ∈ N_i} exp(s(x_i, r)) ) ]``.
 
     ``scores`` ``[B, C]`` are D's outputs with gradient; ``pos_mask``/``neg_mask`` mark each example's positives
     and negatives among them. The ratio is undefined without both kinds, so the mean runs over the examples that
     have at least one positive and one negative; a batch with none gives 0 (attached to the graph). Since
-    ``s ∈ (0, 1)`` the loss is bounded in ``(−1 − log|P|+log|N|, 1 − log|P|+log|N|)``.
+    ``s ∈ (0, 1)`` the loss is bounded in ``(−1 − log|P|+log|N|, 1 − log|P|+log|N|)``. ``multiplicity``: copies
+    each deduplicated pair stands for, ``Σ exp(s)`` over copies = ``exp(s + log w)`` (exact). Computed in fp32.
     """
+    scores = scores.float()
+    if multiplicity is not None:
+        scores = scores + torch.log(multiplicity.float().clamp(min=1.0))
     neg_inf = torch.finfo(scores.dtype).min
     log_pos = torch.logsumexp(scores.masked_fill(~pos_mask, neg_inf), dim=1)
     log_neg = torch.logsumexp(scores.masked_fill(~neg_mask, neg_inf), dim=1)

@@ -12,10 +12,18 @@ scheme selects one positive and one negative per example, and only those two get
 gradient, through the shared encoder states. ``mean``/``wmean`` weight every candidate, so all of them are decoded
 with gradient (the encoder still runs once). ``naive=True`` is the reference: every candidate through the full
 model with gradient; it gives the same loss value (see tests/test_step.py) at several times the cost.
+
+Cost options (config keys; docs/design.md "QCRD step cost"): ``train.dedup_candidates`` keeps one copy of identical
+candidate texts of an example with its multiplicity (``cand_mult``), exact for min/max and weighted elsewhere;
+``train.precision: bf16`` autocasts the student and D (losses in fp32); ``train.score_chunk`` bounds the no-grad
+scoring's logits; ``discriminator.pairs_per_step`` gives L_D gradient on a uniform sample of examples only (the
+other examples' selected candidates are scored without gradient, for their detached weights);
+:func:`accumulate` runs ``train.grad_accum_steps`` micro-batches per optimizer step.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
@@ -26,7 +34,7 @@ from qcrd_ray.config import Config
 from qcrd_ray.data import prompts
 from qcrd_ray.methods import LABEL_ONLY, ONE_RATIONALE, method_spec
 from qcrd_ray.qcrd import losses as L
-from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
+from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs, precision_context
 from qcrd_ray.qcrd.targets import candidate_targets
 
 
@@ -45,6 +53,7 @@ class Batch:
     cand_example: torch.Tensor | None = None  # [M] long
     cand_slot: torch.Tensor | None = None  # [M] long
     cand_positive: torch.Tensor | None = None  # [M] bool (False = negative)
+    cand_mult: torch.Tensor | None = None  # [M] float: copies of this text among the example's (same-kind) candidates
     disc_ids: torch.Tensor | None = None  # [M, Ld] D inputs "question: x rationale: r" (when the method needs D)
     disc_mask: torch.Tensor | None = None
     n_slots: int = 0  # C
@@ -90,24 +99,32 @@ def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config) -> Batch:
     if not spec.explains:
         return batch
     batch.expl_ids, batch.expl_mask = inputs("explain")
-    texts, example, slot, positive, questions, rationales = [], [], [], [], [], []
+    texts, example, slot, positive, mult, questions = [], [], [], [], [], []
     for i, row in enumerate(rows):
         pos, neg = candidate_targets(row, cfg)
-        for c, (text, is_pos) in enumerate([(t, True) for t in pos] + [(t, False) for t in neg]):
+        cands = [((t, True), 1) for t in pos] + [((t, False), 1) for t in neg]
+        if cfg.train.dedup_candidates:  # first occurrence order; a text that is both kinds stays twice
+            counts: dict = {}
+            for key, _ in cands:
+                counts[key] = counts.get(key, 0) + 1
+            cands = list(counts.items())
+        for c, ((text, is_pos), count) in enumerate(cands):
             texts.append(text)
             example.append(i)
             slot.append(c)
             positive.append(is_pos)
+            mult.append(float(count))
             questions.append(row["input"])
-            rationales.append(text)
     batch.cand_example = torch.tensor(example, dtype=torch.long)
     batch.cand_slot = torch.tensor(slot, dtype=torch.long)
     batch.cand_positive = torch.tensor(positive, dtype=torch.bool)
+    batch.cand_mult = torch.tensor(mult, dtype=torch.float32)
     batch.n_slots = max(slot) + 1 if slot else 0
     batch.cand_labels = (_labels(tokenizer, texts, s.max_target_len) if texts
                          else torch.full((0, 1), L.IGNORE_INDEX, dtype=torch.long))
     if spec.needs_discriminator(cfg) and texts:
-        enc = encode_pairs(tokenizer, questions, rationales, s.max_input_len)
+        # under share_question_states D reads the rationale alone; the question's states come from the step
+        enc = encode_pairs(tokenizer, questions, texts, s.max_input_len, cfg.discriminator.share_question_states)
         batch.disc_ids, batch.disc_mask = enc["input_ids"], enc["attention_mask"]
     return batch
 
@@ -116,7 +133,7 @@ class DistillModel(nn.Module):
     """The student and (when ``cfg.train.method`` needs one) D as one module; ``forward(batch, alpha3)``."""
 
     def __init__(self, student: nn.Module, disc: Discriminator | None, cfg: Config,
-                 *, naive: bool = False, score_chunk: int = 8):
+                 *, naive: bool = False, score_chunk: int | None = None):
         super().__init__()
         self.spec = method_spec(cfg)
         needs_disc = self.spec.needs_discriminator(cfg)
@@ -126,8 +143,9 @@ class DistillModel(nn.Module):
         self.disc = disc if needs_disc else None
         self.cfg = cfg
         self.naive = naive  # reference path: every candidate through the full model with gradient
-        self.score_chunk = score_chunk  # candidates per no-grad scoring chunk (bounds the [M, T, V] logits)
+        self.score_chunk = score_chunk or cfg.train.score_chunk  # candidates per no-grad scoring chunk
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # the `sampling` scheme's draws
+        self.d_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # discriminator.pairs_per_step's draws
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups: the student at the optimizer's lr, D's own parameters (not a shared
@@ -179,9 +197,51 @@ class DistillModel(nn.Module):
                            decoder_input_ids=self._decoder_inputs(batch.cand_labels))
         return L.sequence_ce(out.logits, batch.cand_labels)
 
-    def disc_scores(self, batch: Batch) -> torch.Tensor:
-        """D's score of every (question, candidate) pair, with gradient: ``[M]``."""
-        return self.disc(batch.disc_ids, batch.disc_mask)
+    def disc_scores(self, batch: Batch, hidden: torch.Tensor | None = None,
+                    which: torch.Tensor | None = None) -> torch.Tensor:
+        """D's score of the pairs ``which`` (default every pair), with gradient. ``hidden``: the student's states of
+        ``explain: x`` (needed, and used detached, under share_question_states)."""
+        which = torch.arange(batch.disc_ids.shape[0], device=batch.disc_ids.device) if which is None else which
+        states = qmask = None
+        if self.disc.shares_question_states:
+            ex = batch.cand_example[which]
+            hidden = self.encode_explain(batch) if hidden is None else hidden
+            states, qmask = hidden.detach().index_select(0, ex), batch.expl_mask.index_select(0, ex)
+        return self.disc(batch.disc_ids[which], batch.disc_mask[which], states, qmask)
+
+    def d_sample(self, batch: Batch, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
+        """Examples whose pairs carry L_D with gradient ``[B]`` bool: all of them, or under
+        ``discriminator.pairs_per_step`` a uniform sample without replacement of k of the examples with both kinds,
+        k = pairs_per_step / their mean number of pairs (at least 1). Eq. 2 is a log of sums over an example's
+        pairs, so whole examples are drawn: the mean over the sample is then unbiased for the mean over examples."""
+        valid = pos_mask.any(dim=1) & neg_mask.any(dim=1)
+        budget = self.cfg.discriminator.pairs_per_step
+        n_valid = int(valid.sum())
+        if not budget:  # the spec: every pair (L_D itself keeps only examples with both kinds)
+            return torch.ones_like(valid)
+        if not n_valid:
+            return valid
+        per_example = float((pos_mask | neg_mask)[valid].sum()) / n_valid
+        k = min(n_valid, max(1, int(budget / per_example)))
+        chosen = valid.nonzero().squeeze(1)[torch.randperm(n_valid, generator=self.d_generator)[:k].to(valid.device)]
+        return torch.zeros_like(valid).index_fill(0, chosen, True)
+
+    def _scores(self, batch: Batch, hidden, grad_rows: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        """``[M]`` D scores: with gradient on the candidates of ``grad_rows``, without gradient on the other
+        candidates in ``need`` (their scores only weight the student's terms), 0 elsewhere."""
+        grad = grad_rows[batch.cand_example]
+        rest = need & ~grad
+        if bool(grad.all()):
+            return self.disc_scores(batch, hidden)
+        m = batch.cand_example.shape[0]
+        flat = torch.zeros(m, device=batch.cand_example.device)
+        idx = torch.arange(m, device=flat.device)
+        if bool(rest.any()):
+            with torch.no_grad():
+                flat = flat.index_put((idx[rest],), self.disc_scores(batch, hidden, idx[rest]))
+        if bool(grad.any()):
+            flat = flat.index_put((idx[grad],), self.disc_scores(batch, hidden, idx[grad]))
+        return flat
 
     # ---- the step
 
@@ -193,6 +253,10 @@ class DistillModel(nn.Module):
     def forward(self, batch: Batch, alpha3: float | None = None) -> StepOutput:
         if batch.method != self.spec.name:
             raise ValueError(f"batch was made for {batch.method!r}, model runs {self.spec.name!r}")
+        with precision_context(self.cfg.train.precision, batch.pred_ids.device.type):
+            return self._forward(batch, alpha3)
+
+    def _forward(self, batch: Batch, alpha3: float | None) -> StepOutput:
         l_pred = self.label_loss(batch)
         if self.spec.targets == LABEL_ONLY:
             return StepOutput(l_pred, {"loss": l_pred.item(), "l_pred": l_pred.item(), "l_rationale": 0.0})
@@ -217,35 +281,48 @@ class DistillModel(nn.Module):
         pos_mask = self.to_grid(batch, batch.cand_positive) if m else torch.zeros(batch.size, 0, dtype=torch.bool,
                                                                                device=device)
         neg_mask = self.to_grid(batch, ~batch.cand_positive) if m else pos_mask
+        mult = self.to_grid(batch, batch.cand_mult) if m else None
         zero = l_pred * 0.0
-        s_flat = self.disc_scores(batch) if (self.disc is not None and m) else None
+        one_hot = lc.scheme in L.ONE_HOT_SCHEMES
+        use_d = self.disc is not None and m > 0
+        d_rows = self.d_sample(batch, pos_mask, neg_mask) if use_d else None
+        all_idx = torch.arange(m, device=device)
+        hidden = None
+        if m and not self.naive:
+            hidden = self.encode_explain(batch)
+        elif use_d and self.disc.shares_question_states:
+            with torch.no_grad():
+                hidden = self.encode_explain(batch)
+        # mean/wmean weight every candidate by its score, so D scores them all before the weights; one-hot schemes
+        # select on the losses alone, and only the selected candidates' scores are needed outside d_rows
+        s_flat = self._scores(batch, hidden, d_rows, all_idx >= 0) if (use_d and not one_hot) else None
         s_grid = self.to_grid(batch, s_flat) if s_flat is not None else None
         if m and self.naive:
-            loss_flat = self.naive_losses(batch)
-            loss_grid = self.to_grid(batch, loss_flat)
-            w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid)
+            loss_grid = self.to_grid(batch, self.naive_losses(batch))
+            w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid, mult)
         elif m:
-            hidden = self.encode_explain(batch)
-            all_idx = torch.arange(m, device=device)
-            if lc.scheme in L.ONE_HOT_SCHEMES:
+            if one_hot:
                 w_pos, w_neg = self._weights(self.to_grid(batch, self.score_candidates(batch, hidden)),
-                                             pos_mask, neg_mask, s_grid)
-                chosen = (w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0
-                which = all_idx[chosen]
+                                             pos_mask, neg_mask, s_grid, mult)
+                which = all_idx[(w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0]
             else:
                 which = all_idx
             loss_grid = self.to_grid(batch, zero.expand(m).clone().index_put(
                 (which,), self.decode_losses(batch, hidden, which)))
-            if lc.scheme not in L.ONE_HOT_SCHEMES:
-                w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid)
+            if not one_hot:
+                w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid, mult)
         else:
             loss_grid = zero.expand(batch.size, 0)
             w_pos = w_neg = loss_grid.detach()
+        if use_d and one_hot:
+            chosen = (w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0
+            s_grid = self.to_grid(batch, self._scores(batch, hidden, d_rows, chosen))
         l_pos, s_pos = L.positive_term(loss_grid, w_pos, s_grid, lc.scheme)
         l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta, lc.scheme)
         has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
         l_cl = L.contrastive_loss(l_pos, l_neg, has_pos, has_neg, lc.beta)
-        l_d = L.discriminator_loss(s_grid, pos_mask, neg_mask) if s_grid is not None else zero
+        l_d = (L.discriminator_loss(s_grid, pos_mask & d_rows[:, None], neg_mask & d_rows[:, None], mult)
+               if s_grid is not None else zero)
         loss = L.total_loss(l_pred, l_cl, l_d, lc.alpha1, lc.alpha2, alpha3)
 
         def mean_over(values, mask):
@@ -255,15 +332,34 @@ class DistillModel(nn.Module):
             "loss": loss.item(), "l_pred": l_pred.item(), "l_cl": l_cl.item(), "l_d": l_d.item(),
             "l_pos": mean_over(l_pos.detach(), has_pos), "l_neg": mean_over(l_neg.detach(), has_neg),
             "s_pos": mean_over(s_pos, has_pos), "s_neg": mean_over(s_neg, has_neg),
-            "alpha3": alpha3, "n_positives": int(pos_mask.sum()), "n_negatives": int(neg_mask.sum()),
+            "alpha3": alpha3, "n_positives": int((mult * pos_mask).sum()) if m else 0,
+            "n_negatives": int((mult * neg_mask).sum()) if m else 0, "n_candidates_scored": m,
             "examples_without_positive": int((~has_pos).sum()),
         }
         return StepOutput(loss, metrics)
 
-    def _weights(self, loss_grid, pos_mask, neg_mask, s_grid):
+    def _weights(self, loss_grid, pos_mask, neg_mask, s_grid, mult):
         scheme = self.cfg.loss.scheme
         w_pos = L.candidate_weights(loss_grid, pos_mask, scheme, positive=True, scores=s_grid,
-                                    generator=self.generator)
+                                    generator=self.generator, multiplicity=mult)
         w_neg = L.candidate_weights(loss_grid, neg_mask, scheme, positive=False, scores=s_grid,
-                                    generator=self.generator)
+                                    generator=self.generator, multiplicity=mult)
         return w_pos, w_neg
+
+
+def accumulate(model: nn.Module, micro_batches: Sequence[Batch], alpha3: float | None = None) -> dict:
+    """Forward + backward of each micro-batch with its loss scaled by ``1 / len(micro_batches)``, so the gradient
+    is that of the mean over micro-batches (one batch of their union when they are equal-sized); under DDP the
+    gradients are all-reduced only on the last (``no_sync`` before). Returns the micro-batches' mean metrics."""
+    n = len(micro_batches)
+    if not n:
+        raise ValueError("accumulate: no micro-batch")
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        sync_off = model.no_sync() if (i < n - 1 and hasattr(model, "no_sync")) else nullcontext()
+        with sync_off:
+            out = model(batch, alpha3)
+            (out.loss / n).backward()
+        for key, value in out.metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) / n
+    return totals

@@ -34,7 +34,7 @@ from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses
 from qcrd_ray.qcrd.discriminator import Discriminator, pretrain_discriminator, refresh
 from qcrd_ray.qcrd.snapshots import cpu_state_dict
-from qcrd_ray.qcrd.step import DistillModel, make_batch
+from qcrd_ray.qcrd.step import DistillModel, accumulate, make_batch
 from qcrd_ray.runs import MethodLayout
 from qcrd_ray.train import checkpoint as ckpt
 
@@ -84,12 +84,6 @@ def _all_reduce_min(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
-
-
-def _broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Give every rank ``src``'s weights (after a step taken outside DDP, such as D's refresh on rank 0)."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(tensor.data, src=src)
 
 
 def negative_records(negatives: dict) -> list[dict]:
@@ -196,10 +190,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- data: this worker's shard of the teacher rows; every rank takes the same number of steps per epoch
     rows = shard_rows(ray.train.get_dataset_shard("train"))
-    steps_per_epoch = _all_reduce_min(len(rows) // tc.batch_size, device)
+    step_rows = tc.batch_size * tc.grad_accum_steps  # one optimizer step: grad_accum_steps micro-batches
+    steps_per_epoch = _all_reduce_min(len(rows) // step_rows, device)
     if steps_per_epoch == 0:
-        raise ValueError(f"a worker holds fewer than train.batch_size={tc.batch_size} rows; lower the batch "
-                         f"size or the number of workers ({world})")
+        raise ValueError(f"a worker holds fewer than train.batch_size × train.grad_accum_steps={step_rows} rows; "
+                         f"lower them or the number of workers ({world})")
     round_steps = tc.round_steps or steps_per_epoch
 
     # ---- model: resume from the last checkpoint, else the initial student the driver built
@@ -226,7 +221,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.info("rank %d: resuming at round %d (step %d)", rank, start_round, global_step)
     if not resume_dir:
         start_round, global_step = 0, 0
-        if disc is not None and rank == 0:  # DDP's wrap below hands rank 0's pre-trained D to every rank
+        if disc is not None:  # every rank on its own rows, gradients averaged: every rank ends with the same D
             stats = pretrain_discriminator(disc, tokenizer, rows, cfg, seed=tc.seed)
             log.info("discriminator pre-training: %s", stats)
     model = ray.train.torch.prepare_model(
@@ -251,12 +246,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         since_log = 0
         model.train()
         for _ in range(round_steps):
-            rows_now = with_negatives(batch_rows(rows, global_step, tc.batch_size, steps_per_epoch, tc.seed),
-                                      negatives)
-            batch = make_batch(rows_now, tokenizer, cfg).to(device)
-            out = model(batch, alpha3)
+            rows_now = with_negatives(batch_rows(rows, global_step, step_rows, steps_per_epoch, tc.seed), negatives)
+            micro = [make_batch(rows_now[i:i + tc.batch_size], tokenizer, cfg).to(device)
+                     for i in range(0, step_rows, tc.batch_size)]
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            step_metrics = accumulate(model, micro, alpha3)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -264,13 +258,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             global_step += 1
             since_log += 1
             if global_step % tc.log_every == 0:
-                step_metrics = dict(out.metrics)
                 if pool is not None:  # rounds between this round and the snapshot its negatives came from
-                    step_metrics["neg_lag"] = float(np.mean([round_index - r for r in batch.negative_rounds]))
+                    step_metrics["neg_lag"] = float(np.mean([round_index - r for b in micro
+                                                             for r in b.negative_rounds]))
                 metrics = _all_reduce_mean(step_metrics, device)
                 now = time.perf_counter()
                 metrics.update(step=global_step, round=round_index, lr=scheduler.get_last_lr()[0],
-                               alpha3=alpha3, examples_per_s=world * tc.batch_size * since_log / (now - tick),
+                               alpha3=alpha3, examples_per_s=world * step_rows * since_log / (now - tick),
                                neg_wait_s=neg_wait, neg_missing=neg_missing)
                 tick, since_log = now, 0
                 if metrics_log:
@@ -287,10 +281,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             neg_wait, neg_missing = time.perf_counter() - t0, pool.last_fetch_missing
             if metrics_log:
                 metrics_log.negatives(negatives)
-            if core.disc is not None:
-                if rank == 0:
-                    refresh(core.disc, tokenizer, with_negatives(rows, negatives), cfg, seed=tc.seed + completed)
-                _broadcast_module(core.disc)
+            if core.disc is not None:  # every rank on its own rows, gradients averaged (discriminator.py)
+                refresh(core.disc, tokenizer, with_negatives(rows, negatives), cfg, seed=tc.seed + completed)
         rng = [None] * world
         dist.all_gather_object(rng, ckpt.rng_state())
         round_metrics = {"step": global_step, "completed_rounds": completed, "round_s": round_s,
