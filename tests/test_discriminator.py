@@ -114,14 +114,16 @@ def _bce(disc, tok, rows):
 
 def test_pretraining_lowers_bce_on_a_separable_set(student_and_tok):
     student, tok = student_and_tok
-    torch.manual_seed(0)
-    # lr 3e-3 overshot on some initialisations (BCE rose); 1e-3 for 60 steps: 0.659 -> 0.138 with these seeds
-    cfg = Config().replace(discriminator={"lr": 1e-3, "pretrain_steps": 60, "pretrain_batch_size": 8})
+    torch.manual_seed(0)  # D's head init and dropout; the fixture pins the student, seed=0 the pair order
+    # lr 3e-3 overshot on some initialisations (BCE rose); 1e-3 for 60 steps reached 0.47 of the initial BCE on
+    # one of 10 seeds. 120 steps, seeds 0-11 (student, D and pair order all reseeded): after/before 0.0004-0.33
+    # (this seed: 0.659 -> 0.143, 0.22), so 0.5 holds with margin
+    cfg = Config().replace(discriminator={"lr": 1e-3, "pretrain_steps": 120, "pretrain_batch_size": 8})
     disc = Discriminator.from_student(student, cfg.discriminator)
     rows = toy_rows()
     before = _bce(disc, tok, rows)
-    stats = pretrain_discriminator(disc, tok, rows, cfg, steps=1000, progress=False)
-    assert stats["steps"] == 60  # capped by pretrain_steps
+    stats = pretrain_discriminator(disc, tok, rows, cfg, steps=1000, progress=False, seed=0)
+    assert stats["steps"] == 120  # capped by pretrain_steps
     assert stats["positives"] == 24 and stats["negatives"] == 12 and stats["augmented"] == 12
     assert stats["skipped"] is None
     after = _bce(disc, tok, rows)
