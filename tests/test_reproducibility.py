@@ -50,5 +50,6 @@ def test_two_runs_with_one_seed_are_identical(ray_session, tmp_path):
     for mode in ("predict", "explain"):
         ea, eb = a / "qcrd" / "eval" / f"test-{mode}", b / "qcrd" / "eval" / f"test-{mode}"
         ma, mb = (json.loads((e / "metrics.json").read_text()) for e in (ea, eb))
+        assert ma.pop("model") != mb.pop("model")  # each names its own run's model folder; the rest must agree
         assert ma["n"] > 0 and ma == mb, mode
         assert (ea / "predictions.jsonl").read_text() == (eb / "predictions.jsonl").read_text(), mode
