@@ -1,15 +1,22 @@
-"""Training-step cost: QCRD vs DSS at equal batch, naive vs optimised QCRD, and QCRD's cost breakdown.
+"""Training-step cost: QCRD (each cost option of issue 13) vs DSS at equal batch, in one run.
 
-Variants: ``dss``; ``qcrd_naive`` (every candidate through the full student with gradient); ``qcrd`` (the
-optimised step of qcrd/step.py); ``qcrd_no_qj`` (optimised, quality judge off: the student's side alone, no D).
+Variants (``VARIANTS``): ``dss``; ``qcrd_naive`` (every candidate through the full student with gradient);
+``qcrd_spec`` (optimised step, the spec's D, no deduplication); ``qcrd`` (the defaults: + identical candidates
+deduplicated, exact); ``d_layers2`` (D = first 2 encoder layers); ``d_question_states`` (D reads the student's
+detached question states); ``d_pairs16`` (L_D on ~16 pairs per step); ``cheapest`` (the three D options together);
+``qcrd_no_qj`` (quality judge off: no D); ``qcrd_bf16`` (the defaults under bf16 autocast).
 
-Each example has K = 5 teacher samples (4 positives and 1 teacher negative, the usual majority split) and one
-student negative, so QCRD sees 6 candidate rationales per example where DSS sees one. Steps are full training
-steps (zero_grad, forward, backward, AdamW step), measured round-robin (DSS, naive, optimised, ...) so that load
-from other processes on the machine hits every variant alike; the median is reported.
+Each example has K = 5 teacher samples (4 positives, ``--duplicates`` of them a copy of another as happens at
+T = 0.7, and 1 teacher negative) and one student negative. Measures: ``flops`` (an exact operation count of one
+full training step with torch's FlopCounterMode: independent of machine load; bf16 counts as fp32) and ``time``
+(full steps: zero_grad, forward, backward, AdamW; round-robin so load hits every variant alike; median). ``--rss``
+runs each variant in its own process and reports its peak RSS. ``--hf`` adds an independent Hugging Face
+``Seq2SeqTrainer`` implementation of distilling step-by-step (``compute_loss`` overridden: label CE + λ ·
+rationale CE) timed on the same model shape, batch, threads and data (needs ``accelerate``).
 
-    python benchmarks/train_step.py                 # T5-small shape (60 M parameters), batch 8
-    python benchmarks/train_step.py --shape tiny    # seconds, for a smoke run
+    python benchmarks/train_step.py                          # T5-small shape (60 M parameters), batch 8
+    python benchmarks/train_step.py --shape tiny --measure both --rss --hf   # a smoke run
+    benchmarks/gpu_train_step.sh                             # the same on a GPU, fp32 vs bf16
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -45,13 +54,16 @@ def sentence(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) if rng.random() < 0.8 else str(rng.randint(2, 99)) for _ in range(n_words))
 
 
-def make_rows(n: int, k: int, q_words: int, r_words: int, seed: int = 0) -> list[dict]:
-    """Teacher rows shaped like SVAMP: a question, K samples split 4 positives / 1 negative, one student negative."""
+def make_rows(n: int, k: int, q_words: int, r_words: int, seed: int = 0, duplicates: int = 0) -> list[dict]:
+    """Teacher rows shaped like SVAMP: a question, K samples split K-1 positives / 1 negative (``duplicates`` of the
+    positives repeat the first one), one student negative."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         good, bad = f"( {i + 3} + 4 )", f"( {i + 3} - 4 )"
         rationales = [sentence(rng, r_words) for _ in range(k)]
+        for d in range(min(duplicates, k - 2)):
+            rationales[k - 1 - d] = rationales[1]
         samples = [{"index": j, "text": r, "rationale": r, "answer": bad if j == 0 else good, "status": "ok",
                     "error": ""} for j, r in enumerate(rationales)]
         rows.append({
@@ -73,14 +85,41 @@ def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def build(shape: str, method: str, cfg: Config, naive: bool = False, seed: int = 0):
+def t5(shape: str, seed: int = 0) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
-    student = T5ForConditionalGeneration(T5Config(**SHAPES[shape], tie_word_embeddings=False, pad_token_id=0,
-                                                  eos_token_id=1, decoder_start_token_id=0))
-    cfg = cfg.replace(train={"method": method})
-    disc = Discriminator.from_student(student, cfg.discriminator) if method == "qcrd" else None
-    model = DistillModel(student, disc, cfg, naive=naive)
+    return T5ForConditionalGeneration(T5Config(**SHAPES[shape], tie_word_embeddings=False, pad_token_id=0,
+                                               eos_token_id=1, decoder_start_token_id=0))
+
+
+def build(shape: str, cfg: Config, naive: bool = False, seed: int = 0, device: str = "cpu"):
+    student = t5(shape, seed)
+    needs_d = cfg.train.method == "qcrd" and cfg.loss.quality_judge
+    disc = Discriminator.from_student(student, cfg.discriminator) if needs_d else None
+    model = DistillModel(student, disc, cfg, naive=naive).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+# name -> (config overrides, naive)
+VARIANTS = {
+    "dss": ({"train": {"method": "dss"}}, False),
+    "qcrd_naive": ({"train": {"dedup_candidates": False}}, True),
+    "qcrd_spec": ({"train": {"dedup_candidates": False}}, False),
+    "qcrd": ({}, False),
+    "d_layers2": ({"discriminator": {"layers": 2}}, False),
+    "d_question_states": ({"discriminator": {"share_question_states": True}}, False),
+    "d_pairs16": ({"discriminator": {"pairs_per_step": 16}}, False),
+    "cheapest": ({"discriminator": {"layers": 2, "share_question_states": True, "pairs_per_step": 16}}, False),
+    "qcrd_no_qj": ({"loss": {"quality_judge": False}}, False),
+    "qcrd_bf16": ({"train": {"precision": "bf16"}}, False),
+}
+
+
+def variant_config(name: str) -> Config:
+    overrides, _ = VARIANTS[name]
+    cfg = Config()
+    for section, values in overrides.items():
+        cfg = cfg.replace(**{section: values})
+    return cfg
 
 
 def full_step(model, opt, batch) -> None:
@@ -89,39 +128,83 @@ def full_step(model, opt, batch) -> None:
     opt.step()
 
 
-def breakdown_parts(model: DistillModel, batch) -> dict:
-    """The optimised QCRD step's parts, each forward + backward on its own (no optimizer step)."""
-    from qcrd_ray.qcrd import losses as L
-
-    def label():
-        model.label_loss(batch).backward()
-
-    def scoring():
-        with torch.no_grad():
-            model.score_candidates(batch, model.encode_explain(batch))
-
-    # the selection itself is timed in "scoring"; the same number of candidates gets gradient whatever is chosen
-    hidden = model.encode_explain(batch)
-    grid = model.to_grid(batch, model.score_candidates(batch, hidden))
-    pos, neg = model.to_grid(batch, batch.cand_positive), model.to_grid(batch, ~batch.cand_positive)
-    w = sum(L.candidate_weights(grid, mask, "minmax", positive=is_pos) for mask, is_pos in ((pos, True), (neg, False)))
-    which = torch.arange(batch.cand_labels.shape[0])[w[batch.cand_example, batch.cand_slot] > 0]
-
-    def selected():
-        model.decode_losses(batch, model.encode_explain(batch), which).sum().backward()
-
-    def discriminator():
-        s = model.to_grid(batch, model.disc_scores(batch))
-        L.discriminator_loss(s, model.to_grid(batch, batch.cand_positive), model.to_grid(batch, ~batch.cand_positive)).backward()
-
-    return {"label task (fwd+bwd)": label, "explain encoder + candidate scoring (no grad)": scoring,
-            "explain encoder + selected pos/neg (fwd+bwd)": selected, "discriminator on every pair (fwd+bwd)": discriminator}
-
-
-def timed(fn) -> float:
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def step_flops(model, opt, batch) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        full_step(model, opt, batch)
+    return counter.get_total_flops()
+
+
+def hf_dss_seconds(shape: str, rows: list[dict], tok, repeats: int, device: str, lam: float) -> float:
+    """Median step time of an independent distilling step-by-step on Hugging Face's Seq2SeqTrainer: two seq2seq
+    losses (label given ``predict: x``, rationale given ``explain: x``) in an overridden ``compute_loss``."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    from qcrd_ray.qcrd.targets import one_rationale
+
+    def enc(texts, target=False):
+        kw = {"text_target": texts} if target else {}
+        out = tok(**({"text": texts} if not target else {}), **kw, padding=True, return_tensors="pt")
+        return out
+
+    items = [{"pred": prompts.student_input("predict", r["input"]), "expl": prompts.student_input("explain", r["input"]),
+              "label": r["label"], "rationale": one_rationale(r)} for r in rows]
+
+    def collate(batch):
+        p, e = enc([b["pred"] for b in batch]), enc([b["expl"] for b in batch])
+        y, z = enc([b["label"] for b in batch], True)["input_ids"], enc([b["rationale"] for b in batch], True)["input_ids"]
+        return {"input_ids": p["input_ids"], "attention_mask": p["attention_mask"], "labels": y.masked_fill(y == 0, -100),
+                "expl_input_ids": e["input_ids"], "expl_attention_mask": e["attention_mask"],
+                "rationale_labels": z.masked_fill(z == 0, -100)}
+
+    class DSSTrainer(Seq2SeqTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            label = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                          labels=inputs["labels"])
+            rationale = model(input_ids=inputs["expl_input_ids"], attention_mask=inputs["expl_attention_mask"],
+                              labels=inputs["rationale_labels"])
+            loss = label.loss + lam * rationale.loss
+            return (loss, label) if return_outputs else loss
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+
+    clock = Clock()
+    args = Seq2SeqTrainingArguments(output_dir="/tmp/hf_dss_bench", per_device_train_batch_size=len(rows),
+                                    max_steps=repeats + 1, learning_rate=1e-4, report_to=[], save_strategy="no",
+                                    logging_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
+                                    use_cpu=device == "cpu", disable_tqdm=True)
+    trainer = DSSTrainer(model=t5(shape).to(device), args=args, train_dataset=items, data_collator=collate,
+                         callbacks=[clock])
+    trainer.train()
+    return statistics.median(clock.times[1:])
+
+
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def main(argv=None) -> dict:
@@ -129,72 +212,96 @@ def main(argv=None) -> dict:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--batch", type=int, default=8, help="examples per step (default 8, the per-worker batch)")
     parser.add_argument("--k", type=int, default=5, help="teacher samples per example")
+    parser.add_argument("--duplicates", type=int, default=1,
+                        help="positives per example that repeat another (identical samples at T = 0.7)")
     parser.add_argument("--question-words", type=int, default=45, help="SVAMP-like: ~50 tokens with the prefix")
     parser.add_argument("--rationale-words", type=int, default=50, help="~64 target tokens with the answer")
+    parser.add_argument("--measure", choices=("flops", "time", "both"), default="flops")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rss", action="store_true", help="peak RSS of each variant, each in its own process")
+    parser.add_argument("--hf", action="store_true", help="time an independent HF Seq2SeqTrainer DSS beside ours")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads oversubscribe "
                              "and a step slows down by an order of magnitude)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    names = [n for n in args.variants.split(",") if n]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.device == "cpu":
+        names = [n for n in names if n != "qcrd_bf16" or args.measure != "flops"]  # bf16 = fp32 in operations
 
-    rows = make_rows(args.batch, args.k, args.question_words, args.rationale_words)
+    rows = make_rows(args.batch, args.k, args.question_words, args.rationale_words, duplicates=args.duplicates)
     texts = [prompts.student_input(m, r["input"]) for r in rows for m in ("predict", "explain")]
     texts += [t for r in rows for t in r["positives"] + r["negatives"] + r["student_negatives"]] + WORDS
     texts += [f"question: {r['input']} rationale: The answer is" for r in rows]
     tok = word_tokenizer(texts)
-    cfg = Config()
-    no_qj = cfg.replace(loss={"quality_judge": False})  # the student side alone: no D, s_pos ≡ 1, s_neg ≡ 0
-    dss_batch = make_batch(rows, tok, cfg.replace(train={"method": "dss"}))
-    qcrd_batch, no_qj_batch = make_batch(rows, tok, cfg), make_batch(rows, tok, no_qj)  # train.method: qcrd
-    lengths = {"question_tokens": int(qcrd_batch.expl_mask.sum(1).float().mean()),
-               "rationale_tokens": int((qcrd_batch.cand_labels != -100).sum(1).float().mean()),
-               "candidates_per_example": qcrd_batch.cand_labels.shape[0] / args.batch}
-
-    variants = {"dss": (build(args.shape, "dss", cfg), dss_batch),
-                "qcrd_naive": (build(args.shape, "qcrd", cfg, naive=True), qcrd_batch),
-                "qcrd": (build(args.shape, "qcrd", cfg), qcrd_batch),
-                "qcrd_no_qj": (build(args.shape, "qcrd", no_qj), no_qj_batch)}
-    n_params = sum(p.numel() for p in variants["dss"][0][0].student.parameters())
-    parts = breakdown_parts(variants["qcrd"][0][0], qcrd_batch)
-    times: dict[str, list[float]] = {name: [] for name in [*variants, *parts]}
-    for repeat in range(args.repeats + 1):
-        for name, ((model, opt), batch) in variants.items():
-            t = timed(lambda: full_step(model, opt, batch))
-            if repeat:
-                times[name].append(t)
-        qmodel = variants["qcrd"][0][0]
-        for name, fn in parts.items():
-            qmodel.zero_grad(set_to_none=True)
-            t = timed(fn)
-            if repeat:
-                times[name].append(t)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    result = {
-        "shape": args.shape, "student_parameters": n_params, "batch": args.batch, "k": args.k,
-        "threads": args.threads, "repeats": args.repeats, **lengths,
-        "seconds": med,
-        "ratio_qcrd_naive_vs_dss": med["qcrd_naive"] / med["dss"],
-        "ratio_qcrd_vs_dss": med["qcrd"] / med["dss"],
-        "ratio_qcrd_no_qj_vs_dss": med["qcrd_no_qj"] / med["dss"],
-        "speedup_qcrd_vs_naive": med["qcrd_naive"] / med["qcrd"],
-        "breakdown_share": {name: med[name] / sum(med[p] for p in parts) for name in parts},
-    }
+    variants = {}
+    for name in names:
+        cfg = variant_config(name)
+        variants[name] = (build(args.shape, cfg, naive=VARIANTS[name][1], device=args.device),
+                          make_batch(rows, tok, cfg).to(args.device))
+    result = {"shape": args.shape, "batch": args.batch, "k": args.k, "duplicates": args.duplicates,
+              "threads": args.threads, "device": args.device, "load_before": load()}
+    if args.measure in ("flops", "both"):
+        flops = {name: step_flops(model, opt, batch) for name, ((model, opt), batch) in variants.items()}
+        result["gflops"] = {n: f / 1e9 for n, f in flops.items()}
+        if "dss" in flops:
+            result["flops_vs_dss"] = {n: f / flops["dss"] for n, f in flops.items()}
+    if args.measure in ("time", "both"):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for repeat in range(args.repeats + 1):
+            for name, ((model, opt), batch) in variants.items():
+                t = timed(lambda: full_step(model, opt, batch), args.device)
+                if repeat:
+                    times[name].append(t)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        result["seconds"] = med
+        if "dss" in med:
+            result["time_vs_dss"] = {n: t / med["dss"] for n, t in med.items()}
+    if args.hf:
+        try:
+            result["hf_dss_seconds"] = hf_dss_seconds(args.shape, rows, tok, args.repeats, args.device,
+                                                      Config().loss.dss_lambda)
+            if "seconds" in result and "dss" in result["seconds"]:
+                result["ours_dss_vs_hf"] = result["seconds"]["dss"] / result["hf_dss_seconds"]
+        except ImportError as err:  # Trainer needs `accelerate`
+            result["hf_dss_seconds"] = f"not run: {err}"
+    if args.rss:
+        result["peak_rss_mib"] = {name: peak_rss(name, args) for name in names}
+    result["load_after"] = load()
     if args.json:
         print(json.dumps(result, indent=2))
         return result
-    print(f"shape {args.shape} ({n_params / 1e6:.1f} M student parameters), batch {args.batch}, K = {args.k} + 1 "
-          f"student negative, {args.threads} threads, median of {args.repeats}")
-    print(f"question ≈ {lengths['question_tokens']} tokens, rationale ≈ {lengths['rationale_tokens']} tokens, "
-          f"{lengths['candidates_per_example']:.0f} candidates per example")
-    for name in variants:
-        print(f"  {name:<12} {med[name]:8.3f} s/step   {med[name] / med['dss']:5.2f}× DSS")
-    print(f"  optimised QCRD is {result['speedup_qcrd_vs_naive']:.2f}× faster than naive")
-    print("optimised QCRD breakdown (each part on its own, no optimizer step):")
-    for name in parts:
-        print(f"  {name:<48} {med[name]:8.3f} s  {result['breakdown_share'][name]:6.1%}")
+    print(f"shape {args.shape}, batch {args.batch}, K = {args.k} ({args.duplicates} duplicate) + 1 student negative, "
+          f"{args.threads} threads, {args.device}, load {result['load_before']} -> {result['load_after']}")
+    for name in names:
+        cells = [f"{name:<18}"]
+        if "flops_vs_dss" in result:
+            cells.append(f"{result['gflops'][name]:9.1f} GFLOP {result['flops_vs_dss'][name]:5.2f}× DSS")
+        if "time_vs_dss" in result:
+            cells.append(f"{result['seconds'][name]:8.3f} s {result['time_vs_dss'][name]:5.2f}× DSS")
+        if "peak_rss_mib" in result:
+            cells.append(f"{result['peak_rss_mib'][name]:7.0f} MiB peak RSS")
+        print("  ".join(cells))
+    if args.hf:
+        print(f"HF Seq2SeqTrainer DSS: {result['hf_dss_seconds']}"
+              + (f" s/step; ours {result['ours_dss_vs_hf']:.2f}× its time" if "ours_dss_vs_hf" in result else ""))
     return result
+
+
+def peak_rss(name: str, args) -> float:
+    """Peak RSS (MiB) of a fresh process that builds ``name`` and takes two full steps."""
+    code = ("import resource, sys; sys.argv = ['x']; import benchmarks.train_step as b; "
+            f"b.main(['--shape', {args.shape!r}, '--batch', '{args.batch}', '--variants', {name!r}, "
+            f"'--measure', 'time', '--repeats', '1', '--device', {args.device!r}, '--json']); "
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.rsplit("RSS", 1)[1]) / 1024
 
 
 if __name__ == "__main__":
