@@ -115,3 +115,10 @@ def test_mistakes_change_the_answer_and_hard_questions_mislead_the_majority():
         wrong_majority.append(top != row["label"][2:-2])
     # about a fifth of the questions are hard, and on most of them one shared wrong operator wins the vote
     assert 0.1 < sum(wrong_majority) / len(wrong_majority) < 0.3
+
+
+def test_a_label_that_is_not_fully_bracketed_is_reasoned_in_one_line():
+    from qcrd_ray.teacher.backends.synthetic import synthetic_sample
+
+    text, mistake = synthetic_sample("( 5.0 + 3.0 ) * 2.0", 1, 0.0, "q", noise=0.0)
+    assert mistake is None and text.endswith("<Answer>: ( 5.0 + 3.0 ) * 2.0") and "= 16" in text

@@ -75,7 +75,10 @@ def synthetic_sample(label: str, seed: int, temperature: float, question: str = 
         mistake = "operator"
     ops = [i for i, t in enumerate(tokens) if t in OPERATORS]
     if len(ops) > 1:
-        return _multi_step(tokens, ops, rng, mistake, misconception if hard else None)
+        try:
+            return _multi_step(tokens, ops, rng, mistake, misconception if hard else None)
+        except (ValueError, IndexError):
+            pass  # not fully bracketed (a user's SVAMP-style label): reasoned in one line below
     if mistake == "operator" and ops:
         i = rng.choice(ops)
         wrong = [op for op in OPERATORS if op != tokens[i]]
