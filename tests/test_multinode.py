@@ -25,13 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
 QCRD = str(Path(sys.executable).parent / "qcrd")
 ROUNDS, ROUND_STEPS, EVAL_SIZE = 3, 3, 12
-# tiny, and fractional CPUs: two train workers, the sampler and the teacher pool share two 1-CPU nodes
+# tiny, and fractional CPUs: two train workers, the sampler and the teacher pool share two 1-CPU nodes. Every step
+# logged: the run has 9 steps, fewer than the default log_every, and without step lines the driver's display stays
+# at "starting 3 rounds" until training ends (which reads like a hang)
 SMALL_RUN = [
     "--set", "data.synthetic_train_size=32", "--set", f"data.synthetic_eval_size={EVAL_SIZE}",
     "--set", "teacher.k=3", "--set", "teacher.shard_rows=16", "--set", "teacher.num_cpus=0.25",
     "--set", "teacher.max_actors=1",
     "--set", f"train.rounds={ROUNDS}", "--set", f"train.round_steps={ROUND_STEPS}", "--set", "train.num_workers=2",
-    "--set", "train.num_cpus_per_worker=0.25",
+    "--set", "train.num_cpus_per_worker=0.25", "--set", "train.log_every=1",
     "--set", "snapshots.j=1", "--set", "snapshots.max_new_tokens=16", "--set", "snapshots.sampler_num_cpus=0.25",
     "--set", "discriminator.pretrain_steps=5", "--set", "discriminator.refresh_steps=2",
     "--set", "student.max_target_len=48", "--set", "serve.num_cpus=0.25",
@@ -105,9 +107,13 @@ def test_a_run_on_s3_keeps_everything_in_the_bucket_and_resumes_after_its_driver
     # the resumed run trained the rounds it was asked for, no more, no less
     state = ckpt.load_state(ckpt.latest(storage.join(uri, "qcrd", "train", "checkpoints")))
     assert (state.completed_rounds, state.global_step) == (ROUNDS, ROUNDS * ROUND_STEPS)
-    rounds = {json.loads(line).get("round") for line in storage.read_text(
-        storage.join(uri, "qcrd", "train", "metrics.jsonl")).splitlines()}
-    assert len(rounds - {None}) == ROUNDS
+    # every step and every round end logged exactly once: what the killed run logged past its checkpoint was
+    # replayed by the resumed one and dropped from the file
+    lines = [json.loads(line) for line in storage.read_text(
+        storage.join(uri, "qcrd", "train", "metrics.jsonl")).splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, ROUNDS * ROUND_STEPS + 1))
+    assert [m["completed_rounds"] for m in lines if "completed_rounds" in m] == list(range(1, ROUNDS + 1))
+    assert {m["round"] for m in lines if "loss" in m} == set(range(ROUNDS))
     metrics = json.loads(storage.read_text(storage.join(uri, "qcrd", "eval", "test-predict", "metrics.json")))
     assert metrics["n"] == EVAL_SIZE
     print(f"\ndriver killed after the first checkpoint; the same command finished the run in "
@@ -156,7 +162,11 @@ def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster,
             time.sleep(1)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"input": "What is 5 plus 3?"}, timeout=60)
         assert resp.status_code == 200, resp.text
-        assert resp.json()["label"] is not None
+        # the answer's shape, not its value: a 9-step student rarely writes a parseable answer (its eval parses
+        # none of 12), and the response says so with a null label rather than failing
+        body = resp.json()
+        assert isinstance(body["output"], str) and body["model"]
+        assert body["label"] is None or isinstance(body["label"], str)
     finally:
         server.send_signal(signal.SIGTERM)  # qcrd serve shuts Serve down on SIGTERM
         try:
