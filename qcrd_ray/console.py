@@ -64,11 +64,13 @@ _LOSS_TERMS = ("l_pred", "l_cl", "l_d")
 
 
 def render_train(label: str, metrics: dict | None, rounds: int, total_steps: int | None,
-                 eta_s: float | None, elapsed: float) -> str:
+                 eta_s: float | None, elapsed: float, rounds_done: int = 0) -> str:
     """``train qcrd  round 2/20  step 34/80  loss 1.234 (l_pred 0.41 l_cl 1.50 l_d 0.69)  s_pos 0.61 s_neg 0.32
     ETA 1:05`` from rank 0's latest metrics line (``step``, ``round`` and the step's losses)."""
     if not metrics:
-        return f"{label}  starting {rounds} rounds  {format_duration(elapsed)}"
+        # a run whose rounds are shorter than train.log_every logs no step line, only its round ends
+        state = f"round {rounds_done}/{rounds} done" if rounds_done else f"starting {rounds} rounds"
+        return f"{label}  {state}  {format_duration(elapsed)}"
     parts = [label, f"round {int(metrics.get('round', 0)) + 1}/{rounds}",
              f"step {metrics['step']}" + (f"/{total_steps}" if total_steps else "")]
     if "loss" in metrics:
@@ -390,7 +392,8 @@ class TrainingFollower:
         if self.last_step and total:
             eta_s = eta(self.last_step["step"] - self.first_step, total - self.first_step,
                         time.monotonic() - self.started)
-        return render_train(self.label, self.last_step, self.rounds, total, eta_s, time.monotonic() - self.started)
+        return render_train(self.label, self.last_step, self.rounds, total, eta_s, time.monotonic() - self.started,
+                            self.rounds_done)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -132,6 +132,14 @@ def test_training_follower_reads_rank0_metrics(tmp_path):
     assert out.getvalue().splitlines()[-1].startswith("train qcrd: 1 rounds in 0:00, step 5, loss 2.5, s_pos 0.70")
 
 
+def test_training_follower_shows_round_ends_when_rounds_are_shorter_than_log_every(tmp_path):
+    """Rounds of fewer steps than train.log_every log only their ends: the display must move, not stay at 'starting'."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 4, "completed_rounds": 1, "round_s": 2.0}) + "\n")
+    line = console.follow_training("train dss", str(path), rounds=3, steps_per_round=4).poll()
+    assert "round 1/3 done" in line and "starting" not in line
+
+
 SMALL = [
     "--set", "data.synthetic_train_size=64", "--set", "data.synthetic_eval_size=24",
     "--set", "teacher.k=3", "--set", "teacher.shard_rows=32",
