@@ -59,8 +59,8 @@ def _head(env: dict[str, str]):
         yield f"http://127.0.0.1:{dash}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
+        try:  # a token-auth head's `ray start --block` can sit a minute on SIGTERM; nothing of it is kept
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=60)
