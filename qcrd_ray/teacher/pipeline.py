@@ -64,20 +64,28 @@ def prompt_fn_for(cfg: Config, task: TaskSpec) -> Callable | None:
     return partial(prompts.teacher_prompt, task) if needs_prompt else None
 
 
-def _example_blocks(
-    examples: list[dict], shards: list[Shard], examples_per_block: int, keep_rationales: bool
-) -> list[pa.Table]:
-    """Input blocks of a few examples each, tagged with their shard: enough blocks to keep every actor busy.
-    Recorded rationales travel only to the backend that replays them."""
-    blocks = []
-    for shard in shards:
-        for start in range(shard.start, shard.stop, examples_per_block):
-            rows = examples[start : min(start + examples_per_block, shard.stop)]
-            table = examples_table(rows)
-            if not keep_rationales:
-                table = table.drop_columns(["rationales"])
-            blocks.append(table.append_column("shard", pa.array([shard.index] * len(rows), pa.int32())))
-    return blocks
+def _block_bounds(shards: list[Shard], examples_per_block: int) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) of each input block: a few examples of one shard, enough blocks to keep every actor
+    busy."""
+    return [(shard.index, start, min(start + examples_per_block, shard.stop))
+            for shard in shards for start in range(shard.start, shard.stop, examples_per_block)]
+
+
+def _expand_blocks(
+    batch: pa.Table, examples: list, bounds: list[tuple[int, int, int]], k: int, teacher_seed: int, prompt_fn
+) -> pa.Table:
+    """The sample rows of the input blocks numbered in ``batch["id"]``, cut on the worker from the split's table
+    (``examples``: its object ref, in a list so Ray passes the ref and does not resolve it)."""
+    import ray
+
+    table = ray.get(examples[0])
+    parts = []
+    for index in batch.column("id").to_pylist():
+        shard, start, stop = bounds[index]
+        block = table.slice(start, stop - start)
+        block = block.append_column("shard", pa.array([shard] * block.num_rows, pa.int32()))
+        parts.append(expand_samples(block, k, teacher_seed, prompt_fn))
+    return pa.concat_tables(parts)
 
 
 def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: list[Shard]):
@@ -85,14 +93,20 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: lis
     import ray
 
     t = cfg.teacher
-    # one input block ~ one teacher batch after K-fold duplication
-    blocks = _example_blocks(examples, shards, max(1, math.ceil(t.batch_size / t.k)), t.backend == "recorded")
-    ds = ray.data.from_arrow(blocks)
+    # The split goes to the object store once, as one table; the input blocks are numbers that the workers turn
+    # into examples. (One driver-made block per few examples, ray.data.from_arrow, cost the driver ~50 KB each,
+    # so its memory grew with the split.) One input block ~ one teacher batch after K-fold duplication.
+    table = examples_table(examples)
+    if t.backend != "recorded":  # recorded rationales travel only to the backend that replays them
+        table = table.drop_columns(["rationales"])
+    bounds = _block_bounds(shards, max(1, math.ceil(t.batch_size / t.k)))
+    ds = ray.data.range(len(bounds), override_num_blocks=len(bounds))
     ds = ds.map_batches(
-        expand_samples,
+        _expand_blocks,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"k": t.k, "teacher_seed": t.seed, "prompt_fn": prompt_fn_for(cfg, task)},
+        fn_kwargs={"examples": [ray.put(table)], "bounds": bounds, "k": t.k, "teacher_seed": t.seed,
+                   "prompt_fn": prompt_fn_for(cfg, task)},
         num_cpus=LIGHT_NUM_CPUS,
     )
     if t.backend == "vllm":
