@@ -41,8 +41,12 @@ def _free_port() -> int:
 
 def start_s3() -> tuple[object, str]:
     """moto's S3 server on a free loopback port, its AWS_* environment set before Ray starts (workers inherit it)."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 request otherwise
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -90,7 +94,7 @@ def main() -> None:
     from qcrd_ray.train import checkpoint as ckpt
     from qcrd_ray.train.trainer import run_training
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = config(args)
     results = {}
     try:
