@@ -49,6 +49,7 @@ from qcrd_ray.qcrd.discriminator import Discriminator  # noqa: E402
 from qcrd_ray.qcrd.snapshots import SnapshotStore, cpu_state_dict  # noqa: E402
 from qcrd_ray.qcrd.step import DistillModel, make_batch  # noqa: E402
 from qcrd_ray.qcrd.targets import tokenizer_texts  # noqa: E402
+from qcrd_ray.ray_utils import worker_runtime_env  # noqa: E402
 from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher  # noqa: E402
 from qcrd_ray.train.trainer import run_training  # noqa: E402
 
@@ -354,7 +355,7 @@ def main(argv=None) -> None:
             # a fresh local Ray per part: a TorchTrainer started in the driver after run_training's trainer ended
             # lost its placement group mid-run twice here (Ray 2.60)
             ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-                     log_to_driver=False)
+                     log_to_driver=False, runtime_env=worker_runtime_env())
             try:
                 benches[part](Path(tmp))
             finally:

@@ -89,12 +89,14 @@ def main() -> None:
     server, bucket = start_s3()
     import ray
 
+    from qcrd_ray.ray_utils import worker_runtime_env
     from qcrd_ray.runs import MethodLayout
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.train import checkpoint as ckpt
     from qcrd_ray.train.trainer import run_training
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env=worker_runtime_env())  # as every qcrd command: see ray_utils.pin_ray_address
     cfg = config(args)
     results = {}
     try:

@@ -11,6 +11,8 @@ from qcrd_ray import console
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 # Progress bars of libraries on the workers: their output goes to RUN/logs/workers.log, where a bar is noise.
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+# Run first in every worker of a Ray we start or join (runtime_env's worker_process_setup_hook); see pin_ray_address.
+SETUP_HOOK = "qcrd_ray.ray_utils.pin_ray_address"
 _PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives its handler that prints worker output on the driver
 _LOG_HANDLER = "qcrd_worker_logs"
 
@@ -33,11 +35,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs = {"address": address} if address else {"num_cpus": num_cpus}
         # Variables the job's own runtime_env already sets are left out: Ray refuses to merge a conflict.
         env = {k: v for k, v in QUIET_WORKER_ENV.items() if k not in os.environ}
-        if quiet and env:
-            kwargs["runtime_env"] = {"env_vars": env}
+        kwargs["runtime_env"] = worker_runtime_env(env if quiet else {})
         # log_to_driver stays on: the driver receives every node's worker output and routes it (below).
         ray.init(log_to_driver=True, configure_logging=False, **kwargs)
     _route_ray_output(quiet)
+
+
+def worker_runtime_env(env_vars: dict[str, str] | None = None) -> dict:
+    """The runtime_env every Ray of ours is started or joined with: workers pin their own cluster's address."""
+    runtime_env: dict = {"worker_process_setup_hook": SETUP_HOOK}
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+    return runtime_env
+
+
+def pin_ray_address() -> None:
+    """Point ``RAY_ADDRESS`` of this worker at the cluster it belongs to.
+
+    Code in a worker that calls Ray's state API without an address (Ray Train's placement-group cleaner polls it
+    to see whether its controller is alive) finds "the" cluster by RAY_ADDRESS, else the newest ``ray start``
+    cluster on the machine, else fails when several Ray instances run there. With a second Ray on the machine
+    (a laptop's ``ray start``, a test's head) the cleaner asked the other cluster, did not find its controller,
+    and removed the placement group of a live training run, killing its workers."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def _route_ray_output(quiet: bool) -> None:

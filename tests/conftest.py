@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from qcrd_ray.ray_utils import worker_runtime_env
+
 # Ray Train's health check otherwise makes every report block ~2 s; Ray must not ask for a token locally.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -29,7 +31,10 @@ def shared_data() -> Path:
 # capture the tests); multinode_cluster restarts it the same way after it is done
 # with its dashboard: the state API (fault tests find an actor's PID there; Ray Train's cleaner polls it) is
 # served by it, and without one ray.util.state would answer from another local cluster's dashboard
-LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, configure_logging=False)
+# worker_runtime_env: as every qcrd command's Ray, so that a test's Ray Train run survives the other Rays that
+# tests start on this machine (a `ray start` head, the multi-node cluster)
+LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, configure_logging=False,
+                 runtime_env=worker_runtime_env())
 
 
 def _uses(session, fixture: str) -> bool:
@@ -123,7 +128,8 @@ def multinode_cluster(request, s3_server):
     except Exception:  # Ray gives a raylet a fixed 30 s to register; a loaded 2-core machine can miss it once
         cluster = start()
     try:
-        ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
+        ray.init(address=cluster.address, log_to_driver=True, configure_logging=False,
+                 runtime_env=worker_runtime_env())
         yield cluster
     finally:
         ray.shutdown()
