@@ -57,6 +57,9 @@ class DataConfig:
     synthetic_seed: int = 0
     # operations per synthetic problem: 2 → "( ( a op b ) op c )", whose rationale's intermediate value the label lacks
     synthetic_steps: int = _num(1, 1, 3)
+    # the largest number a synthetic problem states (None: up to 60); 9 = single digits, which a from-scratch
+    # student learns to copy in a few hundred steps (docs/quality.md)
+    synthetic_max_operand: int | None = _num(None, 4)
 
 
 @dataclass(frozen=True)

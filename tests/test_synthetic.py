@@ -74,6 +74,27 @@ def test_one_step_stream_is_unchanged_by_the_steps_option():
         make_split("test", train_size=5, eval_size=5, steps=0)
 
 
+def test_max_operand_bounds_every_stated_number_and_leaves_the_default_stream_alone():
+    rows = make_split("train", train_size=500, eval_size=10, steps=2, max_operand=9)
+    shapes, values = set(), set()
+    for row in rows:
+        match = re.match(r"^\( \( (\d+)\.0 ([-+*/]) (\d+)\.0 \) ([-+*/]) (\d+)\.0 \)$", row["label"])
+        assert match, row["label"]
+        assert all(2 <= int(match.group(g)) <= 9 for g in (1, 3, 5))
+        assert all(int(n) <= 9 for n in re.findall(r"\d+", row["input"]))
+        shapes |= {match.group(2), match.group(4)}
+        value = numeric_value(row["label"])
+        assert value == int(value) and value > 0
+        values.add(value)
+    assert shapes == {"+", "-", "*", "/"} and max(values) > 9  # intermediate values and answers are not bounded
+    assert len({r["input"] for r in rows}) == 500
+    assert make_split("test", train_size=5, eval_size=30, steps=2, max_operand=None) == \
+        make_split("test", train_size=5, eval_size=30, steps=2)
+    assert make_split("test", train_size=5, eval_size=30, steps=2, max_operand=4)  # the smallest bound works
+    with pytest.raises(ValueError, match="max_operand=3"):
+        make_split("test", train_size=5, eval_size=5, max_operand=3)
+
+
 def _samples(noise, steps, questions=1000, k=10):
     from qcrd_ray.teacher.backends.synthetic import HARD_SHARE, synthetic_sample  # noqa: F401
 
