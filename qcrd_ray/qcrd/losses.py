@@ -27,7 +27,9 @@ def sequence_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ``logits`` ``[N, T, V]``, ``labels`` ``[N, T]`` with ``-100`` on padding; returns ``[N]``. A sequence with no
     target token has loss 0 (it carries no signal, and 0/0 would poison the batch with NaN).
     """
-    token = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    # flat [N·T, V] rows: the class-dim-1 layout of a transposed [N, V, T] view ran 4-5× slower on CPU (fwd + bwd)
+    token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
     n_tokens = (labels != IGNORE_INDEX).sum(dim=1)
     return token.sum(dim=1) / n_tokens.clamp(min=1)
 
