@@ -1,10 +1,13 @@
 """Training-step cost: QCRD (each cost option of issue 13) vs DSS at equal batch, in one run.
 
-Variants (``VARIANTS``): ``dss``; ``qcrd_naive`` (every candidate through the full student with gradient);
-``qcrd_spec`` (optimised step, the spec's D, no deduplication); ``qcrd`` (the defaults: + identical candidates
-deduplicated, exact); ``d_layers2`` (D = first 2 encoder layers); ``d_question_states`` (D reads the student's
-detached question states); ``d_pairs16`` (L_D on ~16 pairs per step); ``cheapest`` (the three D options together);
-``qcrd_no_qj`` (quality judge off: no D); ``qcrd_bf16`` (the defaults under bf16 autocast).
+Variants (``VARIANTS``): ``dss``; ``qcrd_naive`` (every candidate through the full student with gradient, the
+spec's D); ``qcrd_spec`` (optimised step, the spec's D, no deduplication); ``qcrd_dedup`` (+ identical candidates
+deduplicated, exact); on top of that, each D option from the spec's D: ``d_layers2``/``d_layers1`` (D = first 2 / 1
+encoder layers), ``d_question_states`` (D reads the student's detached question states), ``d_pairs16``/``d_pairs8``
+(L_D on ~16 / ~8 pairs per step), pairs of options (``d_layers2_q``, ``d_layers1_q``, ``d_layers2_pairs16``,
+``d_q_pairs16``), ``cheapest`` / ``cheapest_l1`` (the three together, 2 / 1 layers); ``qcrd`` (``Config()``'s
+defaults, whatever D they choose); ``qcrd_no_qj`` (quality judge off: no D); ``qcrd_bf16`` (the defaults under
+bf16 autocast).
 
 Each example has K = 5 teacher samples (4 positives, ``--duplicates`` of them a copy of another as happens at
 T = 0.7, and 1 teacher negative) and one student negative. Measures: ``flops`` (an exact operation count of one
@@ -35,7 +38,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from qcrd_ray.config import Config
 from qcrd_ray.data import prompts
 from qcrd_ray.qcrd.discriminator import Discriminator
-from qcrd_ray.qcrd.step import DistillModel, make_batch
+from qcrd_ray.qcrd.step import DistillModel, accumulate, make_batch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -96,19 +99,36 @@ def build(shape: str, cfg: Config, naive: bool = False, seed: int = 0, device: s
     needs_d = cfg.train.method == "qcrd" and cfg.loss.quality_judge
     disc = Discriminator.from_student(student, cfg.discriminator) if needs_d else None
     model = DistillModel(student, disc, cfg, naive=naive).to(device)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, torch.optim.AdamW(model.param_groups(), lr=1e-4, fused=True)  # as train/loop.py
 
 
-# name -> (config overrides, naive)
+# the spec's D (a full copy of the student's encoder reading question + rationale, L_D on every pair)
+SPEC_D = {"layers": 0, "share_question_states": False, "pairs_per_step": 0}
+
+
+def d(**options) -> dict:
+    """Config overrides: the spec's D with ``options`` changed (whatever D the defaults hold)."""
+    return {"discriminator": {**SPEC_D, **options}}
+
+
+# name -> (config overrides on Config(), naive)
 VARIANTS = {
     "dss": ({"train": {"method": "dss"}}, False),
-    "qcrd_naive": ({"train": {"dedup_candidates": False}}, True),
-    "qcrd_spec": ({"train": {"dedup_candidates": False}}, False),
+    "qcrd_naive": ({**d(), "train": {"dedup_candidates": False}}, True),
+    "qcrd_spec": ({**d(), "train": {"dedup_candidates": False}}, False),
+    "qcrd_dedup": (d(), False),
+    "d_layers2": (d(layers=2), False),
+    "d_layers1": (d(layers=1), False),
+    "d_question_states": (d(share_question_states=True), False),
+    "d_pairs16": (d(pairs_per_step=16), False),
+    "d_pairs8": (d(pairs_per_step=8), False),
+    "d_layers2_q": (d(layers=2, share_question_states=True), False),
+    "d_layers1_q": (d(layers=1, share_question_states=True), False),
+    "d_layers2_pairs16": (d(layers=2, pairs_per_step=16), False),
+    "d_q_pairs16": (d(share_question_states=True, pairs_per_step=16), False),
+    "cheapest": (d(layers=2, share_question_states=True, pairs_per_step=16), False),
+    "cheapest_l1": (d(layers=1, share_question_states=True, pairs_per_step=16), False),
     "qcrd": ({}, False),
-    "d_layers2": ({"discriminator": {"layers": 2}}, False),
-    "d_question_states": ({"discriminator": {"share_question_states": True}}, False),
-    "d_pairs16": ({"discriminator": {"pairs_per_step": 16}}, False),
-    "cheapest": ({"discriminator": {"layers": 2, "share_question_states": True, "pairs_per_step": 16}}, False),
     "qcrd_no_qj": ({"loss": {"quality_judge": False}}, False),
     "qcrd_bf16": ({"train": {"precision": "bf16"}}, False),
 }
@@ -123,19 +143,26 @@ def variant_config(name: str) -> Config:
 
 
 def full_step(model, opt, batch) -> None:
+    """One optimizer step as train/loop.py takes it (one micro-batch): zero_grad, accumulate, clip, AdamW."""
     opt.zero_grad(set_to_none=True)
-    model(batch, alpha3=0.5).loss.backward()
+    accumulate(model, [batch], alpha3=0.5)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), Config().train.grad_clip)
     opt.step()
 
 
+def clock(device: str) -> tuple[float, float]:
+    """(wall, process CPU) seconds now. On a loaded CPU machine the CPU time is the step's own work (what it would
+    take alone with ``--threads 1``), the wall time also counts waiting for a core."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
+
+
 def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    """Wall seconds of ``fn()``."""
+    start = clock(device)[0]
     fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock(device)[0] - start
 
 
 def step_flops(model, opt, batch) -> int:
@@ -146,9 +173,12 @@ def step_flops(model, opt, batch) -> int:
     return counter.get_total_flops()
 
 
-def hf_dss_seconds(shape: str, rows: list[dict], tok, repeats: int, device: str, lam: float) -> float:
-    """Median step time of an independent distilling step-by-step on Hugging Face's Seq2SeqTrainer: two seq2seq
-    losses (label given ``predict: x``, rationale given ``explain: x``) in an overridden ``compute_loss``."""
+def hf_dss_seconds(shape: str, rows: list[dict], tok, repeats: int, device: str, lam: float,
+                   between=None) -> list[tuple[float, float]]:
+    """Step times, (wall, CPU) seconds, warm-up first, of an independent distilling step-by-step on Hugging Face's Seq2SeqTrainer: two
+    seq2seq losses (label given ``predict: x``, rationale given ``explain: x``) in an overridden ``compute_loss``;
+    AdamW and gradient clipping at 1.0 (its defaults), as our loop. ``between()`` runs after each of its steps, so
+    our own step is timed round-robin with its steps."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     from qcrd_ray.qcrd.targets import one_rationale
@@ -179,27 +209,25 @@ def hf_dss_seconds(shape: str, rows: list[dict], tok, repeats: int, device: str,
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.times, self.t0 = [], 0.0
+            self.times, self.t0 = [], (0.0, 0.0)
 
         def on_step_begin(self, args, state, control, **kw):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
+            self.t0 = clock(device)
 
         def on_step_end(self, args, state, control, **kw):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t0)
+            self.times.append(tuple(b - a for a, b in zip(self.t0, clock(device))))
+            if between is not None:
+                between()
 
-    clock = Clock()
+    stopwatch = Clock()
     args = Seq2SeqTrainingArguments(output_dir="/tmp/hf_dss_bench", per_device_train_batch_size=len(rows),
                                     max_steps=repeats + 1, learning_rate=1e-4, report_to=[], save_strategy="no",
                                     logging_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
                                     use_cpu=device == "cpu", disable_tqdm=True)
     trainer = DSSTrainer(model=t5(shape).to(device), args=args, train_dataset=items, data_collator=collate,
-                         callbacks=[clock])
+                         callbacks=[stopwatch])
     trainer.train()
-    return statistics.median(clock.times[1:])
+    return stopwatch.times
 
 
 def load() -> str:
@@ -240,19 +268,26 @@ def main(argv=None) -> dict:
     texts += [t for r in rows for t in r["positives"] + r["negatives"] + r["student_negatives"]] + WORDS
     texts += [f"question: {r['input']} rationale: The answer is" for r in rows]
     tok = word_tokenizer(texts)
-    variants = {}
-    for name in names:
+
+    def prepared(name):
         cfg = variant_config(name)
-        variants[name] = (build(args.shape, cfg, naive=VARIANTS[name][1], device=args.device),
-                          make_batch(rows, tok, cfg).to(args.device))
+        model_opt = build(args.shape, cfg, naive=VARIANTS[name][1], device=args.device)
+        return model_opt, make_batch(rows, tok, cfg).to(args.device)
+
     result = {"shape": args.shape, "batch": args.batch, "k": args.k, "duplicates": args.duplicates,
               "threads": args.threads, "device": args.device, "load_before": load()}
-    if args.measure in ("flops", "both"):
-        flops = {name: step_flops(model, opt, batch) for name, ((model, opt), batch) in variants.items()}
+    if args.measure in ("flops", "both"):  # one variant alive at a time: ~1.5 GB each at T5-small shape
+        flops = {}
+        for name in names:
+            (model, opt), batch = prepared(name)
+            flops[name] = step_flops(model, opt, batch)
+            del model, opt, batch
         result["gflops"] = {n: f / 1e9 for n, f in flops.items()}
         if "dss" in flops:
             result["flops_vs_dss"] = {n: f / flops["dss"] for n, f in flops.items()}
-    if args.measure in ("time", "both"):
+    variants = {}
+    if args.measure in ("time", "both"):  # round-robin: every variant alive at once
+        variants = {name: prepared(name) for name in names}
         times: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(args.repeats + 1):
             for name, ((model, opt), batch) in variants.items():
@@ -264,11 +299,26 @@ def main(argv=None) -> dict:
         if "dss" in med:
             result["time_vs_dss"] = {n: t / med["dss"] for n, t in med.items()}
     if args.hf:
+        ours: list[tuple[float, float]] = []
+        if "dss" in names:  # ours alternates with HF's steps: one step each, in turn
+            (dss_model, dss_opt), dss_batch = variants.get("dss") or prepared("dss")
+
+            def between():
+                start = clock(args.device)
+                full_step(dss_model, dss_opt, dss_batch)
+                ours.append(tuple(b - a for a, b in zip(start, clock(args.device))))
+        else:
+            between = None
         try:
-            result["hf_dss_seconds"] = hf_dss_seconds(args.shape, rows, tok, args.repeats, args.device,
-                                                      Config().loss.dss_lambda)
-            if "seconds" in result and "dss" in result["seconds"]:
-                result["ours_dss_vs_hf"] = result["seconds"]["dss"] / result["hf_dss_seconds"]
+            hf = hf_dss_seconds(args.shape, rows, tok, args.repeats, args.device, Config().loss.dss_lambda, between)
+            result["hf_dss_seconds"], result["hf_dss_cpu_seconds"] = (statistics.median(t) for t in zip(*hf[1:]))
+            result["hf_steps"] = hf
+            if ours:
+                result["ours_dss_seconds_vs_hf"], result["ours_dss_cpu_seconds_vs_hf"] = (
+                    statistics.median(t) for t in zip(*ours[1:]))
+                result["ours_steps_vs_hf"] = ours
+                result["ours_dss_vs_hf"] = result["ours_dss_seconds_vs_hf"] / result["hf_dss_seconds"]
+                result["ours_dss_cpu_vs_hf"] = result["ours_dss_cpu_seconds_vs_hf"] / result["hf_dss_cpu_seconds"]
         except ImportError as err:  # Trainer needs `accelerate`
             result["hf_dss_seconds"] = f"not run: {err}"
     if args.rss:
@@ -290,7 +340,10 @@ def main(argv=None) -> dict:
         print("  ".join(cells))
     if args.hf:
         print(f"HF Seq2SeqTrainer DSS: {result['hf_dss_seconds']}"
-              + (f" s/step; ours {result['ours_dss_vs_hf']:.2f}× its time" if "ours_dss_vs_hf" in result else ""))
+              + (f" s/step; ours {result['ours_dss_seconds_vs_hf']:.3f} s/step round-robin with it = "
+                 f"{result['ours_dss_vs_hf']:.2f}× its time ({result['ours_dss_cpu_vs_hf']:.2f}× its CPU time: "
+                 f"{result['ours_dss_cpu_seconds_vs_hf']:.3f} vs {result['hf_dss_cpu_seconds']:.3f} s)"
+                 if "ours_dss_vs_hf" in result else ""))
     return result
 
 
