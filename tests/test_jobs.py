@@ -68,47 +68,31 @@ def _head(env: dict[str, str]):
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(s3_server):
+    """A `ray start` head that reaches the S3 server: its processes inherit the AWS_* variables s3_server set (on
+    a real cluster, the nodes' instance role)."""
     with _head({"RAY_AUTH_MODE": "disabled"}) as address:
         yield address
 
 
-def test_pipeline_job_succeeds_on_a_real_head(ray_head, tmp_path):
-    out = tmp_path / "run"
+def test_pipeline_job_writes_the_run_to_s3(ray_head, s3_server):
+    """The cluster way: a job on a real head with its --out a bucket URI; the whole run lands in the bucket and
+    the job's log ends with the serve command for that URI."""
+    from qcrd_ray import storage
+
+    uri = storage.join(s3_server, "job-run")
     job_id = jobs_submit.submit(
-        ray_head, [sys.executable, "-m", "jobs.pipeline", "--out", str(out), *SMALL_RUN], working_dir=str(ROOT),
+        ray_head, [sys.executable, "-m", "jobs.pipeline", "--out", uri, *SMALL_RUN], working_dir=str(ROOT),
         env={"TOKENIZERS_PARALLELISM": "false"},
     )
     status = jobs_submit.wait(ray_head, job_id, timeout_s=600)
     logs = jobs_submit._client(ray_head).get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
     assert jobs_submit.exit_code(status) == 0
-    metrics = json.loads((out / "qcrd" / "eval" / "test-predict" / "metrics.json").read_text())
-    assert metrics["n"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0
-    assert (out / "report.md").exists()
-    assert "report:" in logs and "qcrd serve --model" in logs
-
-
-@pytest.mark.slow
-def test_pipeline_job_writes_the_run_to_s3(s3_server, tmp_path):
-    """The cluster way: the job's --out is a bucket URI; the job reaches the S3 server through the environment its
-    runtime_env hands it (on a real cluster, the nodes' instance role), and nothing lands in its working dir."""
-    from qcrd_ray import storage
-
-    uri = storage.join(s3_server, "job-run")
-    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    with _head({"RAY_AUTH_MODE": "disabled"}) as address:
-        job_id = jobs_submit.submit(
-            address, [sys.executable, "-m", "jobs.pipeline", "--out", uri, *SMALL_RUN], working_dir=str(ROOT),
-            env={"TOKENIZERS_PARALLELISM": "false", **aws},
-        )
-        status = jobs_submit.wait(address, job_id, timeout_s=600)
-        logs = jobs_submit._client(address).get_job_logs(job_id)
-    assert status == "SUCCEEDED", logs[-4000:]
     metrics = json.loads(storage.read_text(storage.join(uri, "qcrd", "eval", "test-predict", "metrics.json")))
-    assert metrics["n"] == 16
+    assert metrics["n"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0
     assert storage.exists(storage.join(uri, "report.md")) and storage.is_complete(storage.join(uri, "qcrd", "model"))
-    assert f"qcrd serve --model {uri}/qcrd" in logs
+    assert "report:" in logs and f"qcrd serve --model {uri}/qcrd" in logs
 
 
 def test_failed_job_gives_a_nonzero_exit_code(ray_head, tmp_path):

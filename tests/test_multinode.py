@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,15 +96,20 @@ def test_a_run_on_s3_keeps_everything_in_the_bucket_and_resumes_after_its_driver
     assert not figures["model_complete_at_kill"]  # the kill interrupted training, it did not follow it
     assert list(scratch.iterdir()) == []  # nothing of the run on the driver's disk
     files = _files(uri)
-    for expected in ("teacher/manifest.json", "teacher/summary.json", "teacher/errors.jsonl", "teacher/rejects.jsonl",
-                     "teacher/config.yaml", "qcrd/train/config.yaml", "qcrd/train/metrics.jsonl",
-                     "qcrd/model/config.json", f"qcrd/model/{storage.COMPLETE_MARKER}",
+    for expected in ("config.yaml", "teacher/manifest.json", "teacher/summary.json", "teacher/errors.jsonl",
+                     "teacher/rejects.jsonl", "teacher/config.yaml", "qcrd/train/config.yaml", "qcrd/train/metrics.jsonl",
+                     "qcrd/train/negatives.jsonl", f"qcrd/train/init_model/{storage.COMPLETE_MARKER}",
+                     "qcrd/model/config.json", "qcrd/model/discriminator.pt", f"qcrd/model/{storage.COMPLETE_MARKER}",
                      "qcrd/eval/test-predict/metrics.json", "qcrd/eval/test-predict/predictions.jsonl",
-                     "report.md", "logs/qcrd.log"):
+                     "qcrd/eval/test-explain/metrics.json", "report.md", "figures/qcrd-training.png",
+                     "logs/qcrd.log", "logs/workers.log"):
         assert expected in files, (expected, files)
-    for prefix in ("teacher/part-", "qcrd/train/checkpoints/", "qcrd/train/snapshots/", "qcrd/train/tensorboard/",
-                   "qcrd/train/init_model/"):
-        assert any(f.startswith(prefix) for f in files), (prefix, files)
+    for pattern in (r"teacher/part-\d+\.parquet", r"qcrd/train/tensorboard/events\.out\.tfevents\..+",
+                    r"qcrd/train/snapshots/round_\d{4}\.safetensors"):
+        assert any(re.fullmatch(pattern, f) for f in files), (pattern, files)
+    # train.keep_checkpoints (2): the older ones were deleted from the bucket, the kept ones are whole
+    kept = sorted({f.split("/")[3] for f in files if f.startswith("qcrd/train/checkpoints/round_")})
+    assert kept == [f"round_{r:04d}" for r in range(ROUNDS - 1, ROUNDS + 1)], kept
     # the resumed run trained the rounds it was asked for, no more, no less
     state = ckpt.load_state(ckpt.latest(storage.join(uri, "qcrd", "train", "checkpoints")))
     assert (state.completed_rounds, state.global_step) == (ROUNDS, ROUNDS * ROUND_STEPS)
