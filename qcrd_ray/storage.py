@@ -14,6 +14,7 @@ and a download refuses a folder without it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -147,6 +149,41 @@ def write_jsonl(location: Location, records) -> None:
     write_text(location, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+@contextlib.contextmanager
+def open_write(location: Location) -> Iterator[BinaryIO]:
+    """A binary file to write ``location``'s new content into, piece by piece, so the content is never whole in
+    memory. It replaces ``location`` atomically when the block exits normally; if the block raises, ``location``
+    is left as it was. Locally: a temporary file in the same folder, renamed into place. On an object store: a
+    node-local temporary file, uploaded in one streamed copy at the end (the object appears when that completes;
+    written straight to the store's stream, an error mid-block would publish the part written so far)."""
+    fs, path = resolve(location)
+    local = _is_local(fs)
+    parent = os.path.dirname(path) if local else tempfile.gettempdir()
+    os.makedirs(parent, exist_ok=True)
+    # named like write_bytes' temporaries, so remove_partial_writes clears what a killed writer leaves
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        if local:
+            os.replace(tmp, path)
+        else:
+            pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_jsonl_stream(location: Location, records: Iterable) -> int:
+    """``write_jsonl`` one record at a time (``records`` may be a generator): memory holds one line, not the
+    file. Returns the number of records written."""
+    n = 0
+    with open_write(location) as f:
+        for record in records:
+            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            n += 1
+    return n
+
+
 def write_parquet(location: Location, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -156,6 +193,14 @@ def write_parquet(location: Location, table: pa.Table) -> None:
 def read_parquet(location: Location) -> pa.Table:
     fs, path = resolve(location)
     return pq.read_table(path, filesystem=fs)
+
+
+def iter_parquet_batches(location: Location, batch_size: int = 64) -> Iterator[pa.RecordBatch]:
+    """The rows of a Parquet file, ``batch_size`` at a time: memory holds one batch, not the file (a whole-table
+    read through ``read_parquet`` also warms up Arrow's dataset reader and thread pools, tens of MiB)."""
+    fs, path = resolve(location)
+    with fs.open_input_file(path) as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, use_threads=False)
 
 
 def list_files(location: Location, pattern: str = "*") -> list[str]:
@@ -323,7 +368,8 @@ def is_multi_node() -> bool:
 
 __all__ = [
     "COMPLETE_MARKER", "StorageError", "is_uri", "join", "basename", "resolve", "exists", "is_file", "read_bytes",
-    "read_text", "write_bytes", "write_text", "write_json", "write_jsonl", "write_parquet", "read_parquet",
+    "read_text", "write_bytes", "write_text", "write_json", "write_jsonl", "open_write", "write_jsonl_stream",
+    "write_parquet", "read_parquet", "iter_parquet_batches",
     "list_files", "delete", "delete_dir", "remove_partial_writes", "upload_dir", "is_complete", "cache_dir",
     "download_dir", "train_storage", "mount_fstype", "check_shared", "is_multi_node",
 ]

@@ -50,6 +50,8 @@ def test_read_write_list_delete(location):
     assert [storage.basename(p) for p in storage.list_files(location, "part-*.parquet")] == [
         "part-00000.parquet", "part-00001.parquet"]  # sorted, files only, the subfolder is not listed
     assert storage.read_parquet(storage.join(location, "part-00001.parquet")).equals(table)
+    batches = list(storage.iter_parquet_batches(storage.join(location, "part-00001.parquet"), batch_size=1))
+    assert [b.num_rows for b in batches] == [1, 1] and pa.Table.from_batches(batches).equals(table)
     assert storage.read_bytes(storage.join(location, "sub", "b.bin")) == b"\x00\x01"
     storage.delete(a)
     storage.delete(a)  # missing is fine
@@ -69,6 +71,29 @@ def test_local_write_is_atomic_and_cleans_up_after_a_failed_write(tmp_path):
     (target.parent / ".part-00001.parquet.tmp-999-abc").write_bytes(b"torn")  # what a killed writer leaves
     storage.remove_partial_writes(target.parent)
     assert sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+
+
+def test_streamed_write_replaces_whole_or_not_at_all(location):
+    target = storage.join(location, "errors.jsonl")
+    storage.write_text(target, "old\n")
+
+    def records():
+        yield {"id": "e0"}
+        assert not storage.read_text(target).startswith('{"id"')  # nothing visible before the block ends
+        yield {"id": "e1"}
+        raise RuntimeError("the writer failed mid-file")
+
+    with pytest.raises(RuntimeError, match="mid-file"):
+        storage.write_jsonl_stream(target, records())
+    assert storage.read_text(target) == "old\n"  # not a torn half of the new content
+    assert storage.write_jsonl_stream(target, ({"id": f"e{i}", "t": "é"} for i in range(3))) == 3
+    assert [json.loads(line) for line in storage.read_text(target).splitlines()] == [
+        {"id": f"e{i}", "t": "é"} for i in range(3)]
+    with storage.open_write(storage.join(location, "sub", "b.bin")) as f:
+        f.write(b"\x00")
+        f.write(b"\x01")
+    assert storage.read_bytes(storage.join(location, "sub", "b.bin")) == b"\x00\x01"
+    assert sorted(storage.basename(p) for p in storage.list_files(location)) == ["errors.jsonl"]  # no temporaries
 
 
 def test_upload_download_needs_the_completeness_marker(location, tmp_path):

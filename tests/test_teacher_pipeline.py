@@ -18,7 +18,7 @@ from qcrd_ray.data.loaders import load_split
 from qcrd_ray.data.schema import TEACHER_SCHEMA
 from qcrd_ray.student import load_student, save_student, train_tokenizer
 from qcrd_ray.teacher.backends.hf import HFBackend
-from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher
+from qcrd_ray.teacher.pipeline import error_records, iter_teacher_rows, run_teacher
 from qcrd_ray.teacher.summary import summarize
 
 
@@ -50,7 +50,10 @@ def test_cli_synthetic_end_to_end(ray_session, tmp_path, capsys):
         majority = {x["rationale"] for x in r["samples"] if x["answer"] == r["majority_answer"]}
         assert set(r["positives"]) <= majority and (r["majority_answer"] is None or r["positives"])
     assert from_dict(yaml.safe_load((out / "config.yaml").read_text())).teacher.k == 4
-    assert (out / "rejects.jsonl").exists() and (out / "errors.jsonl").exists()
+    assert (out / "rejects.jsonl").read_text() == ""
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert errors == [e for r in rows for e in error_records(r)]  # every failed sample once, in shard order
+    assert len(errors) == summary["samples"] - summary["status_counts"]["ok"] > 0
 
 
 class Interrupt(Exception):
@@ -86,6 +89,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(ray_session, tmp_pa
     ids = [r["id"] for r in iter_teacher_rows(part)]
     assert len(ids) == len(set(ids)) == 22 and summary["examples"] == 22
     assert json.loads((full / "summary.json").read_text()) == json.loads((part / "summary.json").read_text())
+    assert (full / "errors.jsonl").read_text() == (part / "errors.jsonl").read_text() != ""  # none lost or twice
 
     # a finished folder is not regenerated; a different teacher setting is refused instead of mixed in
     rerun = []

@@ -15,6 +15,7 @@ or a URI (``s3://bucket/run/teacher``) alike, and only the driver writes to it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -88,15 +89,16 @@ def _expand_blocks(
     return pa.concat_tables(parts)
 
 
-def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: list[Shard]):
-    """The lazy Ray Data pipeline producing parsed sample rows (RESULT_COLUMNS) of the given shards."""
+def build_dataset(cfg: Config, task: TaskSpec, examples: pa.Table | list[dict], shards: list[Shard]):
+    """The lazy Ray Data pipeline producing parsed sample rows (RESULT_COLUMNS) of the given shards
+    (``examples``: the split, an EXAMPLE_SCHEMA table or its rows)."""
     import ray
 
     t = cfg.teacher
     # The split goes to the object store once, as one table; the input blocks are numbers that the workers turn
     # into examples. (One driver-made block per few examples, ray.data.from_arrow, cost the driver ~50 KB each,
     # so its memory grew with the split.) One input block ~ one teacher batch after K-fold duplication.
-    table = examples_table(examples)
+    table = examples if isinstance(examples, pa.Table) else examples_table(examples)
     if t.backend != "recorded":  # recorded rationales travel only to the backend that replays them
         table = table.drop_columns(["rationales"])
     bounds = _block_bounds(shards, max(1, math.ceil(t.batch_size / t.k)))
@@ -136,7 +138,7 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: list[dict], shards: lis
     )
 
 
-def _generate(cfg: Config, task: TaskSpec, examples: list[dict], todo: list[Shard], on_shard) -> None:
+def _generate(cfg: Config, task: TaskSpec, examples: pa.Table, todo: list[Shard], on_shard) -> None:
     from qcrd_ray.ray_utils import init_ray
 
     init_ray()
@@ -163,22 +165,30 @@ def _generate(cfg: Config, task: TaskSpec, examples: list[dict], todo: list[Shar
 
 
 def iter_teacher_rows(out_dir: storage.Location) -> Iterator[dict]:
-    """Every TEACHER_SCHEMA row of a teacher output folder (a path or a URI), shard by shard: one shard in
-    memory at a time."""
+    """Every TEACHER_SCHEMA row of a teacher output folder (a path or a URI), in order: a few rows in memory at a
+    time."""
     for location in storage.list_files(out_dir, "part-*.parquet"):
-        yield from storage.read_parquet(location).to_pylist()
+        for batch in storage.iter_parquet_batches(location):
+            yield from batch.to_pylist()
 
 
-def _errors(rows: Iterator[dict], sink: list[dict]) -> Iterator[dict]:
-    """Passes ``rows`` through, collecting into ``sink`` every sample that is not ok, with its reason, so the
-    summary and errors.jsonl come from one read of the shards (rebuilt from them, so a resumed run reports
-    the same as an uninterrupted one)."""
+def error_records(row: dict) -> list[dict]:
+    """The errors.jsonl records of one TEACHER_SCHEMA row: each sample that is not ok, with its reason."""
+    return [
+        {"id": row["id"], "index": s["index"], "status": s["status"],
+         "reason": s["error"] or ("no answer in the output" if s["status"] == "no_answer" else "empty output"),
+         "text": s["text"][:500]}
+        for s in row["samples"] if s["status"] != "ok"
+    ]
+
+
+def _write_errors(rows: Iterator[dict], f) -> Iterator[dict]:
+    """Passes ``rows`` through, writing their error records to ``f`` as JSON lines as they go, so the summary and
+    errors.jsonl come from one read of the shards and the driver holds one shard, not every error (rebuilt from
+    the shards, so a resumed run reports the same as an uninterrupted one)."""
     for row in rows:
-        for s in row["samples"]:
-            if s["status"] != "ok":
-                reason = s["error"] or ("no answer in the output" if s["status"] == "no_answer" else "empty output")
-                sink.append({"id": row["id"], "index": s["index"], "status": s["status"], "reason": reason,
-                             "text": s["text"][:500]})
+        for record in error_records(row):
+            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         yield row
 
 
@@ -199,27 +209,31 @@ def run_teacher(
     out = os.fspath(out_dir)
     task = get_task(cfg.data.task, cfg.data.answer_type)
     loaded = load_split(cfg.data, split)
-    storage.write_jsonl(storage.join(out, "rejects.jsonl"), loaded.rejects)
-    examples = loaded.rows
-    ids = [ex["id"] for ex in examples]
+    rejected = storage.write_jsonl_stream(storage.join(out, "rejects.jsonl"), loaded.rejects)
+    # the split stays on the driver as one Arrow table: as Python rows it costs ~1 KB an example
+    examples = examples_table(loaded.rows)
+    del loaded
+    ids = examples.column("id").to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.data.task}/{split}: example ids are not unique; teacher output is keyed by id")
     check_manifest(out, manifest(cfg, split, ids))
     storage.write_text(storage.join(out, "config.yaml"), cfg.to_yaml())
     storage.remove_partial_writes(out)
 
-    shards = plan_shards(len(examples), cfg.teacher.shard_rows, out)
+    shards = plan_shards(examples.num_rows, cfg.teacher.shard_rows, out)
     finished = set(storage.list_files(out, "part-*.parquet"))
     todo = [s for s in shards if s.path not in finished]
     log.info(
         "teacher %s on %s/%s: %d examples x K=%d in %d shards (%d already done), %d rejected rows",
-        cfg.teacher.backend, cfg.data.task, split, len(examples), cfg.teacher.k, len(shards),
-        len(shards) - len(todo), len(loaded.rejects),
+        cfg.teacher.backend, cfg.data.task, split, examples.num_rows, cfg.teacher.k, len(shards),
+        len(shards) - len(todo), rejected,
     )
     if todo:
         _generate(cfg, task, examples, todo, on_shard)
+    del examples, ids
 
-    errors: list[dict] = []
+    with storage.open_write(storage.join(out, "errors.jsonl")) as errors:
+        stats = summarize(_write_errors(iter_teacher_rows(out), errors))
     summary = {
         "task": cfg.data.task,
         "split": split,
@@ -227,10 +241,9 @@ def run_teacher(
         "k": cfg.teacher.k,
         "positive_rule": cfg.self_consistency.positive_rule,
         "shards": len(shards),
-        "rejected_rows": len(loaded.rejects),
-        **summarize(_errors(iter_teacher_rows(out), errors)),
+        "rejected_rows": rejected,
+        **stats,
     }
-    storage.write_jsonl(storage.join(out, "errors.jsonl"), errors)
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary
 

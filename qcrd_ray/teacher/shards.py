@@ -81,9 +81,11 @@ def check_manifest(out_dir: storage.Location, current: dict) -> None:
 
 class ShardCollector:
     """Gathers parsed sample rows, which arrive in any order, and returns each shard's TEACHER_SCHEMA table as
-    soon as all its ``size * k`` samples are in. Examples keep their input order, samples their index order."""
+    soon as all its ``size * k`` samples are in. Examples keep their input order, samples their index order.
+    ``examples``: the split, an EXAMPLE_SCHEMA table (a shard's rows become Python objects only while that
+    shard is assembled) or its rows."""
 
-    def __init__(self, shards: Sequence[Shard], examples: Sequence[Mapping], k: int, task, rule: str):
+    def __init__(self, shards: Sequence[Shard], examples: pa.Table | Sequence[Mapping], k: int, task, rule: str):
         self.examples, self.k, self.task, self.rule = examples, k, task, rule
         self.pending = {s.index: s for s in shards}
         self.samples: dict[int, dict[str, list[dict]]] = {s.index: {} for s in shards}
@@ -105,10 +107,11 @@ class ShardCollector:
     def _finish(self, index: int) -> tuple[Shard, pa.Table]:
         shard = self.pending.pop(index)
         by_id = self.samples.pop(index)
-        rows = [
-            teacher_row(ex, by_id.get(ex["id"], []), self.task, self.rule)
-            for ex in self.examples[shard.start : shard.stop]
-        ]
+        if isinstance(self.examples, pa.Table):
+            examples = self.examples.slice(shard.start, shard.size).to_pylist()
+        else:
+            examples = self.examples[shard.start : shard.stop]
+        rows = [teacher_row(ex, by_id.get(ex["id"], []), self.task, self.rule) for ex in examples]
         return shard, pa.Table.from_pylist(rows, schema=TEACHER_SCHEMA)
 
     @property
