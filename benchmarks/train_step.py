@@ -5,7 +5,7 @@ spec's D); ``qcrd_spec`` (optimised step, the spec's D, no deduplication); ``qcr
 deduplicated, exact); on top of that, each D option from the spec's D: ``d_layers2``/``d_layers1`` (D = first 2 / 1
 encoder layers), ``d_question_states`` (D reads the student's detached question states), ``d_pairs16``/``d_pairs8``
 (L_D on ~16 / ~8 pairs per step), pairs of options (``d_layers2_q``, ``d_layers1_q``, ``d_layers2_pairs16``,
-``d_q_pairs16``), ``cheapest`` / ``cheapest_l1`` (the three together, 2 / 1 layers); ``qcrd`` (``Config()``'s
+``d_layers1_pairs16``, ``d_q_pairs16``), ``cheapest`` / ``cheapest_l1`` (the three together, 2 / 1 layers); ``qcrd`` (``Config()``'s
 defaults, whatever D they choose); ``qcrd_no_qj`` (quality judge off: no D); ``qcrd_bf16`` (the defaults under
 bf16 autocast).
 
@@ -125,6 +125,7 @@ VARIANTS = {
     "d_layers2_q": (d(layers=2, share_question_states=True), False),
     "d_layers1_q": (d(layers=1, share_question_states=True), False),
     "d_layers2_pairs16": (d(layers=2, pairs_per_step=16), False),
+    "d_layers1_pairs16": (d(layers=1, pairs_per_step=16), False),
     "d_q_pairs16": (d(share_question_states=True, pairs_per_step=16), False),
     "cheapest": (d(layers=2, share_question_states=True, pairs_per_step=16), False),
     "cheapest_l1": (d(layers=1, share_question_states=True, pairs_per_step=16), False),

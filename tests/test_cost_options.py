@@ -76,7 +76,7 @@ def test_shallow_discriminator_has_fewer_layers_and_learns(tok):
     cfg = Config().replace(discriminator={"layers": 1})
     torch.manual_seed(0)
     student = tiny_t5(cfg.student, vocab_size=len(tok))
-    full = Discriminator.from_student(student, Config().discriminator)
+    full = Discriminator.from_student(student, Config().replace(discriminator={"layers": 0}).discriminator)
     shallow = Discriminator.from_student(student, cfg.discriminator)
     assert len(full.encoder.block) == len(student.get_encoder().block) >= 2
     assert len(shallow.encoder.block) == 1 and len(student.get_encoder().block) >= 2  # the student is untouched
@@ -152,7 +152,7 @@ def test_pairs_per_step_draws_whole_valid_examples_uniformly(tok):
 
 @pytest.mark.parametrize("scheme", ["minmax", "mean"])
 def test_dedup_gives_the_same_losses_and_gradients(tok, scheme):
-    base = Config().replace(loss={"scheme": scheme})
+    base = Config().replace(loss={"scheme": scheme}, discriminator={"pairs_per_step": 0})  # L_D on every pair
     on, off = base.replace(train={"dedup_candidates": True}), base.replace(train={"dedup_candidates": False})
     b_on, b_off = make_batch(rows(), tok, on), make_batch(rows(), tok, off)
     assert b_on.cand_labels.shape[0] == b_off.cand_labels.shape[0] - 4  # one duplicate positive per example

@@ -228,7 +228,7 @@ def test_fast_path_gives_gradient_to_the_selected_candidates_only(tok):
 
 
 def test_shared_encoder_discriminator_trains_the_student_encoder_through_l_d(tok):
-    cfg = Config().replace(discriminator={"share_encoder": True})
+    cfg = Config().replace(discriminator={"share_encoder": True, "layers": 0})
     model = build(tok, "qcrd", cfg)
     assert model.disc.encoder is model.student.get_encoder()
     batch = make_batch(teacher_rows(), tok, cfg)
@@ -247,7 +247,7 @@ def test_param_groups_give_the_discriminator_its_own_lr(tok):
     assert disc_group["lr"] == Config().discriminator.lr and "lr" not in student_group
     n = sum(p.numel() for g in (student_group, disc_group) for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
-    shared = build(tok, "qcrd", Config().replace(discriminator={"share_encoder": True}))
+    shared = build(tok, "qcrd", Config().replace(discriminator={"share_encoder": True, "layers": 0}))
     assert sum(p.numel() for g in shared.param_groups() for p in g["params"]) == sum(
         p.numel() for p in shared.parameters())  # the shared encoder is listed once, in the student's group
     assert len(build(tok, "dss").param_groups()) == 1
