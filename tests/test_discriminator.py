@@ -59,7 +59,8 @@ def test_separate_copy_by_default_shared_on_request(student_and_tok):
     assert own.encoder is not student.get_encoder()
     first = next(iter(student.get_encoder().state_dict()))
     assert torch.equal(own.encoder.state_dict()[first], student.get_encoder().state_dict()[first])
-    shared = Discriminator.from_student(student, Config().replace(discriminator={"share_encoder": True, "layers": 0}).discriminator)
+    shared_cfg = Config().replace(discriminator={"share_encoder": True, "layers": 0})
+    shared = Discriminator.from_student(student, shared_cfg.discriminator)
     assert shared.encoder is student.get_encoder()
 
 
