@@ -71,13 +71,43 @@ def _set(raw: dict, dotted: str, value) -> dict:
     return out
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """A sweep file, validated: every key and every value it may give a trial is checked as config now, so a
-    typo fails before anything runs, naming the key."""
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``qcrd sweep --set``: ``grid.teacher.noise=[0.3]`` (a grid, random or variants entry: the field, then the
+    config key), ``base.train.rounds=4`` (a base config value), ``max_concurrent_trials=2`` (a sweep field).
+    Values are YAML, as in ``--set`` of the other commands."""
+    out = dict(raw)
+    for text in overrides:
+        path, sep, value = text.partition("=")
+        field_name, _, key = path.strip().partition(".")
+        if not sep or not field_name:
+            raise ConfigError(f"--set {text!r}: expected field[.section.key]=value (e.g. grid.teacher.noise=[0.3])")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        if not key:
+            out[field_name] = parsed
+        elif field_name == "base":
+            section, dot, name = key.partition(".")
+            if not dot or not name:
+                raise ConfigError(f"--set {text!r}: expected base.section.key=value")
+            out["base"] = _set(out.get("base") or {}, key, parsed)
+        elif field_name in ("grid", "random", "variants"):
+            out[field_name] = {**(out.get(field_name) or {}), key: parsed}
+        else:
+            raise ConfigError(f"--set {text!r}: only base, grid, random and variants take a key after the field")
+    return out
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """A sweep file (with ``--set`` overrides), validated: every key and every value it may give a trial is
+    checked as config now, so a typo fails before anything runs, naming the key."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {p}")
     raw = yaml.safe_load(p.read_text()) or {}
+    base_overrides = [o for o in overrides if o.strip().startswith("base.")]
+    raw = apply_overrides(raw, [o for o in overrides if o not in base_overrides])
     allowed = {f for f in SweepSpec.__dataclass_fields__}
     unknown = sorted(set(raw) - allowed - {"config"})
     if unknown:
@@ -90,6 +120,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         from qcrd_ray.config import _merge
 
         base = _merge(yaml.safe_load(base_file.read_text()) or {}, base)
+    base = apply_overrides({"base": base}, base_overrides)["base"]  # over the config file's values too
     spec = SweepSpec(**{**{k: v for k, v in raw.items() if k != "config"}, "base": base,
                         "name": raw.get("name") or p.stem})
     for name, overrides in spec.variants.items():

@@ -68,6 +68,27 @@ def test_bad_sweep_files_are_refused_naming_the_key(tmp_path, text, message):
         load_sweep(_write(tmp_path, text))
 
 
+def test_set_overrides_the_grid_the_base_and_sweep_fields(tmp_path):
+    """`qcrd sweep --set`: one noise level of the study, a shorter base, two trials at once; typos are refused."""
+    path = _write(tmp_path, """
+name: q
+base: {train: {rounds: 8}}
+grid:
+  teacher.noise: [0.1, 0.3, 0.5]
+  train.seed: [0, 1]
+""")
+    spec = load_sweep(path, ["grid.teacher.noise=[0.3]", "base.train.rounds=4", "max_concurrent_trials=2"])
+    assert spec.grid == {"teacher.noise": [0.3], "train.seed": [0, 1]} and len(grid_points(spec)) == 2
+    assert spec.base["train"]["rounds"] == 4 and spec.max_concurrent_trials == 2
+    assert load_sweep(path).grid["teacher.noise"] == [0.1, 0.3, 0.5]  # the file itself is unchanged
+    with pytest.raises(ConfigError, match="teacher.nois"):
+        load_sweep(path, ["grid.teacher.nois=[0.3]"])
+    with pytest.raises(ConfigError, match="train.rounds"):
+        load_sweep(path, ["base.train.rounds=-1"])
+    with pytest.raises(ConfigError, match="expected field"):
+        load_sweep(path, ["grid.teacher.noise"])
+
+
 def test_mean_sd_and_paired_difference_with_a_t_interval():
     assert mean_sd([0.5]) == (0.5, 0.0)
     mean, sd = mean_sd([1.0, 2.0, 3.0])

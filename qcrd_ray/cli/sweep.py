@@ -9,6 +9,10 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", required=True, help="sweep file (e.g. sweeps/quality.yaml)")
     parser.add_argument("--out", required=True, help="sweep directory (a path; a shared mount on a cluster)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD[.SECTION.KEY]=VALUE",
+        help="override the sweep file, e.g. --set grid.teacher.noise=[0.3] --set base.train.rounds=4 "
+             "--set max_concurrent_trials=2 (repeatable; give the same ones to continue the sweep)")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--verbose", "-v", action="store_true", help="also print Ray's and the workers' output")
 
@@ -19,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from qcrd_ray import console
     from qcrd_ray.sweep import grid_points, load_sweep, run_sweep
 
-    spec = load_sweep(args.config)  # refused here, before Ray starts
+    spec = load_sweep(args.config, args.overrides)  # refused here, before Ray starts
     log_file = console.log_to_file(os.path.join(os.path.abspath(args.out), "logs"))
     print(f"sweep {spec.name}: {len(grid_points(spec)) * spec.num_samples} trials → {args.out}")
     try:
