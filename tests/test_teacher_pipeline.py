@@ -18,7 +18,8 @@ from qcrd_ray.data.loaders import load_split
 from qcrd_ray.data.schema import TEACHER_SCHEMA
 from qcrd_ray.student import load_student, save_student, train_tokenizer
 from qcrd_ray.teacher.backends.hf import HFBackend
-from qcrd_ray.teacher.pipeline import error_records, iter_teacher_rows, run_teacher
+from qcrd_ray.teacher.pipeline import MAX_INPUT_BLOCKS, error_records, input_blocks, iter_teacher_rows, run_teacher
+from qcrd_ray.teacher.shards import plan_shards
 from qcrd_ray.teacher.summary import summarize
 
 
@@ -54,6 +55,19 @@ def test_cli_synthetic_end_to_end(ray_session, tmp_path, capsys):
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert errors == [e for r in rows for e in error_records(r)]  # every failed sample once, in shard order
     assert len(errors) == summary["samples"] - summary["status_counts"]["ok"] > 0
+
+
+@pytest.mark.parametrize("examples", [600, 6000, 60_000])
+def test_input_blocks_cover_the_split_once_and_their_number_is_capped(examples):
+    shards = plan_shards(examples, 256, "out")
+    blocks = input_blocks(shards, batch_size=16, k=5)
+    covered = [i for _, start, stop in blocks for i in range(start, stop)]
+    assert covered == list(range(examples))  # every example once, in order
+    assert all(shards[s].start <= start < stop <= shards[s].stop for s, start, stop in blocks)  # within its shard
+    if examples == 600:  # a small split: one teacher batch (16 samples) per block, 4 examples x K=5
+        assert {stop - start for _, start, stop in blocks} == {4}
+    # the driver's Ray Data state grows with the number of blocks, not with the split
+    assert len(blocks) <= MAX_INPUT_BLOCKS + len(shards)
 
 
 class Interrupt(Exception):
