@@ -32,8 +32,12 @@ class StageError(RuntimeError):
     """A stage of `qcrd run` failed; ``stage`` names it (``teach``, ``train qcrd``, ``eval dss explain``, …)."""
 
     def __init__(self, stage: str, message: str):
-        super().__init__(f"{stage}: {message}")
-        self.stage = stage
+        # both in args: Ray and Tune copy and pickle exceptions by calling the class with its args
+        super().__init__(stage, message)
+        self.stage, self.message = stage, message
+
+    def __str__(self) -> str:
+        return f"{self.stage}: {self.message}"
 
 
 @contextlib.contextmanager

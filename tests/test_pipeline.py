@@ -252,3 +252,17 @@ def test_report_survives_every_agreement_key_the_teacher_writes(tmp_path):
         report = write_report(tmp_path / "run", Config(), teacher_summary, {})
         assert "## Teacher" in Path(report).read_text()  # write_report returns a location (path or URI)
     assert (tmp_path / "run" / "figures" / "teacher-agreement.png").stat().st_size > 1000
+
+
+def test_a_stage_error_survives_copy_and_pickle():
+    """Ray and Tune copy and pickle a trial's exception by calling its class with its args: a StageError that could
+    not be rebuilt turned a sweep trial's one-line failure into a TypeError about the error itself."""
+    import copy
+    import pickle
+
+    from qcrd_ray.pipeline import StageError
+
+    error = StageError("train qcrd", "ValueError: boom")
+    for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert (str(again), again.stage, again.message) == ("train qcrd: ValueError: boom", "train qcrd",
+                                                            "ValueError: boom")

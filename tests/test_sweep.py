@@ -128,8 +128,9 @@ base:
   snapshots: {j: 1, max_new_tokens: 24}
   discriminator: {pretrain_steps: 5, refresh_steps: 2}
 grid:
-  train.method: [finetune, dss]
+  train.method: [finetune, qcrd]
   train.seed: [0]
+baseline: finetune
 """
 
 
@@ -137,7 +138,8 @@ grid:
 @pytest.mark.ray
 def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_path):
     """Trial 1 finishes, the driver is SIGKILLed during trial 2, the same command continues: trial 1 is not
-    trained again, the teacher was taught once for both, and the tables, best config and plot are written."""
+    trained again, the teacher was taught once for both, and the tables, best config and plot are written.
+    Trial 2 is QCRD: its negative samplers and snapshot store must find CPUs outside the trial's placement group."""
     from qcrd_ray.cli import main
 
     sweep_file, out = _write(tmp_path, SWEEP), tmp_path / "sweep"
@@ -165,15 +167,15 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 1  # one teacher for both trials
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(r["train.method"] for r in rows) == ["dss", "finetune"]
+    assert sorted(r["train.method"] for r in rows) == ["finetune", "qcrd"]
     for row in rows:
-        for column in ("valid_predict", "test_predict", "test_explain" if row["train.method"] == "dss" else None):
+        for column in ("valid_predict", "test_predict", "test_explain" if row["train.method"] == "qcrd" else None):
             if column:
                 assert 0.0 <= float(row[column]) <= 1.0
     best = yaml.safe_load((out / "best.yaml").read_text())
-    assert best["chosen_on"] == "valid predict accuracy" and best["cell"]["train.method"] in ("dss", "finetune")
+    assert best["chosen_on"] == "valid predict accuracy" and best["cell"]["train.method"] in ("finetune", "qcrd")
     summary = (out / "summary.md").read_text()
-    assert "## test predict" in summary and "| dss |" in summary
+    assert "## test predict" in summary and "| qcrd |" in summary
     assert (out / "results.md").read_text().count("\n") == 4
 
 

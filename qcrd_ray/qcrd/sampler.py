@@ -136,8 +136,10 @@ class NegativePool:
         caller can read, or a URI); its files go to them through the object store, once for all."""
         files = ray.put(model_files(model_location))
         n = min(cfg.sampler_actors, max(1, len(examples)))
+        # scheduling_strategy DEFAULT: inside a Tune trial a child actor would otherwise be placed in the trial's
+        # own placement group (a token 0.01 CPU; Ray Train's workers get a group of their own), where it never fits
         options = {"num_cpus": cfg.sampler_num_cpus, "num_gpus": cfg.sampler_num_gpus,
-                   "max_restarts": cfg.actor_restarts, "max_task_retries": -1}
+                   "max_restarts": cfg.actor_restarts, "max_task_retries": -1, "scheduling_strategy": "DEFAULT"}
         shards = [list(examples[i::n]) for i in range(n)]
         actors = [NegativeSampler.options(**options).remote(files, store, shard, cfg, seed + i)
                   for i, shard in enumerate(shards)]

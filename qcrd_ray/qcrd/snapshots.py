@@ -165,5 +165,6 @@ def snapshot_store(name: str, j: int, neg_source: str = "lagged", location: str 
                    max_restarts: int = SnapshotConfig.actor_restarts):
     """Get or create the named store (one per run; it lives as long as the driver that created it). Ray restarts
     it up to ``max_restarts`` times and retries the calls in flight, so handles keep working across a restart."""
-    return SnapshotStore.options(name=name, get_if_exists=True, max_restarts=max_restarts,
-                                 max_task_retries=-1).remote(j, neg_source, location)
+    return SnapshotStore.options(name=name, get_if_exists=True, max_restarts=max_restarts, max_task_retries=-1,
+                                 scheduling_strategy="DEFAULT",  # not in a Tune trial's group (NegativePool.start)
+                                 ).remote(j, neg_source, location)
