@@ -168,24 +168,7 @@ def test_a_killed_train_worker_is_restarted_from_the_checkpoint_in_the_same_call
     assert killer.killed is not None
     assert killer.started_workers() == 4  # the worker group of 2 started twice: once, and once after the kill
     _assert_same_as_uninterrupted(whole, whole_summary, out, summary)
-
-
-def test_a_run_stopped_by_a_killed_worker_resumes_on_rerun(uninterrupted, teacher_dir, tmp_path):
-    whole, whole_summary = uninterrupted
-    out = tmp_path / "stopped"
-    _same_initial_student(whole, out)
-    cfg = small_config(train={**RESUME_CFG["train"], "max_failures": 0})
-
-    with WorkerKiller(MethodLayout.at(str(out))) as killer:
-        with pytest.raises(Exception):
-            run_training(cfg, teacher_dir, out)
-    assert killer.killed is not None
-    interrupted = ckpt.load_state(ckpt.latest(out / "train" / "checkpoints"))
-    assert 1 <= interrupted.completed_rounds < 4 and interrupted.global_step == 4 * interrupted.completed_rounds
-    assert not (out / "model").exists()
-
-    resumed = run_training(cfg, teacher_dir, out)
-    _assert_same_as_uninterrupted(whole, whole_summary, out, resumed)
-
-    again = run_training(cfg, teacher_dir, out)  # a finished run only re-exports
-    assert again["steps"] == 16
+    # Rerunning a finished run only re-exports it. (Resuming an interrupted run by rerunning the command: the
+    # multi-node test kills the driver mid-training and reruns it, tests/test_multinode.py.)
+    assert run_training(cfg, teacher_dir, out)["steps"] == 16
+    assert killer.started_workers() == 4
