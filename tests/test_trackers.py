@@ -133,7 +133,8 @@ def test_wandb_offline_writes_its_run_files(tmp_path, monkeypatch):
         tracker.close()
     log_results(cfg, method_dir, {"test_predict": 0.375})
     run_id = json.loads((tmp_path / "run" / "qcrd" / "train" / "trackers.json").read_text())["wandb"]
-    runs = sorted((tmp_path / "run" / "qcrd" / "train" / "wandb").glob(f"offline-run-*-{run_id}"))
+    # offline-run-<second>-<id>, with "-1", "-2"... when a session of the same id started in the same second
+    runs = sorted((tmp_path / "run" / "qcrd" / "train" / "wandb").glob(f"offline-run-*-{run_id}*"))
     assert runs, list((tmp_path / "run" / "qcrd" / "train").rglob("*"))
     # offline, a continued run is a second folder with the same id (`wandb sync` merges them); the records are
     # protobuf, so the series names, the config and the eval result appear verbatim in the .wandb files
