@@ -350,15 +350,19 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
             run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0),
         )
     grid = tuner.fit()
-    rows, errors = [], []
+    rows, errors, unfinished = [], [], []
     for result in grid:
-        if result.error is not None or "trial" not in (result.metrics or {}):
+        if result.error is not None:
             errors.append(f"{result.config.get('point')}: {result.error}")
-            continue
-        rows.append({k: v for k, v in result.metrics.items() if k in _row_keys(spec, result.metrics)})
+        elif "trial" not in (result.metrics or {}):  # stopped (Ctrl-C) before it reported
+            unfinished.append(result.config.get("point"))
+        else:
+            rows.append({k: v for k, v in result.metrics.items() if k in _row_keys(spec, result.metrics)})
     write_outputs(spec, out, rows)
-    if errors:
-        raise RuntimeError(f"{len(errors)} trial(s) failed (rerun the same command to retry them): {errors[0]}")
+    if errors or unfinished:
+        first = errors[0] if errors else f"{unfinished[0]}: not finished"
+        raise RuntimeError(f"{len(errors)} trial(s) failed and {len(unfinished)} did not finish (rerun the same "
+                           f"command to continue): {first}")
     return rows
 
 
