@@ -173,13 +173,18 @@ def open_write(location: Location) -> Iterator[BinaryIO]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def jsonl_line(record) -> bytes:
+    """One JSON-lines record as written by ``write_jsonl`` / ``write_jsonl_stream``."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_jsonl_stream(location: Location, records: Iterable) -> int:
     """``write_jsonl`` one record at a time (``records`` may be a generator): memory holds one line, not the
     file. Returns the number of records written."""
     n = 0
     with open_write(location) as f:
         for record in records:
-            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.write(jsonl_line(record))
             n += 1
     return n
 
@@ -368,7 +373,7 @@ def is_multi_node() -> bool:
 
 __all__ = [
     "COMPLETE_MARKER", "StorageError", "is_uri", "join", "basename", "resolve", "exists", "is_file", "read_bytes",
-    "read_text", "write_bytes", "write_text", "write_json", "write_jsonl", "open_write", "write_jsonl_stream",
+    "read_text", "write_bytes", "write_text", "write_json", "write_jsonl", "open_write", "jsonl_line", "write_jsonl_stream",
     "write_parquet", "read_parquet", "iter_parquet_batches",
     "list_files", "delete", "delete_dir", "remove_partial_writes", "upload_dir", "is_complete", "cache_dir",
     "download_dir", "train_storage", "mount_fstype", "check_shared", "is_multi_node",

@@ -15,7 +15,6 @@ or a URI (``s3://bucket/run/teacher``) alike, and only the driver writes to it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -137,7 +136,8 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: pa.Table | list[dict], 
         # A killed actor is restarted and the tasks it held are resubmitted to the pool. Outputs are a pure
         # function of (id, sample seed), and a task whose actor died never reached the driver (its batches leave
         # the actor as one block when the task ends: far below Ray Data's target block size), so every sample
-        # arrives exactly once; a duplicate would fail the ShardCollector's count. Bounded, so an actor that keeps dying (OOM loading the model) fails the run.
+        # arrives exactly once; a duplicate would fail the ShardCollector's count. Bounded, so an actor that keeps
+        # dying (OOM loading the model) fails the run.
         # (Ray 2.60 takes these only as remote args; it warns that form goes in 2.64, with no replacement yet.)
         max_restarts=t.max_restarts,
         max_task_retries=-1 if t.max_restarts else 0,
@@ -194,7 +194,7 @@ def _write_errors(rows: Iterator[dict], f) -> Iterator[dict]:
     the shards, so a resumed run reports the same as an uninterrupted one)."""
     for row in rows:
         for record in error_records(row):
-            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.write(storage.jsonl_line(record))
         yield row
 
 
