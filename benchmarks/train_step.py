@@ -6,7 +6,7 @@ deduplicated, exact); on top of that, each D option from the spec's D: ``d_layer
 encoder layers), ``d_question_states`` (D reads the student's detached question states), ``d_pairs16``/``d_pairs8``
 (L_D on ~16 / ~8 pairs per step), pairs of options (``d_layers2_q``, ``d_layers1_q``, ``d_layers2_pairs16``,
 ``d_layers1_pairs16``, ``d_q_pairs16``), ``cheapest`` / ``cheapest_l1`` (the three together, 2 / 1 layers); ``qcrd`` (``Config()``'s
-defaults, whatever D they choose); ``qcrd_no_qj`` (quality judge off: no D); ``qcrd_bf16`` (the defaults under
+defaults, whatever D they choose); ``qcrd_no_qj`` (quality judge off: no D); ``qcrd_bf16`` / ``dss_bf16`` (the defaults / DSS under
 bf16 autocast).
 
 Each example has K = 5 teacher samples (4 positives, ``--duplicates`` of them a copy of another as happens at
@@ -132,6 +132,7 @@ VARIANTS = {
     "qcrd": ({}, False),
     "qcrd_no_qj": ({"loss": {"quality_judge": False}}, False),
     "qcrd_bf16": ({"train": {"precision": "bf16"}}, False),
+    "dss_bf16": ({"train": {"method": "dss", "precision": "bf16"}}, False),
 }
 
 
@@ -261,8 +262,8 @@ def main(argv=None) -> dict:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    if args.device == "cpu":
-        names = [n for n in names if n != "qcrd_bf16" or args.measure != "flops"]  # bf16 = fp32 in operations
+    if args.device == "cpu" and args.measure == "flops":  # bf16 = fp32 in operations
+        names = [n for n in names if not n.endswith("_bf16")]
 
     rows = make_rows(args.batch, args.k, args.question_words, args.rationale_words, duplicates=args.duplicates)
     texts = [prompts.student_input(m, r["input"]) for r in rows for m in ("predict", "explain")]
@@ -278,12 +279,18 @@ def main(argv=None) -> dict:
     result = {"shape": args.shape, "batch": args.batch, "k": args.k, "duplicates": args.duplicates,
               "threads": args.threads, "device": args.device, "load_before": load()}
     if args.measure in ("flops", "both"):  # one variant alive at a time: ~1.5 GB each at T5-small shape
-        flops = {}
+        flops, gpu_peak = {}, {}
         for name in names:
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             (model, opt), batch = prepared(name)
             flops[name] = step_flops(model, opt, batch)
+            if args.device == "cuda":  # model, D, AdamW state and the step's activations: what one worker holds
+                gpu_peak[name] = torch.cuda.max_memory_allocated() / 2**20
             del model, opt, batch
         result["gflops"] = {n: f / 1e9 for n, f in flops.items()}
+        if gpu_peak:
+            result["peak_gpu_mib"] = gpu_peak
         if "dss" in flops:
             result["flops_vs_dss"] = {n: f / flops["dss"] for n, f in flops.items()}
     variants = {}
@@ -338,6 +345,8 @@ def main(argv=None) -> dict:
             cells.append(f"{result['seconds'][name]:8.3f} s {result['time_vs_dss'][name]:5.2f}× DSS")
         if "peak_rss_mib" in result:
             cells.append(f"{result['peak_rss_mib'][name]:7.0f} MiB peak RSS")
+        if "peak_gpu_mib" in result:
+            cells.append(f"{result['peak_gpu_mib'][name]:7.0f} MiB peak GPU")
         print("  ".join(cells))
     if args.hf:
         print(f"HF Seq2SeqTrainer DSS: {result['hf_dss_seconds']}"
