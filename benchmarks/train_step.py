@@ -25,6 +25,7 @@ rationale CE) timed on the same model shape, batch, threads and data (needs ``ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -228,7 +229,8 @@ def hf_dss_seconds(shape: str, rows: list[dict], tok, repeats: int, device: str,
                                     use_cpu=device == "cpu", disable_tqdm=True)
     trainer = DSSTrainer(model=t5(shape).to(device), args=args, train_dataset=items, data_collator=collate,
                          callbacks=[stopwatch])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # its end-of-training metrics line would break --json
+        trainer.train()
     return stopwatch.times
 
 

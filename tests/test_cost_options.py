@@ -166,7 +166,7 @@ def test_dedup_gives_the_same_losses_and_gradients(tok, scheme):
     assert_same_grads(m_on, m_off)
 
 
-# ---- train.grad_accum_steps, train.score_chunk, train.precision
+# ---- train.grad_accum_steps, train.score_chunk_mb, train.precision
 
 
 def test_two_half_micro_batches_give_the_gradient_of_one_batch(tok):
@@ -188,7 +188,11 @@ def test_chunked_scoring_equals_unchunked(tok):
     chunked = model.score_candidates(batch, hidden)
     model.score_chunk = 10_000
     torch.testing.assert_close(chunked, model.score_candidates(batch, hidden), atol=1e-5, rtol=1e-5)
-    assert DistillModel(model.student, model.disc, cfg.replace(train={"score_chunk": 5})).score_chunk == 5
+    # train.score_chunk_mb sizes the chunk to memory: 2 × T × vocab × 4 bytes per candidate
+    per_candidate = 2 * 4 * batch.cand_labels.shape[1] * model.student.config.vocab_size
+    sized = DistillModel(model.student, model.disc, cfg.replace(train={"score_chunk_mb": 1}))
+    assert sized.chunk_size(batch) == max(1, 2**20 // per_candidate)
+    assert DistillModel(model.student, model.disc, cfg).chunk_size(batch) == 256 * 2**20 // per_candidate
 
 
 def test_bf16_step_runs_and_is_close_to_fp32(tok):

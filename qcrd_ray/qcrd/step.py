@@ -15,7 +15,7 @@ model with gradient; it gives the same loss value (see tests/test_step.py) at se
 
 Cost options (config keys; docs/design.md "QCRD step cost"): ``train.dedup_candidates`` keeps one copy of identical
 candidate texts of an example with its multiplicity (``cand_mult``), exact for min/max and weighted elsewhere;
-``train.precision: bf16`` autocasts the student and D (losses in fp32); ``train.score_chunk`` bounds the no-grad
+``train.precision: bf16`` autocasts the student and D (losses in fp32); ``train.score_chunk_mb`` bounds the no-grad
 scoring's logits; ``discriminator.pairs_per_step`` gives L_D gradient on a uniform sample of examples only (the
 other examples' selected candidates are scored without gradient, for their detached weights);
 :func:`accumulate` runs ``train.grad_accum_steps`` micro-batches per optimizer step.
@@ -143,7 +143,7 @@ class DistillModel(nn.Module):
         self.disc = disc if needs_disc else None
         self.cfg = cfg
         self.naive = naive  # reference path: every candidate through the full model with gradient
-        self.score_chunk = score_chunk or cfg.train.score_chunk  # candidates per no-grad scoring chunk
+        self.score_chunk = score_chunk  # candidates per no-grad scoring chunk; None: sized by train.score_chunk_mb
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # the `sampling` scheme's draws
         self.d_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # discriminator.pairs_per_step's draws
 
@@ -182,13 +182,28 @@ class DistillModel(nn.Module):
                            decoder_input_ids=self._decoder_inputs(labels))
         return L.sequence_ce(out.logits, labels)
 
+    def chunk_size(self, batch: Batch) -> int:
+        """Candidates per no-grad scoring chunk: ``score_chunk`` when given, else as many as fit the memory of
+        ``train.score_chunk_mb`` (0: a quarter of the device's free memory on GPU, 256 MiB on CPU), counting the
+        fp32 logits and their log-softmax, ``2 × T × vocab × 4`` bytes per candidate."""
+        if self.score_chunk:
+            return self.score_chunk
+        device = batch.cand_labels.device
+        if self.cfg.train.score_chunk_mb:
+            budget = self.cfg.train.score_chunk_mb * 2**20
+        elif device.type == "cuda":
+            budget = torch.cuda.mem_get_info(device)[0] // 4
+        else:
+            budget = 256 * 2**20
+        per_candidate = 2 * 4 * max(batch.cand_labels.shape[1], 1) * self.student.config.vocab_size
+        return max(1, budget // per_candidate)
+
     @torch.no_grad()
     def score_candidates(self, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
-        """``l(x, r)`` of every candidate without gradient, in chunks: ``[M]``."""
-        m = batch.cand_labels.shape[0]
-        return torch.cat([self.decode_losses(batch, hidden, torch.arange(i, min(i + self.score_chunk, m),
-                                                                         device=hidden.device))
-                          for i in range(0, m, self.score_chunk)])
+        """``l(x, r)`` of every candidate without gradient, in chunks (``chunk_size``): ``[M]``."""
+        m, chunk = batch.cand_labels.shape[0], self.chunk_size(batch)
+        return torch.cat([self.decode_losses(batch, hidden, torch.arange(i, min(i + chunk, m), device=hidden.device))
+                          for i in range(0, m, chunk)])
 
     def naive_losses(self, batch: Batch) -> torch.Tensor:
         """Reference: each candidate through the full model (its own encoder pass) with gradient: ``[M]``."""
