@@ -74,6 +74,30 @@ class Interrupt(Exception):
     pass
 
 
+def test_teacher_finishes_while_other_work_holds_all_but_one_cpu(ray_session, tmp_path):
+    """Two sweep trials teaching at once left under one CPU free: a stage asking for a whole CPU never ran."""
+    import threading
+
+    import ray
+
+    busy = ray.available_resources().get("CPU", 0.0) - 1.0
+    holder = ray.remote(num_cpus=busy)(_Holder).remote() if busy > 0 else None
+    if holder is not None:
+        ray.get(holder.ready.remote())
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(run_teacher(_synthetic(12), tmp_path / "t")), daemon=True)
+    thread.start()
+    thread.join(120)
+    if holder is not None:
+        ray.kill(holder)
+    assert done and done[0]["examples"] == 12, "the teacher stage hung with one CPU free"
+
+
+class _Holder:
+    def ready(self) -> bool:
+        return True
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(ray_session, tmp_path):
     cfg = _synthetic(22, shard_rows=5)  # 5 shards, the last one short
     full = tmp_path / "full"

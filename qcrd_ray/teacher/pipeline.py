@@ -79,13 +79,13 @@ def input_blocks(shards: list[Shard], batch_size: int, k: int) -> list[tuple[int
 def _expand_blocks(
     batch: pa.Table, examples: list, bounds: list[tuple[int, int, int]], k: int, teacher_seed: int, prompt_fn
 ) -> pa.Table:
-    """The sample rows of the input blocks numbered in ``batch["id"]``, cut on the worker from the split's table
+    """The sample rows of the input blocks numbered in ``batch["item"]``, cut on the worker from the split's table
     (``examples``: its object ref, in a list so Ray passes the ref and does not resolve it)."""
     import ray
 
     table = ray.get(examples[0])
     parts = []
-    for index in batch.column("id").to_pylist():
+    for index in batch.column("item").to_pylist():
         shard, start, stop = bounds[index]
         block = table.slice(start, stop - start)
         block = block.append_column("shard", pa.array([shard] * block.num_rows, pa.int32()))
@@ -106,7 +106,9 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: pa.Table | list[dict], 
     if t.backend != "recorded":  # recorded rationales travel only to the backend that replays them
         table = table.drop_columns(["rationales"])
     bounds = input_blocks(shards, t.batch_size, t.k)
-    ds = ray.data.range(len(bounds), override_num_blocks=len(bounds))
+    # ≤ MAX_INPUT_BLOCKS tiny driver-made blocks, not ray.data.range: its read tasks ask for a whole CPU, which a
+    # busy cluster may never free once the teacher actors hold theirs (two sweep trials teaching at once hung so)
+    ds = ray.data.from_items(list(range(len(bounds))), override_num_blocks=len(bounds))
     ds = ds.map_batches(
         _expand_blocks,
         batch_format="pyarrow",
