@@ -79,23 +79,19 @@ def test_teacher_finishes_while_other_work_holds_all_but_one_cpu(ray_session, tm
     import threading
 
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     busy = ray.available_resources().get("CPU", 0.0) - 1.0
-    holder = ray.remote(num_cpus=busy)(_Holder).remote() if busy > 0 else None
-    if holder is not None:
-        ray.get(holder.ready.remote())
+    held = placement_group([{"CPU": busy}]) if busy > 0 else None
+    if held is not None:
+        ray.get(held.ready(), timeout=60)
     done: list = []
     thread = threading.Thread(target=lambda: done.append(run_teacher(_synthetic(12), tmp_path / "t")), daemon=True)
     thread.start()
     thread.join(120)
-    if holder is not None:
-        ray.kill(holder)
+    if held is not None:
+        remove_placement_group(held)
     assert done and done[0]["examples"] == 12, "the teacher stage hung with one CPU free"
-
-
-class _Holder:
-    def ready(self) -> bool:
-        return True
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(ray_session, tmp_path):
