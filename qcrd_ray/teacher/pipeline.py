@@ -1,8 +1,8 @@
 """The teacher stage on Ray Data: examples -> K sample rows each -> teacher actor pool -> parse -> group by
 example -> self-consistency -> Parquet shards, resumable.
 
-    ray.data.from_arrow(example blocks)
-      .map_batches(expand_samples)                       # K rows per example, own index and seed
+    ray.data.from_items(input block numbers)             # the split itself is one object-store table
+      .map_batches(_expand_blocks)                       # K rows per example, own index and seed
       .map_batches(TeacherWorker, compute=ActorPoolStrategy(min_actors, max_actors),
                    batch_size, num_cpus, num_gpus)       # backend text/error, then parse (vLLM: its processor)
       .iter_batches()  -> ShardCollector on the driver   # a shard is written the moment its samples are in
