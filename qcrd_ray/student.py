@@ -153,9 +153,11 @@ def generate(
     seed: int | None = None,
     batch_size: int = 32,
     max_input_len: int | None = None,
+    cut_off: list[bool] | None = None,
 ) -> list[str]:
     """Decoded outputs for ``inputs``, in order: greedy at temperature 0, else sampling at ``temperature``
-    (reproducible for a given ``seed``)."""
+    (reproducible for a given ``seed``). ``cut_off``, when given, receives per output whether it stopped at
+    ``max_new_tokens`` before its end-of-sequence token."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -175,6 +177,10 @@ def generate(
                 max_new_tokens=max_new_tokens, num_beams=1, **kwargs,
             )
             outputs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+            if cut_off is not None:
+                eos = model.generation_config.eos_token_id
+                eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=ids.device)
+                cut_off.extend((~torch.isin(ids[:, 1:], eos_ids).any(dim=1)).tolist())
     finally:
         model.train(was_training)
     return [o.strip() for o in outputs]

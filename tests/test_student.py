@@ -127,3 +127,19 @@ def test_sampling_is_seeded(trained):
     generate(model, tok, inputs[:1], max_new_tokens=2)
     assert model.training  # generate() restores the caller's train/eval mode
     model.eval()
+
+
+def test_generate_reports_the_outputs_cut_off_at_max_new_tokens(trained):
+    """The sampler counts student negatives that never reached their end (a too-small snapshots.max_new_tokens):
+    an output is cut off exactly when a larger budget would have continued it."""
+    model, tok, inputs, _ = trained
+    inputs = inputs + ["predict: Tom has 3 apples.", "explain: Ann has 5 pens."]
+    flags: list[bool] = []
+    texts = generate(model, tok, inputs, max_new_tokens=12, cut_off=flags)
+    longer = generate(model, tok, inputs, max_new_tokens=64)
+    assert len(flags) == len(inputs)
+    for text, cut, more in zip(texts, flags, longer):
+        assert (more != text) == cut, (text, more, cut)
+    short: list[bool] = []
+    generate(model, tok, inputs, max_new_tokens=1, cut_off=short)
+    assert short == [True] * len(inputs)  # no output ends with its first token here

@@ -47,6 +47,28 @@ def test_every_negative_is_tagged_with_its_lagged_snapshot(ray_session, tiny_stu
         assert {snap for _, snap in third.values()} == {2}
         assert all(isinstance(text, str) for text, _ in third.values())
         assert pool.fetch(3) == third  # a round's negatives are sampled once and shared by every rank
+        # 8 new tokens are too few for this student to finish: the pool counts the cut-off outputs
+        assert 0 < pool.last_fetch_cut_off <= len(examples)
     finally:
         pool.shutdown()
         ray.kill(store)
+
+
+def test_most_negatives_cut_off_after_the_first_snapshot_is_a_warning(caplog):
+    from types import SimpleNamespace
+
+    from qcrd_ray.config import Config
+    from qcrd_ray.train.loop import _check_cut_off
+
+    cfg = Config()
+    pool = SimpleNamespace(last_fetch_cut_off=3)
+    initial = {f"e{i}": ("text", 0) for i in range(4)}
+    lagged = {f"e{i}": ("text", 2) for i in range(4)}
+    with caplog.at_level("WARNING", logger="qcrd_ray.train.loop"):
+        assert _check_cut_off(pool, initial, cfg) == 0.75  # the untrained student: expected, no warning
+        assert not caplog.records
+        assert _check_cut_off(pool, lagged, cfg) == 0.75
+    assert "75 % of the student negatives were cut off at snapshots.max_new_tokens=64" in caplog.text
+    pool.last_fetch_cut_off = 1
+    caplog.clear()
+    assert _check_cut_off(pool, lagged, cfg) == 0.25 and not caplog.records

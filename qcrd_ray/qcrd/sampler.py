@@ -81,15 +81,16 @@ class NegativeSampler:
         self._rounds: dict[int, asyncio.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one generation at a time
 
-    async def sample(self, round_index: int) -> Negatives:
-        """The negatives of ``round_index`` (started on the first request, shared by every later one)."""
+    async def sample(self, round_index: int) -> tuple[Negatives, int]:
+        """The negatives of ``round_index`` (started on the first request, shared by every later one) and how many
+        of them were cut off at ``snapshots.max_new_tokens``."""
         if round_index not in self._rounds:
             self._rounds[round_index] = asyncio.ensure_future(self._sample(round_index))
             for old in [r for r in self._rounds if r < round_index - 1]:
                 del self._rounds[old]  # rounds the trainer has moved past
         return await asyncio.shield(self._rounds[round_index])
 
-    async def _sample(self, round_index: int) -> Negatives:
+    async def _sample(self, round_index: int) -> tuple[Negatives, int]:
         deadline = time.monotonic() + _SNAPSHOT_WAIT_S
         while True:
             try:
@@ -104,18 +105,20 @@ class NegativeSampler:
                 if time.monotonic() > deadline:
                     raise
         loop = asyncio.get_running_loop()
-        texts = await loop.run_in_executor(self._pool, self._generate, snap_round, state, round_index)
-        return {i: (t, snap_round) for i, t in zip(self.ids, texts)}
+        texts, cut_off = await loop.run_in_executor(self._pool, self._generate, snap_round, state, round_index)
+        return {i: (t, snap_round) for i, t in zip(self.ids, texts)}, sum(cut_off)
 
-    def _generate(self, snap_round: int, state: dict, round_index: int) -> list[str]:
+    def _generate(self, snap_round: int, state: dict, round_index: int) -> tuple[list[str], list[bool]]:
         if snap_round != self.loaded_round:
             self.model.load_state_dict(state)
             self.loaded_round = snap_round
-        return student.generate(
+        cut_off: list[bool] = []
+        texts = student.generate(
             self.model, self.tokenizer, self.inputs,
             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-            seed=self.seed + 7919 * round_index, batch_size=self.cfg.sampler_batch_size,
+            seed=self.seed + 7919 * round_index, batch_size=self.cfg.sampler_batch_size, cut_off=cut_off,
         )
+        return texts, cut_off
 
 
 class NegativePool:
@@ -128,6 +131,7 @@ class NegativePool:
         # sampler reads the student's files through this reference, held as long as the pool
         self.files = files
         self.last_fetch_missing = 0  # examples of the last fetch whose actor was lost (restarts used up)
+        self.last_fetch_cut_off = 0  # negatives of the last fetch cut off at snapshots.max_new_tokens
 
     @classmethod
     def start(cls, model_location: storage.Location, store, examples: Sequence[tuple[str, str]],
@@ -154,16 +158,18 @@ class NegativePool:
         """Every example's negative for ``round_index`` (waits only if sampling has not finished). The part of an
         actor that died for good (or whose snapshot store did) is left out and counted in ``last_fetch_missing``."""
         out: Negatives = {}
-        missing = 0
+        missing = cut_off = 0
         refs = [actor.sample.remote(round_index) for actor in self.actors]
         for i, (ref, size) in enumerate(zip(refs, self.shard_sizes)):
             try:
-                out.update(ray.get(ref))
+                negatives, cut = ray.get(ref)
+                out.update(negatives)
+                cut_off += cut
             except ray.exceptions.RayActorError as e:  # after Ray's restarts and retries (also wraps the store's)
                 missing += size
                 log.warning("negative sampler %d lost for round %d (%s): its %d examples use teacher negatives",
                             i, round_index, type(e).__name__, size)
-        self.last_fetch_missing = missing
+        self.last_fetch_missing, self.last_fetch_cut_off = missing, cut_off
         return out
 
     def shutdown(self) -> None:

@@ -238,6 +238,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t0 = time.perf_counter()
         negatives = pool.fetch(start_round)
         neg_wait, neg_missing = time.perf_counter() - t0, pool.last_fetch_missing  # missing: teacher negatives
+        if rank == 0:
+            _check_cut_off(pool, negatives, cfg)
 
     for round_index in range(start_round, tc.rounds):
         if rank == 0 and pool is not None and round_index + 1 < tc.rounds:
@@ -275,11 +277,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # ---- round end: next negatives, D refresh, checkpoint, snapshot
         completed = round_index + 1
         round_s = time.perf_counter() - round_start
-        neg_wait = 0.0
+        neg_wait, neg_cut_off = 0.0, None
         if pool is not None and completed < tc.rounds:
             t0 = time.perf_counter()
             negatives = pool.fetch(completed)
             neg_wait, neg_missing = time.perf_counter() - t0, pool.last_fetch_missing
+            neg_cut_off = _check_cut_off(pool, negatives, cfg) if rank == 0 else 0.0
             if metrics_log:
                 metrics_log.negatives(negatives)
             if core.disc is not None:  # every rank on its own rows, gradients averaged (discriminator.py)
@@ -289,6 +292,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         round_metrics = {"step": global_step, "completed_rounds": completed, "round_s": round_s,
                          "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0,
                          "neg_missing": neg_missing, "time": time.time()}  # wall clock: round-to-round time
+        if neg_cut_off is not None:  # this round end fetched negatives
+            round_metrics["neg_cut_off_share"] = neg_cut_off
         if metrics_log:  # stored before the checkpoint: a run resumed from it finds every line up to it
             metrics_log.write(round_metrics)
             metrics_log.sync()
@@ -304,3 +309,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             store.publish.remote(completed, cpu_state_dict(core.student))  # after the checkpoint: see trainer.py
     if metrics_log:
         metrics_log.close()
+
+
+def _check_cut_off(pool, negatives: dict, cfg) -> float:
+    """Share of the fetched student negatives that stopped at ``snapshots.max_new_tokens`` before their end; a
+    warning when most did (a cut-off negative has no answer: D and the contrastive term then learn "cut off =
+    bad", which the testbed's first study run did with 599 of 600). Not for the initial student's negatives: a
+    from-scratch student babbles to the limit before it has learnt to stop."""
+    share = pool.last_fetch_cut_off / max(len(negatives), 1)
+    if share > 0.5 and any(snap_round > 0 for _, snap_round in negatives.values()):
+        log.warning("%.0f %% of the student negatives were cut off at snapshots.max_new_tokens=%d before their "
+                    "answer; raise it to about the length of a rationale and its answer (student.max_target_len=%d)",
+                    100 * share, cfg.snapshots.max_new_tokens, cfg.student.max_target_len)
+    return share
