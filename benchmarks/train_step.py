@@ -360,13 +360,14 @@ def main(argv=None) -> dict:
 
 
 def peak_rss(name: str, args) -> float:
-    """Peak RSS (MiB) of a fresh process that builds ``name`` and takes two full steps."""
-    code = ("import resource, sys; sys.argv = ['x']; import benchmarks.train_step as b; "
+    """Peak RSS (MiB) of a fresh process that builds ``name`` and takes two full steps. Read as the process's
+    VmHWM: ``ru_maxrss`` survives fork + exec on Linux, so every child reported this parent's own peak."""
+    code = ("import sys; sys.argv = ['x']; import benchmarks.train_step as b; "
             f"b.main(['--shape', {args.shape!r}, '--batch', '{args.batch}', '--variants', {name!r}, "
             f"'--measure', 'time', '--repeats', '1', '--device', {args.device!r}, '--json']); "
-            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.rsplit("RSS", 1)[1]) / 1024
+    return int(out.rsplit("RSS", 1)[1]) / 1024  # kB
 
 
 if __name__ == "__main__":
