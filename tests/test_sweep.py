@@ -196,3 +196,14 @@ compare_on: variant
         load_sweep(_write(tmp_path, "variants: {a: {loss.quality_judg: false}}\ncompare_on: variant"))
     with pytest.raises(ConfigError, match="compare_on"):
         load_sweep(_write(tmp_path, "variants: {a: {train.seed: 1}}\ncompare_on: train.method"))
+
+
+@pytest.mark.parametrize("path", [p for p in sorted((ROOT / "sweeps").glob("*.yaml")) if p.name != "testbed.yaml"],
+                         ids=lambda p: p.name)  # testbed.yaml: the base config the sweeps share, not a sweep
+def test_every_committed_sweep_file_expands_to_valid_trial_configs(path):
+    """The README's reproduce commands read these files: each loads, and every trial's config validates."""
+    spec = load_sweep(path)
+    points = grid_points(spec)
+    assert points and len({trial_name(p) for p in points}) == len(points)
+    for point in points:
+        trial_config(spec, point)  # raises ConfigError on a bad key or value
