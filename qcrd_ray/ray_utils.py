@@ -15,6 +15,10 @@ QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 SETUP_HOOK = "qcrd_ray.ray_utils.pin_ray_address"
 _PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives its handler that prints worker output on the driver
 _LOG_HANDLER = "qcrd_worker_logs"
+# The raylet's notice that it started more Python workers than the node has cores: expected whenever actors and
+# train workers ask for fractional CPUs (our default on small machines), and nothing a user can act on. Other
+# raylet messages (a worker killed for memory) still reach the console.
+_EXPECTED_RAYLET_NOTICES = ("PYTHON worker processes have been started",)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -71,6 +75,7 @@ def _route_ray_output(quiet: bool) -> None:
     dispatcher.add_handler(_LOG_HANDLER, _log_worker_lines)
     if quiet:
         dispatcher.remove_handler(_PRINT_HANDLER)
+    _route_raylet_messages(ray_worker, quiet)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.enable_operator_progress_bars = not quiet
     for handler in logging.getLogger("ray.data").handlers:
@@ -83,6 +88,22 @@ def _not_bars_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
+def _route_raylet_messages(ray_worker, quiet: bool) -> None:
+    """Raylet messages reach the driver through ``print_to_stdstream`` (not the dispatcher above): each goes to
+    the workers log, and to the console unless quiet and it is an expected notice."""
+    print_original = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            _log_worker_lines(data)
+            if quiet and any(n in line for line in data.get("lines", []) for n in _EXPECTED_RAYLET_NOTICES):
+                return
+        print_original(data, ignore_prefix)
+
+    print_to_stdstream.__wrapped__ = print_original
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
 _workers_log = logging.getLogger(console.WORKER_LOGGER)
 
 
@@ -90,6 +111,8 @@ def _log_worker_lines(data: dict) -> None:
     """One batch of a worker's stdout/stderr lines (Ray's log monitor format) → the workers log, prefixed
     like Ray prints them: ``(RayTrainWorker pid=123, ip=10.0.0.2) <line>``."""
     who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}, ip={data.get('ip')})"
+    if data.get("pid") == "raylet":
+        who = "(raylet)"
     stream = "err" if data.get("is_err") else "out"
     for line in data.get("lines", []):
         _workers_log.info("%s %s: %s", who, stream, line)

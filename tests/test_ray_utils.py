@@ -46,3 +46,28 @@ def test_workers_query_their_own_cluster_with_another_ray_on_the_machine(ray_ses
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STATE ALIVE" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_raylet_startup_notice_goes_to_the_workers_log_not_the_console(quiet, monkeypatch, capsys, caplog):
+    """A sweep's console was flooded by "(raylet) WARNING: 12 PYTHON worker processes have been started ..."
+    (fractional-CPU actors on 2 cores); a raylet message that matters (a worker killed for memory) still prints."""
+    from ray._private import worker as ray_worker
+
+    from qcrd_ray import console, ray_utils
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    ray_utils._route_raylet_messages(ray_worker, quiet)
+    ray_utils._route_raylet_messages(ray_worker, quiet)  # a second init_ray wraps the original, not the wrapper
+    notice = f"WARNING: 12 PYTHON worker processes have been started on node: {quiet} with address: 10.0.0.1"
+    # Ray prints a line repeated across processes within seconds once, "[repeated Nx]": a line of its own per case
+    oom = f"Task was killed due to the node running low on memory (case quiet={quiet})."
+    with caplog.at_level("INFO", logger=console.WORKER_LOGGER):
+        for line in (notice, oom):
+            ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert oom in out
+    assert (notice in out) is not quiet
+    assert out.count(oom) == 1
+    logged = [r.getMessage() for r in caplog.records if r.name == console.WORKER_LOGGER]
+    assert logged == [f"(raylet) out: {notice}", f"(raylet) out: {oom}"]
