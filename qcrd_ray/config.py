@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from qcrd_ray.data.synthetic import MIN_MAX_OPERAND
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
@@ -59,7 +61,7 @@ class DataConfig:
     synthetic_steps: int = _num(1, 1, 3)
     # the largest number a synthetic problem states (None: up to 60); 9 = single digits, which a from-scratch
     # student learns to copy in a few hundred steps (docs/quality.md)
-    synthetic_max_operand: int | None = _num(None, 4)
+    synthetic_max_operand: int | None = _num(None, MIN_MAX_OPERAND)
 
 
 @dataclass(frozen=True)
