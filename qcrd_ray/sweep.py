@@ -15,9 +15,10 @@ keeps finished trials, and a restarted trial's stages resume from its run direct
 
 Outputs in SWEEP/: results.csv / results.md (one row per trial), summary.md (per cell: mean ± sd and the paired
 difference to the baseline method by seed with a 95 % t interval), best.yaml (the best cell on valid) and
-accuracy.png (accuracy against the plotted key, one line per method). Pure functions: :func:`load_sweep`,
+accuracy.png (accuracy against the plotted key, one line per method). ``--rescore-valid N`` (:func:`rescore_valid`)
+scores the finished trials again on N fresh valid problems of the synthetic task. Pure functions: :func:`load_sweep`,
 :func:`grid_points`, :func:`trial_name`, :func:`teacher_key`, :func:`mean_sd`, :func:`paired_difference`,
-:func:`cell_table`.
+:func:`cell_table`, :func:`pairs_for_half_width`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("valid", "test")  # valid chooses, test reports
 RANDOM_KINDS = ("uniform", "loguniform", "choice")
 METRICS = ("predict", "explain")
+# the smallest difference a summary says how many seeds it would take to resolve: the paper's gains over DSS are
+# 0.2-3.5 points, and the quality study's target is +2
+RESOLVE = 0.02
 
 
 @dataclass(frozen=True)
@@ -217,9 +221,23 @@ def paired_difference(method: dict, baseline: dict) -> dict:
         return {"n": 0, "mean": None, "lo": None, "hi": None}
     mean, sd = mean_sd(diffs)
     if len(diffs) < 2:
-        return {"n": 1, "mean": mean, "lo": None, "hi": None}
+        return {"n": 1, "mean": mean, "lo": None, "hi": None, "sd": None}
     half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return {"n": len(diffs), "mean": mean, "lo": mean - half, "hi": mean + half}
+    return {"n": len(diffs), "mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd}
+
+
+def pairs_for_half_width(sd: float, half_width: float, most: int = 10_000) -> int | None:
+    """The fewest pairs (seeds) whose 95 % t interval of a paired difference with this ``sd`` is at most
+    ± ``half_width`` wide: how many seeds a comparison needs to resolve an effect of that size. None: more than
+    ``most``."""
+    from scipy import stats
+
+    if sd == 0:
+        return 2
+    for n in range(2, most + 1):
+        if stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
 
 
 def cell_table(rows: list[dict], grid_keys: list[str], pair_by: str, baseline: str, column: str,
@@ -366,6 +384,61 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
     return rows
 
 
+def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
+    """Every finished trial of the sweep in ``out`` (the rows of its results.csv) scored again in predict mode on
+    ``eval_size`` fresh valid problems of the synthetic task; writes ``rescored-valid-<N>.csv`` and ``.md`` (the
+    summary's tables for the new column beside the sweep's own valid predict) and returns the rows.
+
+    Why: a testbed's 150-problem eval splits carry ±4 points of binomial noise per accuracy, as much as the effects
+    in question; this separates that noise from the seed-to-seed spread of training. The problems are the valid
+    split of the same task with ``data.synthetic_eval_size = eval_size``: the task's problem stream is test, valid,
+    train, so they are disjoint from the trial's training and test problems when eval_size ≥ 2 × its eval size +
+    its train size (checked). Scores are kept in each trial (``<method>/eval/valid<N>-predict``): a rerun scores
+    only trials it has not scored."""
+    from qcrd_ray.config import load_config
+    from qcrd_ray.evaluate import evaluate
+    from qcrd_ray.report import read_json
+    from qcrd_ray.runs import MethodLayout, join
+
+    results = os.path.join(out, "results.csv")
+    if not os.path.exists(results):
+        raise ConfigError(f"{out}: no results.csv (run the sweep first; every run of it writes one)")
+    column = f"valid{eval_size}_predict"
+    rows = []
+    with open(results, newline="") as f:
+        finished = [{k: yaml.safe_load(v) if v != "" else None for k, v in r.items()} for r in csv.DictReader(f)]
+    for row in finished:
+        run_dir = os.path.join(out, "trials", str(row["trial"]))
+        cfg = load_config(os.path.join(run_dir, "config.yaml"))
+        d = cfg.data
+        if d.data_dir is not None or d.task != "synthetic":
+            raise ConfigError(f"{row['trial']}: --rescore-valid needs the synthetic task (its eval splits have a "
+                              f"size to choose); this trial reads {d.data_dir or d.task}")
+        least = 2 * d.synthetic_eval_size + d.synthetic_train_size
+        if eval_size < least:
+            raise ConfigError(f"--rescore-valid {eval_size}: the problems would overlap the trials' training "
+                              f"problems; use at least {least} (2 × eval size + train size)")
+        where = MethodLayout.at(os.path.join(run_dir, cfg.train.method))
+        metrics_dir = where.eval(f"valid{eval_size}", "predict")
+        metrics = read_json(join(metrics_dir, "metrics.json"))
+        if metrics is None:
+            log.info("scoring %s on %d valid problems", row["trial"], eval_size)
+            metrics = evaluate(where.model, cfg.replace(data={"synthetic_eval_size": eval_size}), "valid",
+                               mode="predict", out_dir=metrics_dir)
+        rows.append({**row, column: metrics["accuracy"]})
+    columns = ["trial", *axes(spec), "valid_predict", column]
+    with open(os.path.join(out, f"rescored-valid-{eval_size}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in columns} for r in rows)
+    lines = [f"# Sweep {spec.name}: valid predict on {eval_size} problems, {len(rows)} trials\n",
+             _summary_legend(spec)]
+    lines += summary_table(spec, rows, "valid_predict", "valid predict (the sweep's own valid split)")
+    lines += summary_table(spec, rows, column, f"valid predict, {eval_size} fresh problems")
+    Path(out, f"rescored-valid-{eval_size}.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def _row_keys(spec: SweepSpec, metrics: dict) -> list[str]:
     return (["trial", *axes(spec), "teacher_accuracy", "wall_s"]
             + [f"{s}_{m}" for s in SPLITS for m in METRICS])
@@ -393,25 +466,10 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
     Path(out, "results.md").write_text("\n".join(md) + "\n")
 
     keys = axes(spec)
-    summary = [f"# Sweep {spec.name}: {len(rows)} trials\n",
-               f"Accuracy (%) per cell, mean ± sd over `{spec.pair_by}`; Δ = paired difference to "
-               f"`{spec.compare_on} = {spec.baseline}` (by `{spec.pair_by}`) with its 95 % t interval.\n"]
+    summary = [f"# Sweep {spec.name}: {len(rows)} trials\n", _summary_legend(spec)]
     for split in SPLITS:
         for mode in METRICS:
-            table = cell_table(rows, keys, spec.pair_by, spec.baseline, f"{split}_{mode}",
-                               spec.compare_on)
-            if not table:
-                continue
-            cell_keys = [k for k in keys if k != spec.pair_by]
-            summary += [f"\n## {split} {mode}\n", "| " + " | ".join(cell_keys) + " | n | mean ± sd | Δ vs "
-                        f"{spec.baseline} [95 % CI] |", "|" + "---|" * (len(cell_keys) + 3)]
-            for line in table:
-                d = line.get("diff")
-                delta = "-" if not d or d["mean"] is None else (
-                    f"{100 * d['mean']:+.1f}" + (f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-                                                 if d["lo"] is not None else "") + f" (n={d['n']})")
-                summary.append("| " + " | ".join(str(line[k]) for k in cell_keys) +
-                               f" | {line['n']} | {100 * line['mean']:.1f} ± {100 * line['sd']:.1f} | {delta} |")
+            summary += summary_table(spec, rows, f"{split}_{mode}", f"{split} {mode}")
     Path(out, "summary.md").write_text("\n".join(summary) + "\n")
 
     valid = cell_table(rows, keys, spec.pair_by, spec.baseline, f"valid_{spec.metric}", spec.compare_on)
@@ -422,6 +480,36 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
             {"chosen_on": f"valid {spec.metric} accuracy", "valid_mean": best["mean"], "cell": cell,
              "config": trial_config(spec, cell).to_dict()}, sort_keys=False))
     _plot(spec, rows, os.path.join(out, "accuracy.png"))
+
+
+def _summary_legend(spec: SweepSpec) -> str:
+    return (f"Accuracy (%) per cell, mean ± sd over `{spec.pair_by}`; Δ = paired difference to "
+            f"`{spec.compare_on} = {spec.baseline}` (by `{spec.pair_by}`) with its 95 % t interval and the sd of "
+            f"the differences; \"pairs for ±{100 * RESOLVE:g}\" = the {spec.pair_by} values a 95 % interval that "
+            f"narrow would need at that sd.\n")
+
+
+def summary_table(spec: SweepSpec, rows: list[dict], column: str, title: str) -> list[str]:
+    """summary.md's section for one accuracy ``column`` (markdown lines; none when no row has it)."""
+    keys = axes(spec)
+    table = cell_table(rows, keys, spec.pair_by, spec.baseline, column, spec.compare_on)
+    if not table:
+        return []
+    cell_keys = [k for k in keys if k != spec.pair_by]
+    lines = [f"\n## {title}\n", "| " + " | ".join(cell_keys) + f" | n | mean ± sd | Δ vs {spec.baseline} "
+             f"[95 % CI] | sd of Δ | pairs for ±{100 * RESOLVE:g} |", "|" + "---|" * (len(cell_keys) + 5)]
+    for line in table:
+        d = line.get("diff")
+        delta = "-" if not d or d["mean"] is None else (
+            f"{100 * d['mean']:+.1f}" + (f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+                                         if d["lo"] is not None else "") + f" (n={d['n']})")
+        spread = "- | -"
+        if d and d.get("sd") is not None:
+            need = pairs_for_half_width(d["sd"], RESOLVE)
+            spread = f"{100 * d['sd']:.1f} | {need if need else '> 10000'}"
+        lines.append("| " + " | ".join(str(line[k]) for k in cell_keys) +
+                     f" | {line['n']} | {100 * line['mean']:.1f} ± {100 * line['sd']:.1f} | {delta} | {spread} |")
+    return lines
 
 
 def _plot(spec: SweepSpec, rows: list[dict], path: str) -> None:

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from qcrd_ray.config import ConfigError
-from qcrd_ray.sweep import (cell_table, grid_points, load_sweep, mean_sd, paired_difference, teacher_key,
-                            trial_config, trial_name)
+from qcrd_ray.sweep import (cell_table, grid_points, load_sweep, mean_sd, paired_difference, pairs_for_half_width,
+                            rescore_valid, teacher_key, trial_config, trial_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,8 +97,39 @@ def test_mean_sd_and_paired_difference_with_a_t_interval():
     d = paired_difference({0: 2.0, 1: 4.0, 2: 6.0, 9: 1.0}, {0: 1.0, 1: 2.0, 2: 3.0})
     assert d["n"] == 3 and d["mean"] == 2.0
     assert d["lo"] == pytest.approx(2 - 2.4841, abs=1e-4) and d["hi"] == pytest.approx(2 + 2.4841, abs=1e-4)
-    assert paired_difference({0: 1.0}, {0: 0.5}) == {"n": 1, "mean": 0.5, "lo": None, "hi": None}
+    assert d["sd"] == 1.0
+    assert paired_difference({0: 1.0}, {0: 0.5}) == {"n": 1, "mean": 0.5, "lo": None, "hi": None, "sd": None}
     assert paired_difference({0: 1.0}, {1: 0.5})["n"] == 0
+
+
+def test_pairs_for_half_width_is_the_fewest_seeds_whose_interval_is_that_narrow():
+    from scipy import stats
+
+    def half(n, sd):
+        return stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
+
+    for sd in (0.01, 0.038, 0.093):
+        n = pairs_for_half_width(sd, 0.02)
+        assert half(n, sd) <= 0.02 and (n == 2 or half(n - 1, sd) > 0.02)
+    assert pairs_for_half_width(0.038, 0.02) == 17  # the quality grid's QCRD-DSS spread at noise 0.3 (1500 problems)
+    assert pairs_for_half_width(0.0, 0.02) == 2
+    assert pairs_for_half_width(10.0, 0.02, most=50) is None
+
+
+def test_rescored_valid_problems_are_none_of_the_trained_or_tested_ones():
+    """--rescore-valid N scores the valid split of the task with eval size N; its floor 2 x eval + train keeps
+    those problems out of the trial's training (and test) problems."""
+    from qcrd_ray.data.synthetic import make_split
+
+    eval_size, train_size = 16, 48
+    kw = {"steps": 2, "max_operand": 9}
+    trained = {r["input"] for r in make_split("train", train_size=train_size, eval_size=eval_size, **kw)}
+    tested = {r["input"] for r in make_split("test", train_size=train_size, eval_size=eval_size, **kw)}
+    least = 2 * eval_size + train_size
+    fresh = {r["input"] for r in make_split("valid", train_size=train_size, eval_size=least, **kw)}
+    assert len(fresh) == least and not fresh & trained and not fresh & tested
+    below = {r["input"] for r in make_split("valid", train_size=train_size, eval_size=least - 1, **kw)}
+    assert below & trained  # one less and the last training problem is scored
 
 
 def test_cell_table_pairs_each_method_with_the_baseline_of_the_same_noise():
@@ -177,6 +208,19 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     summary = (out / "summary.md").read_text()
     assert "## test predict" in summary and "| qcrd |" in summary
     assert (out / "results.md").read_text().count("\n") == 4
+
+    # the finished trials scored again on more valid problems, without Ray; once per trial
+    with pytest.raises(ConfigError, match="at least 80"):
+        rescore_valid(load_sweep(sweep_file), str(out), 79)
+    assert main(["sweep", "--config", str(sweep_file), "--out", str(out), "--rescore-valid", "80"]) == 0
+    metrics = first / "finetune" / "eval" / "valid80-predict" / "metrics.json"
+    scored_at = metrics.stat().st_mtime_ns
+    rescored = rescore_valid(load_sweep(sweep_file), str(out), 80)
+    assert metrics.stat().st_mtime_ns == scored_at
+    assert sorted(r["train.method"] for r in rescored) == ["finetune", "qcrd"]
+    assert all(0.0 <= r["valid80_predict"] <= 1.0 for r in rescored)
+    report = (out / "rescored-valid-80.md").read_text()
+    assert "## valid predict, 80 fresh problems" in report and "| qcrd | 1 |" in report
 
 
 def test_variants_are_one_more_axis_compared_to_their_baseline(tmp_path):

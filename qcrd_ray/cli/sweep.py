@@ -14,6 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override the sweep file, e.g. --set grid.teacher.noise=[0.3] --set base.train.rounds=4 "
              "--set max_concurrent_trials=2 (repeatable; give the same ones to continue the sweep)")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument(
+        "--rescore-valid", type=int, metavar="N",
+        help="run no trials: score the sweep's finished trials again (predict) on N fresh valid problems of the "
+             "synthetic task (at least 2 x eval size + train size, so none was trained on) and write "
+             "rescored-valid-N.md: paired tables with less eval noise than the testbed's 150-problem splits")
     parser.add_argument("--verbose", "-v", action="store_true", help="also print Ray's and the workers' output")
 
 
@@ -21,9 +26,15 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from qcrd_ray import console
-    from qcrd_ray.sweep import grid_points, load_sweep, run_sweep
+    from qcrd_ray.sweep import grid_points, load_sweep, rescore_valid, run_sweep
 
     spec = load_sweep(args.config, args.overrides)  # refused here, before Ray starts
+    if args.rescore_valid is not None:
+        rows = rescore_valid(spec, os.path.abspath(args.out), args.rescore_valid)
+        name = f"rescored-valid-{args.rescore_valid}.md"
+        print(open(os.path.join(args.out, name)).read())
+        print(f"{len(rows)} trials rescored; {name} in {args.out}")
+        return 0
     log_file = console.log_to_file(os.path.join(os.path.abspath(args.out), "logs"))
     print(f"sweep {spec.name}: {len(grid_points(spec)) * spec.num_samples} trials → {args.out}")
     try:
