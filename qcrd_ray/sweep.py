@@ -218,7 +218,7 @@ def paired_difference(method: dict, baseline: dict) -> dict:
     keys = sorted(set(method) & set(baseline), key=str)
     diffs = [method[k] - baseline[k] for k in keys]
     if not diffs:
-        return {"n": 0, "mean": None, "lo": None, "hi": None}
+        return {"n": 0, "mean": None, "lo": None, "hi": None, "sd": None}
     mean, sd = mean_sd(diffs)
     if len(diffs) < 2:
         return {"n": 1, "mean": mean, "lo": None, "hi": None, "sd": None}
