@@ -110,9 +110,10 @@ _workers_log = logging.getLogger(console.WORKER_LOGGER)
 def _log_worker_lines(data: dict) -> None:
     """One batch of a worker's stdout/stderr lines (Ray's log monitor format) → the workers log, prefixed
     like Ray prints them: ``(RayTrainWorker pid=123, ip=10.0.0.2) <line>``."""
-    who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}, ip={data.get('ip')})"
-    if data.get("pid") == "raylet":
+    if data.get("pid") == "raylet":  # the raylet's own messages carry no actor, task or ip
         who = "(raylet)"
+    else:
+        who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}, ip={data.get('ip')})"
     stream = "err" if data.get("is_err") else "out"
     for line in data.get("lines", []):
         _workers_log.info("%s %s: %s", who, stream, line)
