@@ -71,6 +71,10 @@ def teacher_problem(summary: dict) -> str | None:
     return None
 
 
+# train.* keys a run directory may be continued under with other values (see _check_same_config)
+_INVOCATION_KEYS = ("method", "experiment", "run_name")
+
+
 def _check_same_config(layout: RunLayout, cfg: Config) -> None:
     """Refuse to mix stage outputs made under another config into this run."""
     if not storage.exists(layout.config):
@@ -78,9 +82,11 @@ def _check_same_config(layout: RunLayout, cfg: Config) -> None:
         return
     old = from_dict(yaml.safe_load(storage.read_text(layout.config))).to_dict()
     new = cfg.to_dict()
-    # The method list is a property of the invocation, not of the stored outputs.
+    # The method list and the tracker names are properties of the invocation, not of the stored outputs: a run
+    # directory copied into another sweep (which names its tracker runs after itself) is the same run.
     for resolved in (old, new):
-        resolved["train"].pop("method")
+        for key in _INVOCATION_KEYS:
+            resolved["train"].pop(key)
     changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
     if changed:
         raise ConfigError(

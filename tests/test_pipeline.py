@@ -266,3 +266,19 @@ def test_a_stage_error_survives_copy_and_pickle():
     for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
         assert (str(again), again.stage, again.message) == ("train qcrd: ValueError: boom", "train qcrd",
                                                             "ValueError: boom")
+
+
+def test_a_run_continues_under_other_tracker_names_but_not_under_another_training_config(tmp_path):
+    """A trial directory copied into another sweep (which names its tracker runs after itself) is picked up as the
+    same run; a config that changes what the outputs are is refused before any stage runs."""
+    from qcrd_ray.config import Config, ConfigError
+    from qcrd_ray.pipeline import _check_same_config
+    from qcrd_ray.runs import RunLayout
+
+    layout = RunLayout.at(str(tmp_path / "run"))
+    made = Config().replace(train={"experiment": "quality", "run_name": "noise=0.3,method=qcrd,seed=0"})
+    _check_same_config(layout, made)  # writes config.yaml
+    _check_same_config(layout, made.replace(train={"experiment": "cost", "run_name": "variant=default,seed=0",
+                                                   "method": "dss"}))
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        _check_same_config(layout, made.replace(train={"seed": 1}))
