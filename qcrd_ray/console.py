@@ -251,6 +251,7 @@ def log_to_file(log_dir) -> logging.FileHandler:
     _file_handler(log_dir / "workers.log", WORKER_LOGGER, "%(message)s")
     handler = _file_handler(log_dir / "qcrd.log", "", _LOG_FORMAT)
     logging.getLogger().setLevel(logging.DEBUG)
+    logging.getLogger("filelock").setLevel(logging.INFO)  # Ray's lock/unlock DEBUG pairs say nothing to a reader
     return handler
 
 

@@ -343,6 +343,7 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
 
     from qcrd_ray.ray_utils import init_ray
     from qcrd_ray.storage import is_uri
+    from qcrd_ray.sweep_console import TrialLines, tune_prints_to_log
 
     if is_uri(out):
         raise ConfigError(f"--out {out}: a sweep directory must be a path (a shared mount on a cluster): trials "
@@ -365,9 +366,12 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
             trainable, param_space=_param_space(spec),
             tune_config=tune.TuneConfig(num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0),
+            run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0,
+                                      callbacks=[TrialLines(len(grid_points(spec)) * spec.num_samples,
+                                                            spec.metric)]),
         )
-    grid = tuner.fit()
+    with tune_prints_to_log():
+        grid = tuner.fit()
     rows, errors, unfinished = [], [], []
     for result in grid:
         if result.error is not None:
@@ -448,7 +452,8 @@ def _plain(obj):
     return json.loads(json.dumps(obj))
 
 
-def _pct(v) -> str:
+def percent(v) -> str:
+    """An accuracy fraction as a percentage with one decimal; missing → "-"."""
     return "-" if v is None else f"{100 * v:.1f}"
 
 
@@ -461,7 +466,7 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in columns} for r in rows)
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(_pct(r.get(c)) if c.endswith(METRICS) or c == "teacher_accuracy" else str(r.get(c))
+    md += ["| " + " | ".join(percent(r.get(c)) if c.endswith(METRICS) or c == "teacher_accuracy" else str(r.get(c))
                              for c in columns) + " |" for r in rows]
     Path(out, "results.md").write_text("\n".join(md) + "\n")
 

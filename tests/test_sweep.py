@@ -3,8 +3,12 @@ on Ray Tune end to end, interrupted and continued."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,7 +171,7 @@ baseline: finetune
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_path):
+def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_path, capsys):
     """Trial 1 finishes, the driver is SIGKILLed during trial 2, the same command continues: trial 1 is not
     trained again, the teacher was taught once for both, and the tables, best config and plot are written.
     Trial 2 is QCRD: its negative samplers and snapshot store must find CPUs outside the trial's placement group."""
@@ -193,8 +197,16 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     model = first / "finetune" / "model" / "config.json"
     trained_at = model.stat().st_mtime_ns
 
+    capsys.readouterr()
     assert main(["sweep", "--config", str(sweep_file), "--out", str(out)]) == 0
     assert model.stat().st_mtime_ns == trained_at
+    # the continued sweep says what each trial did (its restored Tune callback), and Tune's prints went to the log
+    console_out = capsys.readouterr().out
+    assert "trial method=qcrd,seed=0: started" in console_out
+    assert re.search(r"trial method=qcrd,seed=0: valid predict \d+\.\d %, test predict \d+\.\d % in \d+:\d\d "
+                     r"\(2/2 trials done\)", console_out), console_out
+    assert "Configuration for experiment" not in console_out and "View detailed results" not in console_out
+    assert "View detailed results" in (out / "logs" / "qcrd.log").read_text()
     assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 1  # one teacher for both trials
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -251,3 +263,33 @@ def test_every_committed_sweep_file_expands_to_valid_trial_configs(path):
     assert points and len({trial_name(p) for p in points}) == len(points)
     for point in points:
         trial_config(spec, point)  # raises ConfigError on a bad key or value
+
+
+def test_a_finished_trial_line_gives_its_scores_time_and_the_count():
+    from qcrd_ray.sweep_console import trial_line
+
+    row = {"trial": "variant=spec_d,seed=1", "wall_s": 902.2, "valid_predict": 0.54, "test_predict": 0.46,
+           "valid_explain": 0.34}
+    assert trial_line(row, "predict", 3, 9) == (
+        "trial variant=spec_d,seed=1: valid predict 54.0 %, test predict 46.0 % in 15:02 (3/9 trials done)")
+    assert "test explain - %" in trial_line(row, "explain", 3, 9)  # not evaluated (yet): no number made up
+
+
+def test_tune_prints_go_to_the_log_as_whole_lines_and_stay_on_the_console_when_verbose(caplog):
+    from qcrd_ray import console
+    from qcrd_ray.sweep_console import tune_prints_to_log
+
+    out = io.StringIO()
+    with console.session(out=out, err=io.StringIO()), caplog.at_level(logging.INFO, logger="ray.tune"):
+        with tune_prints_to_log():
+            print("View detailed results here:", end=" ")
+            print("/sweep/tune\n")
+            console.summary("trial a: started (1 running)")
+    assert [r.getMessage() for r in caplog.records if r.name == "ray.tune"] == ["View detailed results here: /sweep/tune"]
+    assert "View detailed" not in out.getvalue() and "trial a: started" in out.getvalue()
+
+    out = io.StringIO()
+    with console.session(verbose=True, out=out, err=io.StringIO()), contextlib.redirect_stdout(out):
+        with tune_prints_to_log():
+            print("View detailed results here: /sweep/tune")
+    assert "View detailed results here" in out.getvalue()
