@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -229,6 +230,8 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     scored_at = metrics.stat().st_mtime_ns
     rescored = rescore_valid(load_sweep(sweep_file), str(out), 80)
     assert metrics.stat().st_mtime_ns == scored_at
+    own = json.loads((first / "finetune" / "eval" / "valid-predict" / "metrics.json").read_text())
+    assert own["n"] == 16  # the trial's own valid split is left as it was (the sweep's tables read it)
     assert sorted(r["train.method"] for r in rescored) == ["finetune", "qcrd"]
     assert all(0.0 <= r["valid80_predict"] <= 1.0 for r in rescored)
     report = (out / "rescored-valid-80.md").read_text()
