@@ -68,5 +68,9 @@ def tune_prints_to_log() -> Iterator[None]:
     if console.is_verbose():
         yield
         return
-    with contextlib.redirect_stdout(_LogLines(logging.getLogger("ray.tune"))):
-        yield
+    stream = _LogLines(logging.getLogger("ray.tune"))
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        stream.write("\n")  # a last line printed without one

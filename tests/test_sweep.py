@@ -288,7 +288,9 @@ def test_tune_prints_go_to_the_log_as_whole_lines_and_stay_on_the_console_when_v
             print("View detailed results here:", end=" ")
             print("/sweep/tune\n")
             console.summary("trial a: started (1 running)")
-    assert [r.getMessage() for r in caplog.records if r.name == "ray.tune"] == ["View detailed results here: /sweep/tune"]
+            print("Tune done", end="")
+    assert [r.getMessage() for r in caplog.records if r.name == "ray.tune"] == [
+        "View detailed results here: /sweep/tune", "Tune done"]
     assert "View detailed" not in out.getvalue() and "trial a: started" in out.getvalue()
 
     out = io.StringIO()
