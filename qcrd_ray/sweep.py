@@ -341,6 +341,7 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
     """Run (or continue) the sweep in ``out``; writes the tables, best.yaml and the plot; returns the rows."""
     from ray import tune
 
+    from qcrd_ray import console
     from qcrd_ray.ray_utils import init_ray
     from qcrd_ray.storage import is_uri
     from qcrd_ray.sweep_console import TrialLines, tune_prints_to_log
@@ -359,7 +360,7 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
                                     {"CPU": spec.trial_cpus})
     path = os.path.join(out, "tune")
     if tune.Tuner.can_restore(path):
-        log.info("continuing the sweep in %s", path)
+        console.summary(f"continuing the sweep in {path}: finished trials are kept, unfinished ones resume")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(

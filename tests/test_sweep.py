@@ -203,7 +203,7 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     assert model.stat().st_mtime_ns == trained_at
     # the continued sweep says what each trial did (its restored Tune callback), and Tune's prints went to the log
     console_out = capsys.readouterr().out
-    assert "trial method=qcrd,seed=0: started" in console_out
+    assert "continuing the sweep in" in console_out and "trial method=qcrd,seed=0: started" in console_out
     assert re.search(r"trial method=qcrd,seed=0: valid predict \d+\.\d %, test predict \d+\.\d % in \d+:\d\d "
                      r"\(2/2 trials done\)", console_out), console_out
     assert "Configuration for experiment" not in console_out and "View detailed results" not in console_out
