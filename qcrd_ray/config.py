@@ -149,7 +149,8 @@ class DiscriminatorConfig:
     replace_prob: float = _num(0.1, 0.0, 1.0)  # augmentation: random word replacement
     # cost options (docs/design.md, "QCRD step cost"); the spec's D is layers 0, sharing off, pairs 0. Default:
     # layers 1 + pairs 16, the mildest change measured at <= 3x a DSS step (2.7x at T5-small shape vs 5.3x for the
-    # spec's D, docs/benchmarks.md); its quality is checked by the quality study (docs/quality.md)
+    # spec's D, docs/benchmarks.md). Its quality: 3.8 points [-8.1, +0.5] below the spec's D on the testbed, the
+    # one-layer D being what costs (sampled pairs alone lose nothing); layers 0 + pairs 16 (3.5x) keeps quality
     layers: int = _num(1, 0)  # D's encoder = the first `layers` blocks of the student's encoder copy; 0 = all
     # D reads the student's own (detached) encoder states of `explain: x` and encodes only the rationale itself
     share_question_states: bool = False
