@@ -161,6 +161,11 @@ def _grid(spec: SweepSpec) -> dict:
     return {"variant": list(spec.variants), **spec.grid} if spec.variants else dict(spec.grid)
 
 
+def trial_count(spec: SweepSpec) -> int:
+    """How many trials the sweep runs: every grid point, ``num_samples`` times."""
+    return len(grid_points(spec)) * spec.num_samples
+
+
 def axes(spec: SweepSpec) -> list[str]:
     """The keys a trial's row is labelled with: "variant" (when there are variants), the grid, random keys."""
     return list(_grid(spec)) + list(spec.random)
@@ -368,8 +373,7 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
             tune_config=tune.TuneConfig(num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent_trials),
             run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0,
-                                      callbacks=[TrialLines(len(grid_points(spec)) * spec.num_samples,
-                                                            spec.metric)]),
+                                      callbacks=[TrialLines(trial_count(spec), spec.metric)]),
         )
     with tune_prints_to_log():
         grid = tuner.fit()

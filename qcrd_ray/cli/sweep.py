@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from qcrd_ray import console
-    from qcrd_ray.sweep import grid_points, load_sweep, rescore_valid, run_sweep
+    from qcrd_ray.sweep import load_sweep, rescore_valid, run_sweep, trial_count
 
     spec = load_sweep(args.config, args.overrides)  # refused here, before Ray starts
     if args.rescore_valid is not None:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(rows)} trials rescored; {name} in {args.out}")
         return 0
     log_file = console.log_to_file(os.path.join(os.path.abspath(args.out), "logs"))
-    print(f"sweep {spec.name}: {len(grid_points(spec)) * spec.num_samples} trials → {args.out}")
+    print(f"sweep {spec.name}: {trial_count(spec)} trials → {args.out}")
     try:
         rows = run_sweep(spec, args.out, address=args.address)
     except RuntimeError as e:
