@@ -49,7 +49,7 @@ def random_student(path: Path, shape: str) -> None:
     ``max_new_tokens``."""
     import torch
 
-    from qcrd_ray import student
+    from qcrd_ray import students as student
     from qcrd_ray.config import Config
     from qcrd_ray.data import synthetic
 

@@ -26,7 +26,7 @@ from qcrd_ray.config import Config, StudentConfig  # noqa: E402
 from qcrd_ray.data.loaders import load_split  # noqa: E402
 from qcrd_ray.data.schema import examples_table  # noqa: E402
 from qcrd_ray.data.tasks import get_task  # noqa: E402
-from qcrd_ray.student import load_student, save_student  # noqa: E402
+from qcrd_ray.students import load_student, save_student  # noqa: E402
 from qcrd_ray.teacher import pipeline  # noqa: E402
 from qcrd_ray.teacher.samples import expand_samples  # noqa: E402
 from qcrd_ray.teacher.shards import plan_shards  # noqa: E402

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
 
-from qcrd_ray import student as student_lib  # noqa: E402
+from qcrd_ray import students as student_lib  # noqa: E402
 from qcrd_ray.config import Config, from_dict  # noqa: E402
 from qcrd_ray.qcrd.discriminator import Discriminator  # noqa: E402
 from qcrd_ray.qcrd.snapshots import SnapshotStore, cpu_state_dict  # noqa: E402

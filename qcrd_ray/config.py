@@ -62,6 +62,9 @@ class DataConfig:
     # the largest number a synthetic problem states (None: up to 60); 9 = single digits, which a from-scratch
     # student learns to copy in a few hundred steps (docs/quality.md)
     synthetic_max_operand: int | None = _num(None, MIN_MAX_OPERAND)
+    # 1: the equation-labelled task above; 2: testbed v2 (docs/quality.md), one-step problems whose operation the
+    # wording implies, labelled with the final number; the synthetic teacher errs by a wording-tied misconception
+    synthetic_version: int = _num(1, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,29 @@ class SelfConsistencyConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    # LoRA adapters through peft (qcrd_ray/students/lora.py): only the adapters train, snapshots carry only them,
+    # the final model is saved merged (model/, the default for eval and serve) and as an adapter (adapter/)
+    r: int = _num(0, 0)  # adapter rank; 0 = LoRA off (full fine-tuning)
+    alpha: float = _num(16.0, 0.0)  # scaling: the update is (alpha / r) · B·A
+    dropout: float = _num(0.0, 0.0, 1.0)
+    # module names to adapt (e.g. [q_proj, v_proj]); empty = peft's default for the model type (T5: q, v)
+    target_modules: tuple = ()
+
+
+@dataclass(frozen=True)
 class StudentConfig:
-    # "tiny" = a small T5 built from the config below with a Unigram tokenizer trained on the task's text;
-    # anything else is a Hugging Face hub name or a local path (e.g. google/t5-v1_1-base)
+    # "tiny" = a small model of the family below (T5 or Llama-style) built from the tiny_* keys, with a Unigram
+    # tokenizer trained on the task's text; anything else is a Hugging Face hub name or a local path
+    # (google/t5-v1_1-base, Qwen/Qwen2.5-0.5B-Instruct)
     model: str = "tiny"
+    # qcrd_ray/students/: seq2seq (T5: encoder-decoder) or causal (decoder-only: Llama, Qwen, SmolLM, GPT-2);
+    # auto reads the model's config (a tiny model is seq2seq under auto)
+    family: str = _choice("auto", "auto", "seq2seq", "causal")
+    # causal students: auto = the tokenizer's own chat template where it has one (else the task prompt, said
+    # once), none = always the task prompt, or the path of a Jinja file to use as the template
+    chat_template: str = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
     max_input_len: int = _num(256, 8)
     max_target_len: int = _num(128, 8)
     tiny_vocab_size: int = _num(800, 64)
@@ -135,6 +157,15 @@ class LossConfig:
     negatives: str = _choice("both", "both", "none", "teacher", "student")  # NK ablation
     quality_judge: bool = True  # QJ ablation: off => s_pos = 1, s_neg = 0
     scheme: str = _choice("minmax", "minmax", "maxmin", "sampling", "mean", "wmean")  # many-to-one (Table 5)
+    # what delta is compared against: the per-token mean CE of a negative (the spec) or its sequence-sum CE (a
+    # near copy of a positive can then reach the margin); the negative term stays in per-token units either way
+    margin_reduction: str = _choice("mean", "mean", "sum")
+    # minmax's negative: the max-loss one (the spec), or the max-loss one still below the margin, so an example
+    # whose worst negative is already beyond delta (a lagged student's babble) keeps a gradient from the others
+    negative_pick: str = _choice("max", "max", "max_within_margin")
+    # DSS's one rationale: the first parsed teacher sample (distilling step-by-step), or the first whose answer
+    # is the gold label (the headroom control "clean-DSS": clean rationales only; none such: label task only)
+    dss_rationale: str = _choice("first", "first", "gold")
 
 
 @dataclass(frozen=True)
@@ -168,6 +199,11 @@ class SnapshotConfig:
     sampler_num_cpus: float = _num(0.5, 0.0)
     sampler_num_gpus: float = _num(0.0, 0.0)
     sampler_batch_size: int = _num(32, 1)
+    # what samples the negatives (qcrd_ray/students/engines.py): hf = Hugging Face generate (any student, any
+    # machine); vllm = vLLM on GPU nodes, causal students only, a LoRA snapshot served as a LoRARequest (not run
+    # on the project's CPU machines: tested against a fake engine only)
+    engine: str = _choice("hf", "hf", "vllm")
+    vllm_gpu_memory_utilization: float = _num(0.3, 0.05, 1.0)  # a sampler's share of its GPU (engine vllm)
     # times Ray restarts the snapshot store / each sampler actor after its process dies (bounded, so an actor
     # that cannot start does not restart forever); a sampler lost for good: its examples get teacher negatives
     actor_restarts: int = _num(3, 0)
@@ -328,6 +364,10 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, Mapping):
             return dict(value)
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if dataclasses.is_dataclass(annotation):  # a nested group of keys (student.lora)
+        if isinstance(value, annotation):
+            return value
+        return _build_section(where, annotation, value)
     return value
 
 
@@ -373,6 +413,13 @@ def from_dict(raw: Mapping | None) -> Config:
 
 
 def _check_cross_field(cfg: Config) -> None:
+    d = cfg.data
+    if d.synthetic_version == 2 and (d.data_dir is not None or d.task != "synthetic" or d.synthetic_steps != 1):
+        raise ConfigError("data.synthetic_version: 2 is a mode of the built-in synthetic task with one step; "
+                          "leave data.data_dir unset, data.task synthetic and data.synthetic_steps 1")
+    if cfg.loss.negative_pick != "max" and cfg.loss.scheme != "minmax":
+        raise ConfigError(f"loss.negative_pick: {cfg.loss.negative_pick} chooses minmax's max-loss negative; "
+                          f"loss.scheme {cfg.loss.scheme} picks otherwise (set loss.scheme=minmax)")
     if cfg.teacher.min_actors > cfg.teacher.max_actors:
         raise ConfigError(
             f"teacher.min_actors ({cfg.teacher.min_actors}) must be <= teacher.max_actors ({cfg.teacher.max_actors})"
@@ -391,12 +438,13 @@ def _check_cross_field(cfg: Config) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.rounds=3"`` → ``(["train", "rounds"], 3)``; the value is parsed as YAML (``3``, ``0.5``, ``[a, b]``)."""
+    """``"train.rounds=3"`` → ``(["train", "rounds"], 3)``, ``"student.lora.r=8"`` → ``(["student", "lora", "r"],
+    8)``; the value is parsed as YAML (``3``, ``0.5``, ``[a, b]``)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     path, _, value = text.partition("=")
     keys = path.strip().split(".")
-    if len(keys) != 2 or not all(keys):
+    if len(keys) < 2 or not all(keys):
         raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. train.rounds=3)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
@@ -419,9 +467,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     for text in overrides:
-        (section, key), value = parse_override(text)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"{section}: expected a mapping of keys")
-        raw[section][key] = value
+        raw = set_path(raw, *parse_override(text))
     return from_dict(raw)
+
+
+def set_path(raw: Mapping, keys: list[str], value: Any) -> dict:
+    """A copy of the nested mapping ``raw`` with ``keys`` (``["student", "lora", "r"]``) set to ``value``."""
+    out = dict(raw)
+    head, rest = keys[0], keys[1:]
+    if not rest:
+        out[head] = value
+        return out
+    inner = out.get(head)
+    if inner is None:
+        inner = {}
+    if not isinstance(inner, Mapping):
+        raise ConfigError(f"{'.'.join(keys[:1])}: expected a mapping of keys")
+    out[head] = set_path(inner, rest, value)
+    return out

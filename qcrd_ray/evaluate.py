@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from qcrd_ray import console, storage
-from qcrd_ray import student as student_lib
+from qcrd_ray import students as student_lib
 from qcrd_ray.config import Config
 from qcrd_ray.data import answers, prompts
 from qcrd_ray.data.loaders import load_split
@@ -56,26 +56,33 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
     local = storage.download_dir(model_path) if storage.is_uri(model_path) else model_path
     model, tokenizer = student_lib.load_pretrained(local, dtype=cfg.student.dtype)
     max_new_tokens = cfg.student.max_target_len
+    # a prompt longer than the student reads is never truncated: it counts as a wrong answer, named in rejects
+    family = student_lib.family_of(model)
+    too_long = {r["id"]: r for r in student_lib.long_prompts(
+        family, tokenizer, data.rows, cfg.student.max_input_len, modes=(mode,))}
 
     records = []
     label = f"eval {split} ({mode})"
     with console.progress(label, total=len(data.rows), unit="ex", summarize=False) as bar:
         for start in range(0, len(data.rows), _CHUNK):
-            rows = data.rows[start:start + _CHUNK]
+            chunk = data.rows[start:start + _CHUNK]
+            rows = [r for r in chunk if r["id"] not in too_long]
             outputs = student_lib.generate(
                 model, tokenizer, [prompts.student_input(mode, r["input"]) for r in rows],
-                max_new_tokens=max_new_tokens, batch_size=batch_size, max_input_len=cfg.student.max_input_len)
+                max_new_tokens=max_new_tokens, batch_size=batch_size) if rows else []
+            records += [{"id": r["id"], "input": r["input"], "gold": r["label"], "output": "", "prediction": None,
+                         "rationale": "", "correct": False, "too_long": True} for r in chunk if r["id"] in too_long]
             for row, output in zip(rows, outputs):
                 records.append({"id": row["id"], "input": row["input"], "gold": row["label"], "output": output,
                                 **score_output(task, mode, output, row["label"], row["choices"])})
-            bar.update(len(rows))
+            bar.update(len(chunk))
 
     correct = sum(r["correct"] for r in records)
     metrics = {"task": cfg.data.task, "split": split, "mode": mode, "n": len(records), "correct": correct,
                "accuracy": correct / len(records), "unparsed": sum(r["prediction"] is None for r in records),
-               "rejected": len(data.rejects), "model": str(model_path)}
+               "rejected": len(data.rejects), "too_long": len(too_long), "model": str(model_path)}
     if out_dir is not None:  # metrics.json last: its presence means the evaluation is complete
-        storage.write_jsonl(storage.join(out_dir, "rejects.jsonl"), data.rejects)
+        storage.write_jsonl(storage.join(out_dir, "rejects.jsonl"), data.rejects + list(too_long.values()))
         storage.write_jsonl(storage.join(out_dir, "predictions.jsonl"), records)
         storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     console.summary(f"{label}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(records)}, {metrics['unparsed']} unparsed)")

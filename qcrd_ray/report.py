@@ -132,7 +132,7 @@ def discriminator_scores(method: MethodLayout, cfg: Config, teacher_rows: list[d
     """Scores of the trained D for up to MAX_SCORED teacher positives, teacher negatives and student negatives."""
     import torch
 
-    from qcrd_ray import student
+    from qcrd_ray import students as student
     from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs
     from qcrd_ray.qcrd.targets import teacher_targets
 
@@ -141,7 +141,7 @@ def discriminator_scores(method: MethodLayout, cfg: Config, teacher_rows: list[d
     local = storage.download_dir(method.model) if storage.is_uri(method.model) else Path(method.model)
     model, tokenizer = student.load_pretrained(local)
     disc = Discriminator.from_student(model, cfg.discriminator)
-    disc.load_state_dict(torch.load(local / "discriminator.pt", map_location="cpu"))
+    disc.load_state_dict(torch.load(local / "discriminator.pt", map_location="cpu", weights_only=True))
     disc.eval()
     # Score exactly the texts D judged in training: rationales with their answers appended (qcrd/targets.py).
     kinds: dict[str, list[tuple[str, str]]] = {"teacher positives": [], "teacher negatives": []}
@@ -158,8 +158,9 @@ def discriminator_scores(method: MethodLayout, cfg: Config, teacher_rows: list[d
             scores: list[float] = []
             for i in range(0, len(pairs), 32):
                 chunk = pairs[i:i + 32]
-                enc = encode_pairs(tokenizer, [q for q, _ in chunk], [r for _, r in chunk], cfg.student.max_input_len)
-                scores.extend(disc(**enc).tolist())
+                enc = encode_pairs(tokenizer, [q for q, _ in chunk], [r for _, r in chunk], cfg.student.max_input_len,
+                                   disc.shares_question_states, disc.family)
+                scores.extend(disc.score_encoded(enc, "cpu").tolist())
             out[name] = scores
     return out
 

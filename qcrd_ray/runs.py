@@ -8,6 +8,7 @@
     RUN/<method>/train/                  config.yaml, checkpoints/, snapshots/, init_model/, metrics.jsonl,
                                          tensorboard/, negatives.jsonl
     RUN/<method>/model/                  the final student (HF format) + discriminator.pt
+    RUN/<method>/adapter/                a LoRA student's adapter alone (model/ holds it merged)
     RUN/<method>/eval/<split>-<mode>/    predictions.jsonl, metrics.json
     RUN/report.md, RUN/figures/, RUN/logs/qcrd.log
 
@@ -19,6 +20,7 @@ loads it, with ``storage.download_dir``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 from dataclasses import dataclass
@@ -103,8 +105,17 @@ class MethodLayout:
         return join(self.train, "negatives.jsonl")
 
     @property
+    def train_rejects(self) -> str:
+        return join(self.train, "rejects.jsonl")
+
+    @property
     def model(self) -> str:
         return join(self.root, "model")
+
+    @property
+    def adapter(self) -> str:
+        """A LoRA student's adapter alone (``model`` holds it merged)."""
+        return join(self.root, "adapter")
 
     @property
     def discriminator(self) -> str:
@@ -178,7 +189,8 @@ class ResolvedModel:
 
 
 def _is_model(path: str) -> bool:
-    return storage.is_file(join(path, "config.json"))
+    """A Hugging Face model folder, or a LoRA adapter folder (``adapter_config.json``, loaded on its base)."""
+    return storage.is_file(join(path, "config.json")) or storage.is_file(join(path, "adapter_config.json"))
 
 
 def _is_file(path: str) -> bool:
@@ -215,8 +227,8 @@ def _method_dir(root: str) -> ResolvedModel:
 
 
 def resolve_model(path: str) -> ResolvedModel:
-    """A run directory, a method directory (``RUN/<method>``), its ``model/`` or a bare Hugging Face model
-    directory, each a local path or a URI (``s3://bucket/run``, ``s3://bucket/run/qcrd``, ``s3://bucket/model``)
+    """A run directory, a method directory (``RUN/<method>``), its ``model/`` or (LoRA) ``adapter/``, or a bare
+    Hugging Face model or adapter directory, each a local path or a URI (``s3://bucket/run``, ``s3://bucket/run/qcrd``, ``s3://bucket/model``)
     → the model directory (a URI stays a URI) and the config it was trained with. ``FileNotFoundError`` naming
     what was looked for when there is no model, or when a model on storage lacks its completeness marker (its
     upload is still running or was interrupted)."""
@@ -234,6 +246,8 @@ def _find_model(path: str) -> ResolvedModel:
         return _method_dir(root)
     if _is_model(root):
         parent = _dirname(root)
+        if _basename(root) == "adapter" and _is_model(join(parent, "model")):  # RUN/<method>/adapter (LoRA)
+            return dataclasses.replace(_method_dir(parent), model_dir=root)
         if _basename(root) == "model" and (
             _is_file(join(parent, "train", "config.yaml")) or _is_file(join(parent, "config.yaml"))
             or _is_file(RunLayout(_dirname(parent)).config)

@@ -15,7 +15,7 @@ from qcrd_ray.qcrd import losses as L
 from qcrd_ray.qcrd.discriminator import Discriminator, Pair, train_on_pairs
 from qcrd_ray.qcrd.step import DistillModel, accumulate, make_batch
 from qcrd_ray.qcrd.targets import candidate_targets
-from qcrd_ray.student import load_student, tiny_t5
+from qcrd_ray.students import build_tiny, load_student
 
 
 def sample(index, rationale, answer):
@@ -54,7 +54,7 @@ def tok():
 
 def build(tok, cfg, seed=0):
     torch.manual_seed(seed)
-    student = tiny_t5(cfg.student, vocab_size=len(tok))
+    student = build_tiny(cfg.student, tok)
     return DistillModel(student, Discriminator.from_student(student, cfg.discriminator), cfg).eval()  # no dropout
 
 
@@ -75,7 +75,7 @@ def assert_same_grads(a, b, atol=1e-5):
 def test_shallow_discriminator_has_fewer_layers_and_learns(tok):
     cfg = Config().replace(discriminator={"layers": 1})
     torch.manual_seed(0)
-    student = tiny_t5(cfg.student, vocab_size=len(tok))
+    student = build_tiny(cfg.student, tok)
     full = Discriminator.from_student(student, Config().replace(discriminator={"layers": 0}).discriminator)
     shallow = Discriminator.from_student(student, cfg.discriminator)
     assert len(full.encoder.block) == len(student.get_encoder().block) >= 2

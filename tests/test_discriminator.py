@@ -17,7 +17,7 @@ from qcrd_ray.qcrd.discriminator import (
     refresh,
     replace_words,
 )
-from qcrd_ray.student import load_student
+from qcrd_ray.students import load_student
 
 GOOD = ["add the two numbers so the total is {a} plus {b}", "the sum of {a} and {b} is the answer"]
 BAD = ["purple cats fly over the moon at night", "bananas are yellow and ducks swim"]

@@ -10,7 +10,7 @@ from qcrd_ray.cli import main
 from qcrd_ray.config import from_dict
 from qcrd_ray.data.synthetic import make_split
 from qcrd_ray.evaluate import evaluate, score_output
-from qcrd_ray.student import load_student, save_student
+from qcrd_ray.students import load_student, save_student
 
 
 def test_predict_output_is_the_answer():

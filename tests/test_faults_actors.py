@@ -19,7 +19,7 @@ from qcrd_ray.config import SnapshotConfig, from_dict
 from qcrd_ray.data.synthetic import make_split
 from qcrd_ray.qcrd.sampler import NegativePool
 from qcrd_ray.qcrd.snapshots import SnapshotStore, cpu_state_dict, persisted_rounds, snapshot_store
-from qcrd_ray.student import load_student, save_student
+from qcrd_ray.students import load_student, save_student
 
 pytestmark = pytest.mark.ray
 

@@ -11,7 +11,7 @@ from qcrd_ray.methods import METHODS, method_spec
 from qcrd_ray.qcrd.discriminator import Discriminator
 from qcrd_ray.qcrd.step import DistillModel, make_batch
 from qcrd_ray.qcrd.targets import candidate_targets, tokenizer_texts
-from qcrd_ray.student import load_student, tiny_t5
+from qcrd_ray.students import build_tiny, load_student
 
 
 def sample(index, rationale, answer):
@@ -57,7 +57,7 @@ def tok():
 def build(tok, method, cfg=None, naive=False, seed=0):
     cfg = run(method, cfg)
     torch.manual_seed(seed)
-    student = tiny_t5(cfg.student, vocab_size=len(tok))
+    student = build_tiny(cfg.student, tok)
     disc = Discriminator.from_student(student, cfg.discriminator) if method_spec(cfg).uses_discriminator else None
     return DistillModel(student, disc, cfg, naive=naive)
 
@@ -152,7 +152,8 @@ def test_one_step_per_method_reaches_student_and_discriminator(tok, method):
 @pytest.mark.parametrize("loss_cfg", [
     {}, {"scheme": "maxmin"}, {"scheme": "sampling"}, {"scheme": "mean"}, {"scheme": "wmean"},
     {"quality_judge": "off"}, {"negatives": "none"}, {"negatives": "student"}, {"positives": "single"},
-    {"delta": 0.5},
+    {"delta": 0.5}, {"margin_reduction": "sum"}, {"negative_pick": "max_within_margin"},
+    {"negative_pick": "max_within_margin", "margin_reduction": "sum", "delta": 40.0},
 ])
 def test_fast_path_equals_naive_all_candidates_with_grad(tok, loss_cfg):
     """The optimisation (encoder once, score without grad, grad on the selected only) changes cost, not the loss:
@@ -164,7 +165,7 @@ def test_fast_path_equals_naive_all_candidates_with_grad(tok, loss_cfg):
     fast.eval(), naive.eval()  # dropout off: both paths see the same function
     out_fast, out_naive = fast(batch, alpha3=0.5), naive(batch, alpha3=0.5)
     assert out_fast.loss.item() == pytest.approx(out_naive.loss.item(), rel=1e-5, abs=1e-6)
-    for key in ("l_cl", "l_pos", "l_neg", "l_d", "s_pos", "s_neg"):
+    for key in ("l_cl", "l_pos", "l_neg", "l_d", "s_pos", "s_neg", "neg_beyond_margin_share"):
         assert out_fast.metrics[key] == pytest.approx(out_naive.metrics[key], rel=1e-5, abs=1e-6), key
     out_fast.loss.backward(), out_naive.loss.backward()
     for (name, p), q in zip(fast.named_parameters(), naive.parameters()):
@@ -267,3 +268,23 @@ def test_gold_rule_positives_keep_their_own_answer_when_the_majority_is_wrong():
     pos, neg = candidate_targets(row, cfg)
     assert pos == ["two plus two The answer is 4."]
     assert neg[0] == "two and three The answer is 5."
+
+
+def test_the_loss_switches_reach_the_step_and_its_beyond_margin_metric(tok):
+    """neg_beyond_margin_share: an untrained student's negatives (token-mean CE ~6) are all beyond δ = 0.5 and
+    none beyond δ = 50; on the sequence sum (|r| ≥ 10 tokens) δ = 50 is reached, and max_within_margin then
+    picks a negative inside it wherever an example has one (the share can only fall)."""
+    rows = teacher_rows()
+    share = {}
+    for key, loss in {"low": {"delta": 0.5}, "high": {"delta": 50.0},
+                      "sum": {"delta": 50.0, "margin_reduction": "sum"},
+                      "sum_within": {"delta": 50.0, "margin_reduction": "sum", "negative_pick": "max_within_margin"}
+                      }.items():
+        cfg = Config().replace(loss=loss)
+        model = build(tok, "qcrd", cfg)
+        model.eval()
+        out = model(make_batch(rows, tok, cfg))
+        share[key] = out.metrics["neg_beyond_margin_share"]
+        out.loss.backward()
+    assert share["low"] == 1.0 and share["high"] == 0.0
+    assert share["sum"] > 0.0 and share["sum_within"] <= share["sum"]

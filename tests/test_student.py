@@ -3,7 +3,8 @@ import torch
 
 from qcrd_ray.config import StudentConfig
 from qcrd_ray.data.synthetic import make_split
-from qcrd_ray.student import generate, load_pretrained, load_student, save_student, train_tokenizer
+from qcrd_ray.students import generate, load_pretrained, load_student, save_student
+from qcrd_ray.students.tokenizer import train_tokenizer
 
 CFG = StudentConfig(tiny_d_model=32, tiny_d_ff=64, tiny_layers=1, tiny_heads=2, tiny_vocab_size=300)
 ROWS = make_split("train", train_size=200, eval_size=1)
@@ -46,7 +47,7 @@ def test_tokenizer_specials_digits_and_lossless_decode():
 DETERMINISM_SCRIPT = """
 import json, sys
 from qcrd_ray.data.synthetic import make_split
-from qcrd_ray.student import train_tokenizer
+from qcrd_ray.students.tokenizer import train_tokenizer
 rows = make_split("train", train_size=300, eval_size=1)
 texts = [r["input"] for r in rows] + [r["label"] for r in rows]
 texts += ["naïve café → 3½ × 2 ≈ 7 ┌─┐ └─┘ α β γ δ ∑ ∪ ±", "Zoë's jalapeño costs $4 @ 10% off; #1 {x} [y] ~z"]

@@ -16,7 +16,8 @@ from qcrd_ray.cli import main as qcrd
 from qcrd_ray.config import Config, StudentConfig, from_dict
 from qcrd_ray.data.loaders import load_split
 from qcrd_ray.data.schema import TEACHER_SCHEMA
-from qcrd_ray.student import load_student, save_student, train_tokenizer
+from qcrd_ray.students import load_student, save_student
+from qcrd_ray.students.tokenizer import train_tokenizer
 from qcrd_ray.teacher.backends.hf import HFBackend
 from qcrd_ray.teacher.pipeline import MAX_INPUT_BLOCKS, error_records, input_blocks, iter_teacher_rows, run_teacher
 from qcrd_ray.teacher.shards import plan_shards

@@ -8,7 +8,7 @@ from train_fixtures import small_config
 
 
 def test_latest_skips_a_checkpoint_whose_upload_was_cut(tmp_path):
-    from qcrd_ray.student import load_student
+    from qcrd_ray.students import load_student
 
     model, tokenizer = load_student(small_config().student, ["what is 3 + 4 ?", "the answer is 7"])
     state = lambda rounds: ckpt.TrainerState(rounds, 2 * rounds, 0.5, {}, {}, [])  # noqa: E731

@@ -1,8 +1,12 @@
 """The quality discriminator D (DESIGN.md §1): s(x, r) ∈ (0, 1), how good rationale r is for question x.
 
-D = T5 encoder → max pooling over the non-pad tokens → Linear → ReLU → Linear → sigmoid. Its encoder is by default
-a separate copy of the student's encoder (same architecture and initial weights); ``share_encoder`` makes it pool
-the student's own encoder instead, so D's updates also move the student.
+D = encoder → max pooling over the non-pad tokens → Linear → ReLU → Linear → sigmoid. Its encoder is by default
+a separate copy of the student's (same architecture and initial weights); ``share_encoder`` makes it pool the
+student's own instead, so D's updates also move the student. What "the student's encoder" is belongs to the
+student's family (qcrd_ray/students/): a seq2seq student's encoder; for a causal student, its decoder stack (the
+base model under the LM head) read as an encoder, causal attention kept: each state sees the tokens before it, and
+the max pool then reads the whole pair (docs/design.md, "Decoder-only students"). Under LoRA, D's copy is of the
+student's initial (merged) weights and trains in full; a shared encoder trains only the student's adapters.
 
 D reads one text per (question, rationale) pair, :func:`pair_text`: ``"question: <x> rationale: <r>"``, truncated
 to the student's ``max_input_len`` tokens from the end (the question comes first, so a very long question can cut
@@ -21,7 +25,6 @@ pairs), like the student's, so no rank waits while another trains D alone.
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from tqdm.auto import tqdm
 from qcrd_ray.config import Config, DiscriminatorConfig
 from qcrd_ray.data import prompts
 from qcrd_ray.qcrd import targets
+from qcrd_ray.students import family_of, lora
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,10 @@ def precision_context(precision: str, device_type: str):
 class Discriminator(nn.Module):
     """``s = sigmoid(W2 · relu(W1 · maxpool(encoder(x ⊕ r)) + b1) + b2)``."""
 
-    def __init__(self, encoder: nn.Module, d_model: int, hidden: int, question_encoder: nn.Module | None = None):
+    def __init__(self, encoder: nn.Module, d_model: int, hidden: int, question_encoder: nn.Module | None = None,
+                 family=None):
         super().__init__()
+        self.family = family  # the student's (qcrd_ray/students/): how the question states' prompts are encoded
         self.encoder = encoder
         self.head = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         # the student's encoder under share_question_states, held in a tuple so it is not one of D's parameters
@@ -71,26 +77,25 @@ class Discriminator(nn.Module):
 
     @classmethod
     def from_student(cls, student: nn.Module, cfg: DiscriminatorConfig) -> "Discriminator":
-        """D on top of ``student``'s encoder: a deep copy (default), cut to its first ``cfg.layers`` blocks, or the
-        same module (``share_encoder``)."""
-        encoder = student.get_encoder()
+        """D on top of ``student``'s encoder (its family says which module that is): a deep copy (default), cut to
+        its first ``cfg.layers`` blocks, or the same module (``share_encoder``)."""
         if cfg.layers and cfg.share_encoder:
             raise ValueError("discriminator.layers cuts D's own encoder copy; it cannot be combined with "
                              "discriminator.share_encoder (set one of them off)")
-        if not cfg.share_encoder:
-            encoder = copy.deepcopy(encoder)
-        if cfg.layers:
-            if cfg.layers > len(encoder.block):
-                raise ValueError(f"discriminator.layers={cfg.layers} exceeds the student's {len(encoder.block)} "
-                                 "encoder layers; set it to at most that (0 = all)")
-            encoder.block = nn.ModuleList(list(encoder.block)[: cfg.layers])  # block 0 holds the position bias
-            encoder.config = copy.deepcopy(encoder.config)
-            encoder.config.num_layers = cfg.layers
-        return cls(encoder, student.config.d_model, cfg.hidden,
-                   question_encoder=student.get_encoder() if cfg.share_question_states else None)
+        family = family_of(student)
+        if lora.is_lora(student) and not cfg.share_encoder:
+            # D's own copy holds plain weights (the adapter folded in), not peft's layers with frozen bases
+            encoder = family.disc_encoder(lora.merged(student), cfg.layers, share=True)  # merged: already a copy
+            for p in encoder.parameters():
+                p.requires_grad_(True)
+        else:
+            encoder = family.disc_encoder(student, cfg.layers, share=cfg.share_encoder)
+        return cls(encoder, family.hidden_size(student), cfg.hidden,
+                   question_encoder=family.question_encoder(student) if cfg.share_question_states else None,
+                   family=family)
 
     def question_states(self, question_ids: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
-        """The student's detached encoder states of ``explain: x`` (share_question_states)."""
+        """The student's detached states of ``explain: x`` (share_question_states)."""
         with torch.no_grad():
             return self._question_encoder[0](input_ids=question_ids, attention_mask=question_mask).last_hidden_state
 
@@ -127,10 +132,10 @@ class Discriminator(nn.Module):
 
 
 def encode_pairs(tokenizer, questions: Sequence[str], rationales: Sequence[str], max_len: int,
-                 share_question_states: bool = False) -> dict:
+                 share_question_states: bool = False, family=None) -> dict:
     """Tokenized, padded D inputs (``input_ids``, ``attention_mask``) for parallel lists of questions and rationales;
     under ``share_question_states`` the rationale alone, plus ``question_ids``/``question_mask`` of ``explain: x``
-    (what the student's encoder reads)."""
+    encoded as the student's ``family`` encodes its prompts (what the student reads)."""
     pairs = list(zip(questions, rationales, strict=True))
     if not share_question_states:
         enc = tokenizer([pair_text(q, r) for q, r in pairs], padding=True, truncation=True, max_length=max_len,
@@ -138,10 +143,12 @@ def encode_pairs(tokenizer, questions: Sequence[str], rationales: Sequence[str],
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     enc = tokenizer([rationale_text(r) for _, r in pairs], padding=True, truncation=True, max_length=max_len,
                     return_tensors="pt")
-    q = tokenizer([prompts.student_input("explain", x) for x, _ in pairs], padding=True, truncation=True,
-                  max_length=max_len, return_tensors="pt")
+    if family is None:
+        raise ValueError("encode_pairs under share_question_states needs the student's family")
+    q_ids, q_mask = family.encode_prompts(
+        tokenizer, [family.prompt(tokenizer, prompts.student_input("explain", x)) for x, _ in pairs], max_len)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "question_ids": q["input_ids"], "question_mask": q["attention_mask"]}
+            "question_ids": q_ids, "question_mask": q_mask}
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -270,7 +277,7 @@ def train_on_pairs(
         optimizer.zero_grad(set_to_none=True)
         if batch:
             enc = encode_pairs(tokenizer, [p.question for p in batch], [p.rationale for p in batch], max_len,
-                               disc.shares_question_states)
+                               disc.shares_question_states, disc.family)
             labels = torch.tensor([p.label for p in batch], device=device)
             with precision_context(precision, device.type):
                 logits = disc.score_encoded(enc, device, logits=True)

@@ -2,7 +2,9 @@
 
 For round ``r`` each actor fetches snapshot ``r - j`` from the :class:`~qcrd_ray.qcrd.snapshots.SnapshotStore`
 (the oldest held during the first rounds), samples one ``explain:`` output per training example at temperature
-``snapshots.temperature`` (1.5) with batched ``student.generate``, and tags each with the snapshot's round. The
+``snapshots.temperature`` (1.5) with its engine (``snapshots.engine``: Hugging Face ``generate``, or vLLM on GPU
+nodes; qcrd_ray/students/engines.py), and tags each with the snapshot's round. Under LoRA a snapshot is the
+adapter alone, loaded onto the actor's copy of the initial student. The
 trainer asks for round ``r + 1`` when round ``r`` starts, so sampling overlaps training; at the next round start
 the workers only collect the finished result (the wait is logged as ``neg_wait_s``).
 
@@ -28,9 +30,10 @@ from typing import Sequence
 
 import ray
 
-from qcrd_ray import storage, student
-from qcrd_ray.config import SnapshotConfig
+from qcrd_ray import storage
+from qcrd_ray.config import SnapshotConfig, StudentConfig
 from qcrd_ray.data import prompts
+from qcrd_ray.students.engines import build_engine
 
 # A snapshot can be asked for just before rank 0's publish of it has reached the store (j = 0); wait this long.
 _SNAPSHOT_WAIT_S = 600.0
@@ -51,14 +54,13 @@ def model_files(location: storage.Location) -> dict[str, bytes]:
     return files
 
 
-def load_model_files(files: dict[str, bytes]):
-    """``(model, tokenizer)`` from :func:`model_files`' output, through a temporary folder on this node."""
-    with tempfile.TemporaryDirectory(prefix="qcrd-sampler-") as tmp:
-        for rel, data in files.items():
-            path = Path(tmp, rel)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        return student.load_pretrained(tmp)
+def write_model_files(files: dict[str, bytes], folder: str | Path) -> Path:
+    """:func:`model_files`' output written back as a model folder on this node."""
+    for rel, data in files.items():
+        path = Path(folder, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return Path(folder)
 
 
 @ray.remote
@@ -66,12 +68,13 @@ class NegativeSampler:
     """Samples the negatives of one shard of the training examples (see the module docstring)."""
 
     def __init__(self, files: dict[str, bytes], store, examples: Sequence[tuple[str, str]], cfg: SnapshotConfig,
-                 seed: int):
+                 seed: int, student: StudentConfig = StudentConfig()):
         import torch
 
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.model, self.tokenizer = load_model_files(files)
-        self.model.eval()
+        # the folder lives as long as the actor (a vLLM engine reads the base model from it)
+        self._folder = tempfile.TemporaryDirectory(prefix="qcrd-sampler-", dir=storage.cache_dir())
+        self.engine = build_engine(cfg.engine, write_model_files(files, self._folder.name), student, cfg)
         self.store = store
         self.ids = [i for i, _ in examples]
         self.inputs = [prompts.student_input("explain", text) for _, text in examples]
@@ -110,15 +113,10 @@ class NegativeSampler:
 
     def _generate(self, snap_round: int, state: dict, round_index: int) -> tuple[list[str], list[bool]]:
         if snap_round != self.loaded_round:
-            self.model.load_state_dict(state)
+            self.engine.load(snap_round, state)
             self.loaded_round = snap_round
-        cut_off: list[bool] = []
-        texts = student.generate(
-            self.model, self.tokenizer, self.inputs,
-            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-            seed=self.seed + 7919 * round_index, batch_size=self.cfg.sampler_batch_size, cut_off=cut_off,
-        )
-        return texts, cut_off
+        return self.engine.sample(self.inputs, temperature=self.cfg.temperature, seed=self.seed + 7919 * round_index,
+                                  max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.sampler_batch_size)
 
 
 class NegativePool:
@@ -135,9 +133,10 @@ class NegativePool:
 
     @classmethod
     def start(cls, model_location: storage.Location, store, examples: Sequence[tuple[str, str]],
-              cfg: SnapshotConfig, seed: int = 0) -> "NegativePool":
+              cfg: SnapshotConfig, seed: int = 0, student: StudentConfig = StudentConfig()) -> "NegativePool":
         """Start ``snapshots.sampler_actors`` samplers of the initial student at ``model_location`` (a path the
-        caller can read, or a URI); its files go to them through the object store, once for all."""
+        caller can read, or a URI; with ``student.lora`` the actors add the same adapters to it); its files go to
+        them through the object store, once for all."""
         files = ray.put(model_files(model_location))
         n = min(cfg.sampler_actors, max(1, len(examples)))
         # scheduling_strategy DEFAULT: inside a Tune trial a child actor would otherwise be placed in the trial's
@@ -145,7 +144,7 @@ class NegativePool:
         options = {"num_cpus": cfg.sampler_num_cpus, "num_gpus": cfg.sampler_num_gpus,
                    "max_restarts": cfg.actor_restarts, "max_task_retries": -1, "scheduling_strategy": "DEFAULT"}
         shards = [list(examples[i::n]) for i in range(n)]
-        actors = [NegativeSampler.options(**options).remote(files, store, shard, cfg, seed + i)
+        actors = [NegativeSampler.options(**options).remote(files, store, shard, cfg, seed + i, student)
                   for i, shard in enumerate(shards)]
         return cls(actors, [len(s) for s in shards], files)
 

@@ -89,8 +89,11 @@ def _unpack_state(buffers: list, entries: list) -> SnapshotState:
 
 
 def cpu_state_dict(module: torch.nn.Module) -> SnapshotState:
-    """The weights as CPU tensors (no copy on CPU: the remote call serialises them before training goes on)."""
-    return SnapshotState((k, v.detach().cpu()) for k, v in module.state_dict().items())
+    """The student's trainable weights as CPU tensors (no copy on CPU: the remote call serialises them before
+    training goes on): every weight, or under LoRA the adapter alone (``students.lora.trainable_state``)."""
+    from qcrd_ray.students.lora import trainable_state
+
+    return SnapshotState((k, v.detach().cpu()) for k, v in trainable_state(module).items())
 
 
 def snapshot_path(location: storage.Location, round_index: int) -> str:

@@ -6,10 +6,13 @@ tensors, with the explain targets of ``qcrd/targets.py``; ``DistillModel`` holds
 needs one, the discriminator D, so one DDP wrapper syncs both; ``DistillModel(batch, alpha3)`` returns the step's
 loss and metrics.
 
-QCRD's fast path (one-hot many-to-one schemes): the ``explain:`` input is encoded once per example with gradient;
-the decoder scores every candidate rationale without gradient on the (detached, expanded) encoder states; the
-scheme selects one positive and one negative per example, and only those two get a forward/backward with
-gradient, through the shared encoder states. ``mean``/``wmean`` weight every candidate, so all of them are decoded
+Everything that depends on the student's architecture goes through its family (qcrd_ray/students/): how prompts
+and targets become tensors, and the losses of targets given prompts.
+
+QCRD's fast path (one-hot many-to-one schemes): the ``explain:`` prompt runs once per example with gradient (a
+seq2seq student's encoder; a causal student's prompt pass, whose keys and values every candidate shares); every
+candidate rationale is scored without gradient over those shared prompt states; the scheme selects one positive
+and one negative per example, and only those two get a forward/backward with gradient, through the shared states. ``mean``/``wmean`` weight every candidate, so all of them are decoded
 with gradient (the encoder still runs once). ``naive=True`` is the reference: every candidate through the full
 model with gradient; it gives the same loss value (see tests/test_step.py) at several times the cost.
 
@@ -36,6 +39,7 @@ from qcrd_ray.methods import LABEL_ONLY, ONE_RATIONALE, method_spec
 from qcrd_ray.qcrd import losses as L
 from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs, precision_context
 from qcrd_ray.qcrd.targets import candidate_targets
+from qcrd_ray.students import PromptStates, StudentFamily, family_of, resolve_family
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Batch:
     to example ``cand_example[m]`` and sits in column ``cand_slot[m]`` of that example's ``[B, C]`` grid."""
 
     method: str  # the spec name it was collated for
-    pred_ids: torch.Tensor  # [B, Lx] "predict: x"
+    pred_ids: torch.Tensor  # [B, Lx] "predict: x" (padded on the family's side)
     pred_mask: torch.Tensor
     pred_labels: torch.Tensor  # [B, Ly] label tokens, -100 on padding
     expl_ids: torch.Tensor | None = None  # [B, Lx] "explain: x"
@@ -75,26 +79,22 @@ class StepOutput:
     metrics: dict
 
 
-def _labels(tokenizer, texts: Sequence[str], max_len: int) -> torch.Tensor:
-    ids = tokenizer(text_target=list(texts), padding=True, truncation=True, max_length=max_len,
-                    return_tensors="pt")["input_ids"]
-    return ids.masked_fill(ids == tokenizer.pad_token_id, L.IGNORE_INDEX)
-
-
-def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config) -> Batch:
-    """Collate TEACHER_SCHEMA rows into a :class:`Batch` for ``cfg.train.method``."""
+def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config, family: StudentFamily | None = None) -> Batch:
+    """Collate TEACHER_SCHEMA rows into a :class:`Batch` for ``cfg.train.method``, encoded by the student's
+    ``family`` (default: the config's ``student.family``)."""
     spec = method_spec(cfg)
     if not rows:
         raise ValueError("make_batch: empty batch")
     s = cfg.student
+    family = family or resolve_family(s)
 
     def inputs(mode):
-        enc = tokenizer([prompts.student_input(mode, r["input"]) for r in rows], padding=True, truncation=True,
-                        max_length=s.max_input_len, return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
+        texts = [family.prompt(tokenizer, prompts.student_input(mode, r["input"])) for r in rows]
+        return family.encode_prompts(tokenizer, texts, s.max_input_len)
 
     pred_ids, pred_mask = inputs("predict")
-    batch = Batch(spec.name, pred_ids, pred_mask, _labels(tokenizer, [r["label"] for r in rows], s.max_target_len),
+    batch = Batch(spec.name, pred_ids, pred_mask,
+                  family.encode_targets(tokenizer, [r["label"] for r in rows], s.max_target_len),
                   negative_rounds=[r.get("negative_round") for r in rows])
     if not spec.explains:
         return batch
@@ -120,11 +120,12 @@ def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config) -> Batch:
     batch.cand_positive = torch.tensor(positive, dtype=torch.bool)
     batch.cand_mult = torch.tensor(mult, dtype=torch.float32)
     batch.n_slots = max(slot) + 1 if slot else 0
-    batch.cand_labels = (_labels(tokenizer, texts, s.max_target_len) if texts
+    batch.cand_labels = (family.encode_targets(tokenizer, texts, s.max_target_len) if texts
                          else torch.full((0, 1), L.IGNORE_INDEX, dtype=torch.long))
     if spec.needs_discriminator(cfg) and texts:
         # under share_question_states D reads the rationale alone; the question's states come from the step
-        enc = encode_pairs(tokenizer, questions, texts, s.max_input_len, cfg.discriminator.share_question_states)
+        enc = encode_pairs(tokenizer, questions, texts, s.max_input_len, cfg.discriminator.share_question_states,
+                           family)
         batch.disc_ids, batch.disc_mask = enc["input_ids"], enc["attention_mask"]
     return batch
 
@@ -140,6 +141,7 @@ class DistillModel(nn.Module):
         if needs_disc and disc is None:
             raise ValueError(f"{self.spec.name} with loss.quality_judge on needs a discriminator")
         self.student = student
+        self.family = family_of(student)
         self.disc = disc if needs_disc else None
         self.cfg = cfg
         self.naive = naive  # reference path: every candidate through the full model with gradient
@@ -150,37 +152,29 @@ class DistillModel(nn.Module):
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups: the student at the optimizer's lr, D's own parameters (not a shared
         encoder) at ``discriminator.lr``."""
-        student = list(self.student.parameters())
+        student = [p for p in self.student.parameters() if p.requires_grad]  # under LoRA: the adapters only
         if self.disc is None:
             return [{"params": student}]
-        seen = {id(p) for p in student}
-        own = [p for p in self.disc.parameters() if id(p) not in seen]
+        seen = {id(p) for p in self.student.parameters()}
+        own = [p for p in self.disc.parameters() if id(p) not in seen and p.requires_grad]
         return [{"params": student}, {"params": own, "lr": self.cfg.discriminator.lr}]
 
     # ---- building blocks (also timed one by one by benchmarks/train_step.py)
 
-    def _decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
-        # passing `labels=` would make the model compute its own (unused) batch loss: a second pass over the logits
-        return self.student.prepare_decoder_input_ids_from_labels(labels=labels)
-
     def label_loss(self, batch: Batch) -> torch.Tensor:
         """L_pred: mean over examples of the token-mean CE of the label given ``predict: x``."""
-        out = self.student(input_ids=batch.pred_ids, attention_mask=batch.pred_mask,
-                           decoder_input_ids=self._decoder_inputs(batch.pred_labels))
-        return L.sequence_ce(out.logits, batch.pred_labels).mean()
+        logits = self.family.target_logits(self.student, batch.pred_ids, batch.pred_mask, batch.pred_labels)
+        return L.sequence_ce(logits, batch.pred_labels).mean()
 
-    def encode_explain(self, batch: Batch) -> torch.Tensor:
-        """Encoder states of ``explain: x``, once per example: ``[B, Lx, d]``."""
-        return self.student.get_encoder()(input_ids=batch.expl_ids, attention_mask=batch.expl_mask).last_hidden_state
+    def encode_explain(self, batch: Batch) -> PromptStates:
+        """The shared states of ``explain: x``, once per example (``hidden`` ``[B, Lx, d]``)."""
+        return self.family.encode_prompt(self.student, batch.expl_ids, batch.expl_mask)
 
-    def decode_losses(self, batch: Batch, hidden: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        """``l(x, r)`` of the candidates ``which`` (flat indices), decoding over the shared encoder states."""
-        ex = batch.cand_example[which]
+    def decode_losses(self, batch: Batch, states: PromptStates, which: torch.Tensor) -> torch.Tensor:
+        """``l(x, r)`` of the candidates ``which`` (flat indices), over the shared prompt states."""
         labels = batch.cand_labels[which]
-        out = self.student(encoder_outputs=(hidden.index_select(0, ex),),
-                           attention_mask=batch.expl_mask.index_select(0, ex),
-                           decoder_input_ids=self._decoder_inputs(labels))
-        return L.sequence_ce(out.logits, labels)
+        logits = self.family.candidate_logits(self.student, states.select(batch.cand_example[which]), labels)
+        return L.sequence_ce(logits, labels)
 
     def chunk_size(self, batch: Batch) -> int:
         """Candidates per no-grad scoring chunk: ``score_chunk`` when given, else as many as fit the memory of
@@ -199,30 +193,30 @@ class DistillModel(nn.Module):
         return max(1, budget // per_candidate)
 
     @torch.no_grad()
-    def score_candidates(self, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
+    def score_candidates(self, batch: Batch, states: PromptStates) -> torch.Tensor:
         """``l(x, r)`` of every candidate without gradient, in chunks (``chunk_size``): ``[M]``."""
         m, chunk = batch.cand_labels.shape[0], self.chunk_size(batch)
-        return torch.cat([self.decode_losses(batch, hidden, torch.arange(i, min(i + chunk, m), device=hidden.device))
+        device = batch.cand_labels.device
+        return torch.cat([self.decode_losses(batch, states, torch.arange(i, min(i + chunk, m), device=device))
                           for i in range(0, m, chunk)])
 
     def naive_losses(self, batch: Batch) -> torch.Tensor:
-        """Reference: each candidate through the full model (its own encoder pass) with gradient: ``[M]``."""
+        """Reference: each candidate through the full model (its own prompt pass) with gradient: ``[M]``."""
         ex = batch.cand_example
-        out = self.student(input_ids=batch.expl_ids[ex], attention_mask=batch.expl_mask[ex],
-                           decoder_input_ids=self._decoder_inputs(batch.cand_labels))
-        return L.sequence_ce(out.logits, batch.cand_labels)
+        logits = self.family.target_logits(self.student, batch.expl_ids[ex], batch.expl_mask[ex], batch.cand_labels)
+        return L.sequence_ce(logits, batch.cand_labels)
 
-    def disc_scores(self, batch: Batch, hidden: torch.Tensor | None = None,
+    def disc_scores(self, batch: Batch, states: PromptStates | None = None,
                     which: torch.Tensor | None = None) -> torch.Tensor:
-        """D's score of the pairs ``which`` (default every pair), with gradient. ``hidden``: the student's states of
+        """D's score of the pairs ``which`` (default every pair), with gradient. ``states``: the student's states of
         ``explain: x`` (needed, and used detached, under share_question_states)."""
         which = torch.arange(batch.disc_ids.shape[0], device=batch.disc_ids.device) if which is None else which
-        states = qmask = None
+        question = qmask = None
         if self.disc.shares_question_states:
             ex = batch.cand_example[which]
-            hidden = self.encode_explain(batch) if hidden is None else hidden
-            states, qmask = hidden.detach().index_select(0, ex), batch.expl_mask.index_select(0, ex)
-        return self.disc(batch.disc_ids[which], batch.disc_mask[which], states, qmask)
+            states = self.encode_explain(batch) if states is None else states
+            question, qmask = states.hidden.detach().index_select(0, ex), states.mask.index_select(0, ex)
+        return self.disc(batch.disc_ids[which], batch.disc_mask[which], question, qmask)
 
     def d_sample(self, batch: Batch, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
         """Examples whose pairs carry L_D with gradient ``[B]`` bool: all of them, or under
@@ -241,21 +235,21 @@ class DistillModel(nn.Module):
         chosen = valid.nonzero().squeeze(1)[torch.randperm(n_valid, generator=self.d_generator)[:k].to(valid.device)]
         return torch.zeros_like(valid).index_fill(0, chosen, True)
 
-    def _scores(self, batch: Batch, hidden, grad_rows: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    def _scores(self, batch: Batch, states, grad_rows: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """``[M]`` D scores: with gradient on the candidates of ``grad_rows``, without gradient on the other
         candidates in ``need`` (their scores only weight the student's terms), 0 elsewhere."""
         grad = grad_rows[batch.cand_example]
         rest = need & ~grad
         if bool(grad.all()):
-            return self.disc_scores(batch, hidden)
+            return self.disc_scores(batch, states)
         m = batch.cand_example.shape[0]
         flat = torch.zeros(m, device=batch.cand_example.device)
         idx = torch.arange(m, device=flat.device)
         if bool(rest.any()):
             with torch.no_grad():
-                flat = flat.index_put((idx[rest],), self.disc_scores(batch, hidden, idx[rest]))
+                flat = flat.index_put((idx[rest],), self.disc_scores(batch, states, idx[rest]))
         if bool(grad.any()):
-            flat = flat.index_put((idx[grad],), self.disc_scores(batch, hidden, idx[grad]))
+            flat = flat.index_put((idx[grad],), self.disc_scores(batch, states, idx[grad]))
         return flat
 
     # ---- the step
@@ -281,9 +275,9 @@ class DistillModel(nn.Module):
 
     def _dss(self, batch: Batch, l_pred: torch.Tensor) -> StepOutput:
         if batch.cand_labels.shape[0]:
-            hidden = self.encode_explain(batch)
-            l_rat = self.decode_losses(batch, hidden, torch.arange(batch.cand_labels.shape[0],
-                                                                   device=hidden.device)).mean()
+            states = self.encode_explain(batch)
+            l_rat = self.decode_losses(batch, states, torch.arange(batch.cand_labels.shape[0],
+                                                                   device=states.hidden.device)).mean()
         else:
             l_rat = l_pred * 0.0
         loss = l_pred + self.cfg.loss.dss_lambda * l_rat
@@ -297,43 +291,53 @@ class DistillModel(nn.Module):
                                                                                device=device)
         neg_mask = self.to_grid(batch, ~batch.cand_positive) if m else pos_mask
         mult = self.to_grid(batch, batch.cand_mult) if m else None
+        # loss.margin_reduction sum: δ against each candidate's sequence-sum CE, which needs its length |r|
+        n_tok = (self.to_grid(batch, (batch.cand_labels != L.IGNORE_INDEX).sum(dim=1).float())
+                 if m and lc.margin_reduction == "sum" else None)
         zero = l_pred * 0.0
         one_hot = lc.scheme in L.ONE_HOT_SCHEMES
+
+        def weights(grid):  # the scheme's weights; loss.negative_pick max_within_margin: the max still below δ
+            w_pos, w_neg = self._weights(grid, pos_mask, neg_mask, s_grid, mult)
+            if lc.negative_pick == "max_within_margin":
+                w_neg = L.candidate_weights(grid, neg_mask, lc.scheme, positive=False, multiplicity=mult,
+                                            within=~L.beyond_margin(grid, lc.delta, n_tok))
+            return w_pos, w_neg
+
         use_d = self.disc is not None and m > 0
         d_rows = self.d_sample(batch, pos_mask, neg_mask) if use_d else None
         all_idx = torch.arange(m, device=device)
-        hidden = None
+        states = None
         if m and not self.naive:
-            hidden = self.encode_explain(batch)
+            states = self.encode_explain(batch)
         elif use_d and self.disc.shares_question_states:
             with torch.no_grad():
-                hidden = self.encode_explain(batch)
+                states = self.encode_explain(batch)
         # mean/wmean weight every candidate by its score, so D scores them all before the weights; one-hot schemes
         # select on the losses alone, and only the selected candidates' scores are needed outside d_rows
-        s_flat = self._scores(batch, hidden, d_rows, all_idx >= 0) if (use_d and not one_hot) else None
+        s_flat = self._scores(batch, states, d_rows, all_idx >= 0) if (use_d and not one_hot) else None
         s_grid = self.to_grid(batch, s_flat) if s_flat is not None else None
         if m and self.naive:
             loss_grid = self.to_grid(batch, self.naive_losses(batch))
-            w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid, mult)
+            w_pos, w_neg = weights(loss_grid)
         elif m:
             if one_hot:
-                w_pos, w_neg = self._weights(self.to_grid(batch, self.score_candidates(batch, hidden)),
-                                             pos_mask, neg_mask, s_grid, mult)
+                w_pos, w_neg = weights(self.to_grid(batch, self.score_candidates(batch, states)))
                 which = all_idx[(w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0]
             else:
                 which = all_idx
             loss_grid = self.to_grid(batch, zero.expand(m).clone().index_put(
-                (which,), self.decode_losses(batch, hidden, which)))
+                (which,), self.decode_losses(batch, states, which)))
             if not one_hot:
-                w_pos, w_neg = self._weights(loss_grid, pos_mask, neg_mask, s_grid, mult)
+                w_pos, w_neg = weights(loss_grid)
         else:
             loss_grid = zero.expand(batch.size, 0)
             w_pos = w_neg = loss_grid.detach()
         if use_d and one_hot:
             chosen = (w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0
-            s_grid = self.to_grid(batch, self._scores(batch, hidden, d_rows, chosen))
+            s_grid = self.to_grid(batch, self._scores(batch, states, d_rows, chosen))
         l_pos, s_pos = L.positive_term(loss_grid, w_pos, s_grid, lc.scheme)
-        l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta, lc.scheme)
+        l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta, lc.scheme, n_tok)
         has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
         l_cl = L.contrastive_loss(l_pos, l_neg, has_pos, has_neg, lc.beta)
         l_d = (L.discriminator_loss(s_grid, pos_mask & d_rows[:, None], neg_mask & d_rows[:, None], mult)
@@ -350,6 +354,7 @@ class DistillModel(nn.Module):
             "alpha3": alpha3, "n_positives": int((mult * pos_mask).sum()) if m else 0,
             "n_negatives": int((mult * neg_mask).sum()) if m else 0, "n_candidates_scored": m,
             "examples_without_positive": int((~has_pos).sum()),
+            "neg_beyond_margin_share": L.beyond_margin_share(loss_grid, w_neg, has_neg, lc.delta, n_tok).item(),
         }
         return StepOutput(loss, metrics)
 

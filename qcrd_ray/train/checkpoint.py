@@ -59,7 +59,7 @@ def set_rng_state(state: dict) -> None:
 
 def save(path: str | Path, student, tokenizer, disc, state: TrainerState) -> Path:
     """Write a checkpoint directory at local ``path`` (created), its completeness listing last."""
-    from qcrd_ray.student import save_student
+    from qcrd_ray.students import save_student
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from qcrd_ray import storage
-from qcrd_ray import student as student_lib
+from qcrd_ray import students as student_lib
 from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses
 from qcrd_ray.qcrd.discriminator import Discriminator, pretrain_discriminator, refresh
@@ -201,9 +201,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
         resume_dir = Path(resume_dir) if resume_dir else None
-        # the initial student: downloaded from the run's storage into this node's cache (a local run: read in place)
-        model_dir = resume_dir / ckpt.MODEL_DIR if resume_dir else storage.download_dir(layout.init_model)
-        student, tokenizer = student_lib.load_pretrained(model_dir, dtype=cfg.student.dtype)
+        # the initial student: downloaded from the run's storage into this node's cache (a local run: read in
+        # place), with LoRA adapters when student.lora is on; a resumed run takes the checkpoint's weights on top
+        needs_init = cfg.student.lora.r or not resume_dir  # a full-weights checkpoint holds the whole student
+        student, tokenizer = student_lib.load_for_training(
+            cfg.student, storage.download_dir(layout.init_model) if needs_init else None,
+            resume_dir / ckpt.MODEL_DIR if resume_dir else None)
+        family = student_lib.family_of(student)
         disc = Discriminator.from_student(student, cfg.discriminator) if spec.needs_discriminator(cfg) else None
         model = DistillModel(student, disc, cfg)
         # fused: one kernel over all parameters (CPU and GPU), 2-4× faster than the per-tensor loop at T5-small size
@@ -213,7 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if resume_dir:
             state = ckpt.load_state(resume_dir)
             if disc is not None:
-                disc.load_state_dict(torch.load(resume_dir / ckpt.DISC_FILE))
+                disc.load_state_dict(torch.load(resume_dir / ckpt.DISC_FILE, weights_only=True))
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
             if len(state.rng) == world:
@@ -250,7 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         for _ in range(round_steps):
             rows_now = with_negatives(batch_rows(rows, global_step, step_rows, steps_per_epoch, tc.seed), negatives)
-            micro = [make_batch(rows_now[i:i + tc.batch_size], tokenizer, cfg).to(device)
+            micro = [make_batch(rows_now[i:i + tc.batch_size], tokenizer, cfg, family).to(device)
                      for i in range(0, step_rows, tc.batch_size)]
             optimizer.zero_grad(set_to_none=True)
             step_metrics = accumulate(model, micro, alpha3)

@@ -27,13 +27,14 @@ from ray.data import ExecutionOptions
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from qcrd_ray import console, storage
-from qcrd_ray import student as student_lib
+from qcrd_ray import students as student_lib
 from qcrd_ray.config import Config
 from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd.sampler import NegativePool
 from qcrd_ray.qcrd.snapshots import snapshot_store
 from qcrd_ray.qcrd.targets import tokenizer_texts
 from qcrd_ray.runs import MethodLayout
+from qcrd_ray.students import lora
 from qcrd_ray.train import checkpoint as ckpt
 from qcrd_ray.train.loop import train_loop_per_worker
 
@@ -68,9 +69,10 @@ def run_training(cfg: Config, teacher_dir: storage.Location, run_dir: storage.Lo
     else:
         log.info("%s: all %d rounds already trained; exporting the last checkpoint", layout.root, done)
     state = ckpt.load_state(last)
-    export_model(last, layout.model)
+    export_model(last, layout, cfg)
     return {"method": method, "rounds": state.completed_rounds, "steps": state.global_step,
             "alpha3": state.alpha3, "checkpoint": last, "model_dir": layout.model,
+            "adapter_dir": layout.adapter if cfg.student.lora.r else None,
             "metrics": _last_metrics(layout.metrics)}
 
 
@@ -88,15 +90,21 @@ def _init_student(cfg: Config, table, layout: MethodLayout) -> None:
 
 def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int) -> None:
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     table = pa.concat_tables([storage.read_parquet(f).select(_TEACHER_COLUMNS) for f in files])
     _init_student(cfg, table, layout)
+    too_long = _reject_long_prompts(cfg, table, layout)
 
     # Read before the trainer and the sampler hold their CPUs: on a small machine the read's planning tasks
     # would otherwise wait forever for a whole free CPU.
     fs, _ = storage.resolve(files[0])
     dataset = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs,
-                                    num_cpus=_READ_NUM_CPUS).materialize()
+                                    num_cpus=_READ_NUM_CPUS)
+    if too_long:
+        dataset = dataset.filter(lambda row: row["id"] not in too_long)
+        table = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(too_long)))))
+    dataset = dataset.materialize()
     store = pool = None
     if method_spec(cfg).needs_student_negatives(cfg):
         name = "qcrd-snapshots-" + hashlib.sha1(layout.root.encode()).hexdigest()[:12]
@@ -104,7 +112,8 @@ def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int)
                                max_restarts=cfg.snapshots.actor_restarts)
         ray.get(store.restore.remote(resume_round - 1))  # rounds past the checkpoint (all, on a fresh start) go
         examples = list(zip(table.column("id").to_pylist(), table.column("input").to_pylist()))
-        pool = NegativePool.start(layout.init_model, store, examples, cfg.snapshots, seed=cfg.train.seed)
+        pool = NegativePool.start(layout.init_model, store, examples, cfg.snapshots, seed=cfg.train.seed,
+                                  student=cfg.student)
         pool.request(resume_round)  # starts as soon as the snapshot it needs is published
     # Ray Train's controller takes one worker report per health-check interval (default 2 s), so a report made
     # while the previous one waits blocks the step loop; 0.2 s keeps that wait negligible. The trainer hands
@@ -140,16 +149,43 @@ def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int)
             ray.kill(store)
 
 
-def export_model(checkpoint: storage.Location, out: storage.Location) -> str:
-    """Upload a checkpoint's student (HF format) and D to ``out`` (a path or a URI), its completeness marker
-    last: a reader (``storage.download_dir``) never takes a half-exported model."""
+def _reject_long_prompts(cfg: Config, table, layout: MethodLayout) -> set[str]:
+    """Ids of the teacher rows whose ``predict:`` or ``explain:`` prompt is longer than ``student.max_input_len``
+    tokens: written with their reason to ``RUN/<method>/train/rejects.jsonl`` and left out of training (a prompt
+    is never truncated silently)."""
+    model_dir = storage.download_dir(layout.init_model)
+    family, tokenizer = student_lib.family_of_dir(model_dir)
+    rejects = student_lib.long_prompts(family, tokenizer, table.select(["id", "input"]).to_pylist(),
+                                       cfg.student.max_input_len)
+    if rejects:
+        storage.write_jsonl(layout.train_rejects, rejects)
+        console.summary(f"train: {len(rejects)} of {table.num_rows} examples left out, their prompt is longer than "
+                        f"student.max_input_len={cfg.student.max_input_len} tokens (ids in {layout.train_rejects})")
+    return {r["id"] for r in rejects}
+
+
+def export_model(checkpoint: storage.Location, layout: MethodLayout, cfg: Config) -> str:
+    """Upload a checkpoint's student (HF format) and D to ``layout.model`` (a path or a URI), its completeness
+    marker last: a reader (``storage.download_dir``) never takes a half-exported model. A LoRA student is exported
+    twice: merged into its base at ``layout.model`` (the default for eval and serve, loadable by any HF or vLLM
+    loader) and as the adapter alone at ``layout.adapter``, its ``adapter_config.json`` naming the base (the hub
+    model, or the run's initial student)."""
     source = storage.download_dir(checkpoint)
     with tempfile.TemporaryDirectory(prefix="qcrd-export-", dir=storage.cache_dir()) as tmp:
-        shutil.copytree(source / ckpt.MODEL_DIR, tmp, dirs_exist_ok=True)
+        if lora.is_adapter_dir(source / ckpt.MODEL_DIR):
+            model, tokenizer = student_lib.load_for_training(cfg.student, storage.download_dir(layout.init_model),
+                                                             source / ckpt.MODEL_DIR)
+            student_lib.save_student(lora.merged(model), tokenizer, tmp)
+            with tempfile.TemporaryDirectory(prefix="qcrd-export-adapter-", dir=storage.cache_dir()) as adapter:
+                shutil.copytree(source / ckpt.MODEL_DIR, adapter, dirs_exist_ok=True)
+                lora.set_base(adapter, cfg.student.model if cfg.student.model != "tiny" else layout.init_model)
+                storage.upload_dir(adapter, layout.adapter)
+        else:
+            shutil.copytree(source / ckpt.MODEL_DIR, tmp, dirs_exist_ok=True)
         if (source / ckpt.DISC_FILE).is_file():
             shutil.copy2(source / ckpt.DISC_FILE, os.path.join(tmp, ckpt.DISC_FILE))
-        storage.upload_dir(tmp, out)
-    return os.fspath(out)
+        storage.upload_dir(tmp, layout.model)
+    return os.fspath(layout.model)
 
 
 def _last_metrics(location: str) -> dict:
