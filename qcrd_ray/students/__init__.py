@@ -89,12 +89,13 @@ def load_student(cfg: StudentConfig, texts: Iterable[str] | None = None):
         model = family.build_tiny(cfg, tokenizer).to(dtype)
         log.info("tiny %s student: %d parameters, vocabulary %d", family.name, model.num_parameters(), len(tokenizer))
         return model, tokenizer
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    model = family.load_model(cfg.model, dtype)
-    if not family.matches(model.config):
+    hf_config = AutoConfig.from_pretrained(cfg.model)
+    if not family.matches(hf_config):
         raise StudentError(f"student.model {cfg.model!r} is not a {family.name} model "
-                           f"(model_type {model.config.model_type!r}); set student.family to auto")
+                           f"(model_type {hf_config.model_type!r}); set student.family to auto")
+    model = family.load_model(cfg.model, dtype)
     tokenizer = family.prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.model), cfg.chat_template)
     return model, tokenizer
 
