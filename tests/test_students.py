@@ -15,7 +15,7 @@ from qcrd_ray.qcrd.step import DistillModel, make_batch
 from qcrd_ray.qcrd.targets import candidate_targets
 from qcrd_ray.students import lora
 from qcrd_ray.students.base import StudentError
-from tests.test_step import teacher_rows
+from test_step import teacher_rows
 
 FAMILIES = ("seq2seq", "causal")
 

@@ -43,7 +43,7 @@ def small_config(**sections) -> Config:
     """A tiny, fast training setup: 2 CPU workers, tiny T5, short rounds, j = 1."""
     base = {
         "student": {"tiny_d_model": 32, "tiny_d_ff": 64, "tiny_layers": 1, "tiny_heads": 2, "tiny_vocab_size": 200,
-                    "max_input_len": 64, "max_target_len": 32},
+                    "max_input_len": 96, "max_target_len": 32},
         "discriminator": {"hidden": 16, "pretrain_steps": 4, "refresh_steps": 2, "pretrain_batch_size": 8},
         "snapshots": {"j": 1, "max_new_tokens": 12, "sampler_num_cpus": 0.25},
         "train": {"num_workers": 2, "num_cpus_per_worker": 0.5, "batch_size": 8, "rounds": 3, "round_steps": 3,
