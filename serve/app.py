@@ -2,11 +2,17 @@
 
 Routes (FastAPI through ``@serve.ingress``; OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
-- ``POST /v1/predict``       task + input (or structured fields) → label (+ rationale with ``explain``)
-- ``POST /v1/completions``   OpenAI-compatible (``prompt``, ``max_tokens``, ``temperature``, ``n``, ``stop``)
-- ``GET  /v1/models``        the served model (OpenAI schema)
-- ``GET  /v1/stats``         this replica's dynamic-batching counters (how many batches of each size it ran)
-- ``GET  /healthz``          liveness
+- ``POST /v1/predict``           task + input (or structured fields) → label (+ rationale with ``explain``)
+- ``POST /v1/completions``       OpenAI-compatible (``prompt``, ``max_tokens``, ``temperature``, ``n``, ``stop``,
+  ``seed``, ``stream``); the prompt is a student input (``predict: x`` / ``explain: x``), rendered as the
+  student reads it (a causal student's chat template where it has one)
+- ``POST /v1/chat/completions``  OpenAI-compatible chat (``messages``, ``max_tokens`` / ``max_completion_tokens``,
+  ``temperature``, ``n``, ``stop``, ``seed``, ``stream``): the messages go through the student's chat template,
+  or the last user message is the task prompt where the tokenizer has none; a user message without a
+  ``predict: `` / ``explain: `` prefix is a question asked in explain mode (``serve.schemas.student_message``)
+- ``GET  /v1/models``            the served model (OpenAI schema)
+- ``GET  /v1/stats``             this replica's dynamic-batching counters (how many batches of each size it ran)
+- ``GET  /healthz``              liveness
 
 Every input a request carries (a list, or ``n`` samples) is queued separately into one batching queue
 (``serve/batching.py``: a batch is taken when the model is free, with a window that adapts to the load), so
@@ -15,25 +21,40 @@ seed), the settings ``generate`` takes per call. Overload is bounded: a replica 
 ``serve.max_ongoing_requests`` requests, the proxy queues at most ``serve.max_queued_requests`` more, and the
 rest get HTTP 503 at once.
 
+``stream: true`` (completions and chat) answers with server-sent events in OpenAI's chunk format, ending in
+``data: [DONE]``. A streamed request bypasses the dynamic batcher: it runs its own ``generate`` (the student
+family's ``stream``, a ``TextIteratorStreamer``) in a thread beside the batches, and its pieces reach the event
+loop through an asyncio queue. It takes one prompt and ``n=1`` (else 422). Stop sequences apply to streamed text
+too: a tail that could begin one is held back until it cannot. A stream that ends early (a stop sequence, a
+client gone) stops sending at once, and its generation stops at its next token.
+
+A prompt longer than the student reads (``student.max_input_len`` of the run, or the model's context length where
+smaller) is refused with a 422 naming both lengths, on every route: it is never truncated silently.
+
 Run it with ``qcrd serve --model RUN_OR_DIR``, ``serve run serve/config.yaml`` or
 ``serve run serve.app:build_app model=RUN_OR_DIR``. RUN_OR_DIR may be a storage URI (``s3://bucket/run/qcrd``):
-the driver reads the run's config from it, and each replica downloads the model into its node's cache.
+the driver reads the run's config from it, and each replica downloads the model into its node's cache. For a
+causal student on a GPU cluster, ``qcrd serve --engine vllm`` serves it through ``ray.serve.llm`` instead
+(``serve/vllm.py``).
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve the route annotations on the ingress class
 
 import asyncio
 import collections
+import copy
 import dataclasses
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
@@ -42,6 +63,9 @@ from qcrd_ray.config import Config, ServeConfig, load_config
 from qcrd_ray.data.tasks import get_task
 from serve.batching import Batcher
 from serve.schemas import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     Limits,
@@ -49,16 +73,21 @@ from serve.schemas import (
     PredictRequest,
     PredictResponse,
     RequestError,
+    StreamAssembler,
+    chat_response,
     check_encodable,
+    check_prompt_lengths,
     completion_response,
     describe_validation_errors,
     error_body,
     input_params,
     interpret_output,
     models_response,
+    plan_chat,
     plan_completion,
     plan_predict,
     served_tasks,
+    sse_event,
 )
 
 logger = logging.getLogger("qcrd.serve")
@@ -67,8 +96,8 @@ DEPLOYMENT_NAME = "StudentServer"
 
 api = FastAPI(
     title="qcrd student",
-    description="A QCRD-distilled seq2seq student: task predictions with rationales, and OpenAI-compatible "
-    "completions.",
+    description="A QCRD-distilled student (seq2seq or decoder-only): task predictions with rationales, and "
+    "OpenAI-compatible completions and chat completions, streamed on request.",
 )
 
 
@@ -86,7 +115,7 @@ async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
 
 @dataclass(frozen=True)
 class GenerationItem:
-    """One text to generate for: the unit queued for dynamic batching."""
+    """One prompt to generate for (rendered as the student reads it): the unit queued for dynamic batching."""
 
     text: str
     temperature: float
@@ -129,14 +158,14 @@ class ServedModel:
     name: str  # what clients see in responses and /v1/models
     task: str | None  # the training task (predict's default), when the run's config says
     answer_type: str  # how the training task's answers are parsed (data.answer_type; user tasks need it)
-    max_input_len: int  # inputs are truncated as in training and evaluation
+    max_input_len: int  # student.max_input_len: a longer prompt is refused (422), never truncated
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=2, health_check_timeout_s=30)
 @serve.ingress(api)
 class StudentServer:
     def __init__(self, served: ServedModel, serve_cfg: dict):
-        from qcrd_ray.student import load_pretrained
+        from qcrd_ray.students import family_of, load_pretrained
 
         self.cfg = ServeConfig(**serve_cfg)
         self.limits = Limits.from_config(self.cfg)
@@ -149,10 +178,18 @@ class StudentServer:
         local_dir = fetch_model(served.model_dir)
         self.model, self.tokenizer = load_pretrained(local_dir)
         self.model.eval()
+        self.family = family_of(self.model)
+        self.context_length = self.family.context_length(self.model)
+        # A fast tokenizer is not safe to share between threads (encoding with padding changes its state: "Already
+        # borrowed", or a batch padded on the wrong side). Each thread has its own: `self.tokenizer` is the batch
+        # thread's, `self.text_tokenizer` the event loop's (rendering, lengths, counts), and each stream takes one
+        # from a pool of copies for as long as its generation runs.
+        self.text_tokenizer = copy.deepcopy(self.tokenizer)
+        self._stream_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
         self.batcher = Batcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        logger.info("serving %s from %s (task %s)", served.name, local_dir, served.task)
+        logger.info("serving %s (%s student) from %s (task %s)", served.name, self.family.name, local_dir, served.task)
 
     # ---------------------------------------------------------------------------------------------- batching
 
@@ -162,14 +199,12 @@ class StudentServer:
         return await asyncio.to_thread(self._generate_groups, items)
 
     def _generate_groups(self, items: list[GenerationItem]) -> list[str | Exception]:
-        from qcrd_ray.student import generate
-
         outputs: list[str | Exception] = [""] * len(items)
         for (temperature, max_new_tokens, seed), group in batch_groups(items).items():
             def run(texts: list[str]) -> list[str]:
-                return generate(self.model, self.tokenizer, texts, max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed, batch_size=len(texts),
-                                max_input_len=self.max_input_len)
+                # prompts are rendered and their length checked before they are queued: no truncation here
+                return self.family.generate(self.model, self.tokenizer, texts, max_new_tokens=max_new_tokens,
+                                            temperature=temperature, seed=seed, batch_size=len(texts))
 
             texts = isolate_failures(run, [items[i].text for i in group])
             for i, text in zip(group, texts):
@@ -188,7 +223,92 @@ class StudentServer:
         return results
 
     def _count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return len(self.text_tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _prepare(self, texts: list[str], params: tuple[str, ...]) -> tuple[list[str], list[int]]:
+        """Student inputs → the prompts the model reads (``family.prompt``) and their token counts; a text the
+        tokenizer cannot encode, or a prompt over the student's input length, is refused (422) before queueing."""
+        check_encodable(self.text_tokenizer, texts, params)
+        rendered = [self.family.prompt(self.text_tokenizer, t) for t in texts]
+        return rendered, self._check_lengths(rendered, params)
+
+    def _check_lengths(self, rendered: list[str], params: tuple[str, ...]) -> list[int]:
+        lengths = self.family.prompt_lengths(self.text_tokenizer, rendered)
+        check_prompt_lengths(lengths, params, self.max_input_len, self.context_length)
+        return lengths
+
+    # --------------------------------------------------------------------------------------------- streaming
+
+    def _stream_tokenizer(self):
+        try:
+            return self._stream_tokenizers.get_nowait()
+        except queue.Empty:
+            return copy.deepcopy(self.text_tokenizer)  # on the event loop, the only user of text_tokenizer
+
+    async def _stream_pieces(self, prompt: str, temperature: float, max_new_tokens: int,
+                             seed: int | None) -> AsyncIterator[str]:
+        """The output for one rendered prompt, piece by piece as ``family.stream`` generates it. The generator runs
+        in its own thread (not the batcher's), which hands each piece to the event loop through an asyncio queue.
+        Closing this iterator early stops the hand-over and the generation, at its next token."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        abandoned = threading.Event()
+        tokenizer = self._stream_tokenizer()
+
+        def post(item: tuple) -> None:
+            if abandoned.is_set():
+                return
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (the replica is shutting down)
+                abandoned.set()
+
+        def produce() -> None:
+            try:
+                for piece in self.family.stream(self.model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, seed=seed, stop=abandoned):
+                    post(("piece", piece))
+                post(("end", None))
+            except BaseException as e:  # noqa: BLE001 - handed to the response, which reports it
+                post(("error", e))
+            finally:
+                self._stream_tokenizers.put(tokenizer)  # its generation is over: no thread uses it any more
+
+        threading.Thread(target=produce, name="qcrd-serve-stream", daemon=True).start()
+        try:
+            while True:
+                kind, value = await pieces.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            abandoned.set()
+
+    def _event_stream(self, assembler: StreamAssembler, prompt: str, temperature: float, max_new_tokens: int,
+                      seed: int | None) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            pieces = self._stream_pieces(prompt, temperature, max_new_tokens, seed)
+            try:
+                for chunk in assembler.start():
+                    yield sse_event(chunk)
+                async for piece in pieces:
+                    for chunk in assembler.feed(piece):
+                        yield sse_event(chunk)
+                    if assembler.stopped:
+                        break
+                for chunk in assembler.finish(self._count_tokens):
+                    yield sse_event(chunk)
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+                logger.error("streamed generation failed", exc_info=e)
+                yield sse_event(error_body(f"generation failed: {type(e).__name__}: {e}", None, "server_error"))
+            finally:
+                await pieces.aclose()
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------------------------------------ routes
 
@@ -196,13 +316,14 @@ class StudentServer:
               responses={400: {"description": "body is not JSON"}, 422: {"description": "invalid request"},
                          503: {"description": "overloaded; retry later"}})
     async def predict(self, req: PredictRequest) -> PredictResponse | PredictBatchResponse:
-        """Label one question (``input`` a string, or the structured fields) or several (``input`` a list)."""
+        """Label one question (``input`` a string, or the structured fields) or several (``input`` a list).
+        A question whose prompt is longer than the student's input length is refused (422), not truncated."""
         from qcrd_ray.data import prompts
 
         plan = plan_predict(req, self.limits, self.tasks, self.train_task)
         texts = [prompts.student_input(plan.mode, t) for t in plan.texts]
-        check_encodable(self.tokenizer, texts, input_params("input", len(texts), plan.is_list))
-        outputs = await self._generate(texts, plan.temperature, plan.max_new_tokens, plan.seed)
+        rendered, _ = self._prepare(texts, input_params("input", len(texts), plan.is_list))
+        outputs = await self._generate(rendered, plan.temperature, plan.max_new_tokens, plan.seed)
         task = self.train_spec if plan.task == self.train_task else plan.task
         predictions = [interpret_output(task, plan.mode, out, choices)
                        for out, choices in zip(outputs, plan.choices)]
@@ -210,19 +331,57 @@ class StudentServer:
             return PredictBatchResponse(model=self.model_name, predictions=predictions)
         return PredictResponse(model=self.model_name, **predictions[0].model_dump())
 
-    @api.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(self, req: CompletionRequest) -> CompletionResponse:
-        """OpenAI-compatible text completion; the prompt is the student's input verbatim."""
+    @api.post("/v1/completions", response_model=CompletionResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "the completion; with stream: server-sent text_completion chunks"}})
+    async def completions(self, req: CompletionRequest):
+        """OpenAI-compatible text completion. The prompt is a student input (``predict: x`` or ``explain: x``): it
+        is rendered as the student reads it (``family.prompt``: a causal student with a chat template gets it as a
+        user message, as in training; a seq2seq student reads it as it is). A prompt over the student's input
+        length gets a 422. ``stream: true`` sends ``text_completion`` chunks as server-sent events, then
+        ``data: [DONE]``; a streamed request takes one prompt and n=1, and bypasses the dynamic batcher."""
         plan = plan_completion(req, self.limits, self.model_name)
-        check_encodable(self.tokenizer, plan.prompts,
-                        input_params("prompt", len(plan.prompts), isinstance(req.prompt, list)))
-        texts = [p for p in plan.prompts for _ in range(plan.n)]  # prompt-major, as OpenAI numbers choices
+        rendered, lengths = self._prepare(list(plan.prompts),
+                                          input_params("prompt", len(plan.prompts), isinstance(req.prompt, list)))
+        if plan.stream:
+            assembler = StreamAssembler("completion", self.model_name, plan.stop, plan.max_new_tokens, lengths[0],
+                                        plan.include_usage)
+            return self._event_stream(assembler, rendered[0], plan.temperature, plan.max_new_tokens, plan.seed)
+        texts = [p for p in rendered for _ in range(plan.n)]  # prompt-major, as OpenAI numbers choices
         outputs = await self._generate(texts, plan.temperature, plan.max_new_tokens, plan.seed)
-        return completion_response(
-            self.model_name, plan, outputs,
-            prompt_tokens=[self._count_tokens(p) for p in plan.prompts],
-            output_tokens=[self._count_tokens(o) for o in outputs],
-        )
+        return completion_response(self.model_name, plan, outputs, prompt_tokens=lengths,
+                                   output_tokens=[self._count_tokens(o) for o in outputs])
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "the chat completion; with stream: chat.completion.chunk events"}})
+    async def chat_completions(self, req: ChatCompletionRequest):
+        """OpenAI-compatible chat completion. Each user message is a student input: ``predict: x`` or
+        ``explain: x`` as written, any other text a question asked in explain mode (``explain: `` is added), so
+        the student writes its rationale and then its answer. The messages go through the student's chat
+        template; a student without one (every seq2seq student) reads the last user message alone. A conversation
+        over the student's input length gets a 422. ``stream: true`` sends ``chat.completion.chunk`` events (the
+        role first, then the content, then the finish_reason), then ``data: [DONE]``; n=1 only, and the request
+        bypasses the dynamic batcher."""
+        from qcrd_ray.students import StudentError
+
+        plan = plan_chat(req, self.limits, self.model_name)
+        try:
+            rendered = self.family.chat_prompt(self.text_tokenizer, list(plan.messages))
+        except StudentError as e:
+            raise RequestError(422, str(e), "messages") from e
+        except Exception as e:  # a chat template may refuse a conversation (e.g. roles that do not alternate)
+            raise RequestError(422, f"messages: the student's chat template refused them ({type(e).__name__}: "
+                               f"{e})", "messages") from e
+        check_encodable(self.text_tokenizer, [rendered], ("messages",))
+        [length] = self._check_lengths([rendered], ("messages",))
+        if plan.stream:
+            assembler = StreamAssembler("chat", self.model_name, plan.stop, plan.max_new_tokens, length,
+                                        plan.include_usage)
+            return self._event_stream(assembler, rendered, plan.temperature, plan.max_new_tokens, plan.seed)
+        outputs = await self._generate([rendered] * plan.n, plan.temperature, plan.max_new_tokens, plan.seed)
+        return chat_response(self.model_name, plan, outputs, prompt_tokens=length,
+                             output_tokens=[self._count_tokens(o) for o in outputs])
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -230,7 +389,8 @@ class StudentServer:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
-        """Dynamic-batching counters of the replica that answers (each replica counts its own)."""
+        """Dynamic-batching counters of the replica that answers (each replica counts its own; streamed requests
+        bypass the batcher and are not counted)."""
         return {
             "replica": self.replica_id,
             "max_batch_size": self.cfg.max_batch_size,

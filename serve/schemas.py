@@ -5,19 +5,26 @@ do not support) is tested without a server. The deployment in ``serve/app.py`` o
 
 Errors follow the OpenAI error shape (``{"error": {"message", "type", "param", "code"}}``) so the official
 ``openai`` client surfaces our message verbatim.
+
+Also here, for the same reason: how a chat request's messages become the student's input (:func:`plan_chat`,
+:func:`student_message`), the prompt-length rule (:func:`check_prompt_lengths`), and streaming's pure parts: the
+stop-sequence hold-back (:class:`StopHoldBack`) and the OpenAI chunk formats (:class:`StreamAssembler`,
+:func:`sse_event`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from qcrd_ray.config import TASKS, ServeConfig
+from qcrd_ray.data import prompts
 from qcrd_ray.data.tasks import TaskSpec
 
 MAX_TEMPERATURE = 2.0  # the OpenAI range; the student is useless well before it
@@ -113,6 +120,22 @@ def check_encodable(tokenize: Callable[[str], object], texts: Sequence[str], par
             reason = f"{type(e).__name__}: {e}".encode("utf-8", "backslashreplace").decode("utf-8")
             raise RequestError(422, f"{param}: the model's tokenizer cannot encode this text ({reason})",
                                param) from e
+
+
+def check_prompt_lengths(lengths: Sequence[int], params: Sequence[str], max_input_len: int,
+                         context_length: int | None = None) -> None:
+    """Refuse (422) a prompt longer than the student reads: ``student.max_input_len`` tokens (what training and
+    evaluation truncate to) or the model's context length where that is smaller. ``lengths`` are the rendered
+    prompts' token counts (``family.prompt_lengths``). Never truncated silently: a cut question is another
+    question."""
+    limit, what = max_input_len, "student.max_input_len"
+    if context_length is not None and context_length < limit:
+        limit, what = context_length, "the model's context length"
+    for length, param in zip(lengths, params, strict=True):
+        if length > limit:
+            raise RequestError(
+                422, f"{param}: the prompt is {length} tokens, over this model's limit of {limit} input tokens "
+                f"({what}); shorten it", param)
 
 
 def _check_count(count: int, param: str, limits: Limits) -> None:
@@ -253,9 +276,16 @@ def interpret_output(task: str | TaskSpec, mode: str, output: str, choices: Sequ
 # POST /v1/completions (OpenAI-compatible)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = False
+
+
 class CompletionRequest(BaseModel):
-    """The OpenAI completions request. The prompt goes to the student verbatim (prefix it with ``predict: `` or
-    ``explain: `` as the student was trained). Fields we cannot honour are refused, not silently ignored."""
+    """The OpenAI completions request. The prompt is a student input: prefix it with ``predict: `` or
+    ``explain: `` as the student was trained (the server renders it as the student reads it, e.g. through a
+    causal student's chat template). Fields we cannot honour are refused, not silently ignored."""
 
     model_config = ConfigDict(extra="ignore")  # clients send fields like `user`, `presence_penalty`
 
@@ -267,6 +297,7 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -303,12 +334,36 @@ class CompletionPlan:
     max_new_tokens: int
     stop: tuple[str, ...]
     seed: int | None
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+
+def _check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stop) > MAX_STOP_SEQUENCES or not all(stop):
+        raise RequestError(422, f"stop: give at most {MAX_STOP_SEQUENCES} non-empty sequences", "stop")
+    return stop
+
+
+def _check_model(model: str | None, model_name: str) -> None:
+    if model is not None and model != model_name:
+        raise RequestError(404, f"model: {model!r} is not served here; this server serves {model_name!r}", "model")
+
+
+def _check_stream(stream: bool, n: int, prompts: int = 1) -> None:
+    """Streaming sends one choice: ``n`` > 1 (or several prompts) with ``stream`` is refused rather than streamed
+    one choice after another."""
+    if stream and n > 1:
+        raise RequestError(422, "n: a streamed request returns one choice (n=1); send n requests, or stream: false",
+                           "n")
+    if stream and prompts > 1:
+        raise RequestError(422, "prompt: a streamed request takes one prompt; send one request per prompt, or "
+                           "stream: false", "prompt")
 
 
 def plan_completion(req: CompletionRequest, limits: Limits, model_name: str) -> CompletionPlan:
-    if req.model is not None and req.model != model_name:
-        raise RequestError(404, f"model: {req.model!r} is not served here; this server serves {model_name!r}", "model")
-    for name, unsupported in (("stream", bool(req.stream)), ("echo", bool(req.echo)),
+    _check_model(req.model, model_name)
+    for name, unsupported in (("echo", bool(req.echo)),
                               ("logprobs", req.logprobs is not None), ("suffix", req.suffix is not None),
                               ("best_of", req.best_of not in (None, 1))):
         if unsupported:
@@ -319,16 +374,16 @@ def plan_completion(req: CompletionRequest, limits: Limits, model_name: str) -> 
     _check_count(len(prompts) * req.n, "prompt", limits)  # n samples of each prompt are generated
     for i, p in enumerate(prompts):
         _check_text(p, "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]", limits)
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > MAX_STOP_SEQUENCES or not all(stop):
-        raise RequestError(422, f"stop: give at most {MAX_STOP_SEQUENCES} non-empty sequences", "stop")
+    _check_stream(bool(req.stream), req.n, len(prompts) if isinstance(req.prompt, list) else 1)
     return CompletionPlan(
         prompts=tuple(prompts),
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
         max_new_tokens=_check_max_new_tokens(req.max_tokens, "max_tokens", limits, 16),
-        stop=stop,
+        stop=_check_stop(req.stop),
         seed=req.seed,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
     )
 
 
@@ -336,6 +391,14 @@ def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` at the earliest stop sequence; (text, whether one was found)."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def finish_output(text: str, tokens: int, stop: Sequence[str], max_new_tokens: int) -> tuple[str, str]:
+    """A generated (stripped) text → (the text cut at its first stop sequence, OpenAI's finish_reason): "stop"
+    at a stop sequence or the model's end of sequence, "length" when it used the whole token budget (``tokens``:
+    the output's token count, counted again from its text)."""
+    text, stopped = apply_stop(text, stop)
+    return text, "stop" if stopped or tokens < max_new_tokens else "length"
 
 
 def completion_response(
@@ -349,9 +412,7 @@ def completion_response(
     (choice index = prompt index * n + sample index, as OpenAI numbers them)."""
     choices, completion_tokens = [], 0
     for index, (text, tokens) in enumerate(zip(outputs, output_tokens)):
-        text, stopped = apply_stop(text, plan.stop)
-        # without a stop sequence, a generation that used the whole token budget was cut short
-        finish = "stop" if stopped or tokens < plan.max_new_tokens else "length"
+        text, finish = finish_output(text, tokens, plan.stop, plan.max_new_tokens)
         choices.append(CompletionChoice(text=text, index=index, finish_reason=finish))
         completion_tokens += tokens
     prompt_total = sum(prompt_tokens)
@@ -363,6 +424,324 @@ def completion_response(
         usage=Usage(prompt_tokens=prompt_total, completion_tokens=completion_tokens,
                     total_tokens=prompt_total + completion_tokens),
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# POST /v1/chat/completions (OpenAI-compatible)
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send `name` and the like
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI chat completions request.
+
+    The messages are rendered as the student reads them: through its tokenizer's chat template where it has one,
+    else the last user message alone is the student's input. Each user message is a student input: one that
+    starts with ``predict: `` or ``explain: `` is kept as it is; any other text is a question, asked in explain
+    mode (``explain: `` is put in front), so the student writes its rationale, then ``The answer is …``. Fields we
+    cannot honour (tools, logprobs, response formats other than text) are refused, not silently ignored."""
+
+    model_config = ConfigDict(extra="ignore")  # clients send fields like `user`, `presence_penalty`
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="default and upper bound: serve.max_new_tokens")
+    temperature: float | None = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    functions: list[Any] | None = None
+    function_call: Any | None = None
+    response_format: dict | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    messages: tuple[dict, ...]  # {"role", "content"}: user messages as student inputs (see student_message)
+    n: int
+    temperature: float
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool = False
+    include_usage: bool = False
+
+
+STUDENT_PREFIXES = (prompts.PREDICT, prompts.EXPLAIN)
+
+
+def student_message(text: str) -> str:
+    """A user message → the student input it stands for: ``predict: x`` / ``explain: x`` as written (the prefix
+    chooses the mode, as in training); anything else is the question ``x`` asked in explain mode (``explain: x``),
+    so a plain question gets the student's rationale and then its answer. Surrounding whitespace is dropped."""
+    text = text.strip()
+    return text if text.startswith(STUDENT_PREFIXES) else prompts.student_input("explain", text)
+
+
+def _message_text(message: ChatMessage, param: str) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for j, part in enumerate(message.content):
+        if part.type != "text" or part.text is None:
+            raise RequestError(422, f"{param}[{j}]: only text content parts are supported (got {part.type!r})",
+                               f"{param}[{j}]")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def plan_chat(req: ChatCompletionRequest, limits: Limits, model_name: str) -> ChatPlan:
+    """Check a chat request; its user messages become student inputs (:func:`student_message`)."""
+    _check_model(req.model, model_name)
+    for name, unsupported in (
+        ("logprobs", bool(req.logprobs)), ("top_logprobs", req.top_logprobs is not None),
+        ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none")),
+        ("functions", bool(req.functions)), ("function_call", req.function_call not in (None, "none")),
+        ("response_format", req.response_format not in (None, {"type": "text"})),
+    ):
+        if unsupported:
+            raise RequestError(422, f"{name}: not supported by this server", name)
+    if not req.messages:
+        raise RequestError(422, "messages: must not be empty", "messages")
+    messages, total = [], 0
+    for i, m in enumerate(req.messages):
+        param = f"messages[{i}]"
+        if m.role not in CHAT_ROLES:
+            raise RequestError(422, f"{param}.role: {m.role!r} is not supported; use one of "
+                               f"{', '.join(CHAT_ROLES)} (no tools)", f"{param}.role")
+        if m.tool_calls:
+            raise RequestError(422, f"{param}.tool_calls: not supported by this server", f"{param}.tool_calls")
+        text = _message_text(m, f"{param}.content")
+        if m.role == "user":
+            _check_text(text, f"{param}.content", limits)
+            text = student_message(text)
+        elif text:
+            _check_text(text, f"{param}.content", limits)
+        total += len(text)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    if messages[-1]["role"] != "user":
+        raise RequestError(422, "messages: the last message must be a user message (the student answers it)",
+                           "messages")
+    if total > limits.max_input_chars:
+        raise RequestError(422, f"messages: {total} characters in all is over the limit of {limits.max_input_chars}",
+                           "messages")
+    _check_count(req.n, "n", limits)
+    _check_stream(bool(req.stream), req.n)
+    if req.max_tokens is not None and req.max_completion_tokens is not None \
+            and req.max_tokens != req.max_completion_tokens:
+        raise RequestError(422, "max_completion_tokens: give it or max_tokens, not two different values",
+                           "max_completion_tokens")
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    return ChatPlan(
+        messages=tuple(messages),
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        max_new_tokens=_check_max_new_tokens(req.max_completion_tokens or req.max_tokens, param, limits,
+                                             limits.max_new_tokens),
+        stop=_check_stop(req.stop),
+        seed=req.seed,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+    )
+
+
+def chat_response(model_name: str, plan: ChatPlan, outputs: Sequence[str], prompt_tokens: int,
+                  output_tokens: Sequence[int]) -> ChatCompletionResponse:
+    """Assemble the OpenAI chat response: one choice per sample (``n``)."""
+    choices = []
+    for index, (text, tokens) in enumerate(zip(outputs, output_tokens)):
+        text, finish = finish_output(text, tokens, plan.stop, plan.max_new_tokens)
+        choices.append(ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=finish))
+    completion_tokens = sum(output_tokens)
+    return ChatCompletionResponse(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model_name,
+        choices=choices,
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# streaming (server-sent events in OpenAI's chunk format)
+
+
+class StopHoldBack:
+    """The text of a streamed output that is safe to send, piece by piece, so that the pieces sent add up to
+    exactly what the non-streamed response holds: ``apply_stop(output.strip(), stop)``.
+
+    Held back: leading whitespace, trailing whitespace (sent once more text follows it; dropped at the end), and
+    any tail that could still be the start of a stop sequence (or the start of an earlier one: with stops
+    ``["abcd", "b"]`` the ``b`` of ``xab`` ends the text only once ``abcd`` is ruled out). :attr:`stopped` turns
+    true at a stop sequence: the rest of the generation is not needed."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(stop)
+        self.raw = ""  # every piece fed, as generated
+        self.sent = 0  # characters of the stripped text sent so far
+        self.stopped = False
+
+    def _limit(self, text: str, final: bool) -> tuple[int, bool]:
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        cut = min(cuts) if cuts else None
+        if final:
+            return (len(text), False) if cut is None else (cut, True)
+        # the earliest position whose tail is a proper prefix of some stop sequence: it may still become one
+        hold = min((len(text) - k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=None)
+        if cut is not None and (hold is None or cut <= hold):
+            return cut, True
+        return min(x for x in (cut, hold, len(text)) if x is not None), False
+
+    def _advance(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        text = self.raw.strip()
+        limit, self.stopped = self._limit(text, final)
+        out = text[self.sent:limit]
+        self.sent = max(self.sent, limit)
+        return out
+
+    def feed(self, piece: str) -> str:
+        """Add a generated piece; the text now safe to send ("" while it is held back)."""
+        if self.stopped:
+            return ""
+        self.raw += piece
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        """The generation ended: whatever was held back and belongs to the output."""
+        return self._advance(final=True)
+
+
+def completion_chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None = None,
+                     index: int = 0) -> dict:
+    """A streamed ``text_completion`` chunk (OpenAI's format: the same object as the response, one piece of text)."""
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+               index: int = 0) -> dict:
+    """A ``chat.completion.chunk``: ``delta`` is ``{"role": "assistant", "content": ""}`` first, then
+    ``{"content": piece}``, and ``{}`` in the last chunk, which carries the finish_reason."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(cid: str, created: int, model: str, obj: str, usage: Usage) -> dict:
+    """The last chunk under ``stream_options.include_usage``: no choices, the request's usage."""
+    return {"id": cid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage.model_dump()}
+
+
+def sse_event(payload: dict) -> str:
+    """One server-sent event (``data: <json>`` and a blank line)."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"  # the stream's last event, as OpenAI ends one
+
+
+class StreamAssembler:
+    """A streamed response's chunks, as pure state: :meth:`start` (chat: the role chunk), :meth:`feed` per generated
+    piece, :meth:`finish` at the end (the held-back text, the finish_reason chunk, the usage chunk when asked).
+    Stop sequences apply as in the non-streamed response (:class:`StopHoldBack`); :attr:`stopped` says the
+    generation may be abandoned."""
+
+    def __init__(self, kind: Literal["completion", "chat"], model: str, stop: Sequence[str], max_new_tokens: int,
+                 prompt_tokens: int, include_usage: bool = False, created: int | None = None):
+        self.kind = kind
+        self.model = model
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time()) if created is None else created
+        self.max_new_tokens = max_new_tokens
+        self.prompt_tokens = prompt_tokens
+        self.include_usage = include_usage
+        self.holdback = StopHoldBack(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self.holdback.stopped
+
+    def _piece(self, text: str) -> list[dict]:
+        if not text:
+            return []
+        if self.kind == "chat":
+            return [chat_chunk(self.id, self.created, self.model, {"content": text})]
+        return [completion_chunk(self.id, self.created, self.model, text)]
+
+    def start(self) -> list[dict]:
+        if self.kind == "chat":
+            return [chat_chunk(self.id, self.created, self.model, {"role": "assistant", "content": ""})]
+        return []
+
+    def feed(self, piece: str) -> list[dict]:
+        return self._piece(self.holdback.feed(piece))
+
+    def finish(self, count_tokens: Callable[[str], int]) -> list[dict]:
+        """The last chunks; ``count_tokens`` counts the output's tokens (from its text, as the non-streamed
+        response does) for the finish_reason and the usage."""
+        chunks = self._piece(self.holdback.finish())
+        tokens = count_tokens(self.holdback.raw.strip())
+        finish = "stop" if self.holdback.stopped or tokens < self.max_new_tokens else "length"
+        if self.kind == "chat":
+            chunks.append(chat_chunk(self.id, self.created, self.model, {}, finish))
+        else:
+            chunks.append(completion_chunk(self.id, self.created, self.model, "", finish))
+        if self.include_usage:
+            usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=tokens,
+                          total_tokens=self.prompt_tokens + tokens)
+            obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+            chunks.append(usage_chunk(self.id, self.created, self.model, obj, usage))
+        return chunks
 
 
 # --------------------------------------------------------------------------------------------------------------

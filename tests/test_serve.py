@@ -144,7 +144,9 @@ def test_plan_completion_and_refusals():
     assert (plan.prompts, plan.n, plan.stop, plan.max_new_tokens, plan.temperature) == (("a", "b"), 2, ("\n",), 8, 1.0)
     for body, status, words in [
         ({"model": "gpt-4", "prompt": "a"}, 404, "not served here"),
-        ({"prompt": "a", "stream": True}, 422, "stream: not supported"),
+        ({"prompt": "a", "stream": True, "n": 2}, 422, "n: a streamed request returns one choice"),
+        ({"prompt": ["a", "b"], "stream": True}, 422, "prompt: a streamed request takes one prompt"),
+        ({"prompt": "a", "echo": True}, 422, "echo: not supported"),
         ({"prompt": "a", "logprobs": 2}, 422, "logprobs: not supported"),
         ({"prompt": ["a", "b", "c"], "n": 2}, 422, "6 inputs"),
         ({"prompt": []}, 422, "empty list"),
@@ -426,7 +428,7 @@ def server(ray_session, run_dir):
 @pytest.fixture(scope="module")
 def reference(run_dir):
     """The evaluation path: the saved student loaded again and decoded greedily, no server involved."""
-    from qcrd_ray import student
+    from qcrd_ray import students as student
 
     model, tok = student.load_pretrained(run_dir / "model")
     return lambda texts, max_new_tokens=48: student.generate(model, tok, texts, max_new_tokens=max_new_tokens,
@@ -439,7 +441,7 @@ def test_health_models_and_docs(server):
     models = httpx.get(f"{server}/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-run"]
     spec = httpx.get(f"{server}/openapi.json").json()
-    assert {"/v1/predict", "/v1/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
+    assert {"/v1/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     assert httpx.get(f"{server}/docs").status_code == 200
 
 
@@ -496,6 +498,26 @@ def test_openai_client_gets_completions(server, reference):
         client.completions.create(model="gpt-4", prompt="hi")
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
         client.completions.create(model="tiny-run", prompt="hi", temperature=5)
+
+
+@pytest.mark.ray
+def test_seq2seq_student_streams_chat(server, reference):
+    """A seq2seq student has no chat template: the last user message is its input, a plain question asked in
+    explain mode. Streamed, the content pieces add up to the non-streamed greedy answer, which is evaluation's."""
+    import openai
+
+    from qcrd_ray.data import prompts
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "You are a tutor."}, {"role": "user", "content": QUESTIONS[0]}]
+    whole = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=48, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == reference([prompts.student_input("explain", QUESTIONS[0])])[0]
+    chunks = list(client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=48,
+                                                 temperature=0, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 @pytest.mark.ray

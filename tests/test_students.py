@@ -257,3 +257,17 @@ def test_nested_lora_keys_are_config(tmp_path):
         load_config(None, ["student.lora.rank=8"])
     with pytest.raises(ConfigError, match="student.family: 'decoder' is not allowed"):
         load_config(None, ["student.family=decoder"])
+
+
+def test_a_stream_stops_when_asked():
+    import threading
+
+    family = students.family_named("causal")
+    torch.manual_seed(0)
+    model, tok = students.load_student(StudentConfig(family="causal"), texts())
+    stop = threading.Event()
+    pieces = []
+    for piece in family.stream(model, tok, "explain: Tom has 3 apples.", max_new_tokens=200, stop=stop):
+        pieces.append(piece)
+        stop.set()  # a client gone after its first piece: generation ends at the next token
+    assert 1 <= len(pieces) <= 3

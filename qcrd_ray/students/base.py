@@ -119,13 +119,10 @@ class StudentFamily(ABC):
         """``(ids, mask)`` of prompt texts (already through :meth:`prompt`), padded on :meth:`padding_side`,
         truncated to ``max_len`` tokens when given (callers that must not truncate check
         :meth:`prompt_lengths` first)."""
-        side = tokenizer.padding_side
-        tokenizer.padding_side = self.padding_side()
-        try:
-            enc = tokenizer(list(prompts), padding=True, truncation=max_len is not None, max_length=max_len,
-                            add_special_tokens=self.add_special_tokens(tokenizer), return_tensors="pt")
-        finally:
-            tokenizer.padding_side = side
+        # the side per call, never by setting the tokenizer's attribute: threads may share a tokenizer
+        enc = tokenizer(list(prompts), padding=True, padding_side=self.padding_side(),
+                        truncation=max_len is not None, max_length=max_len,
+                        add_special_tokens=self.add_special_tokens(tokenizer), return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
     def prompt_lengths(self, tokenizer, prompts: Sequence[str]) -> list[int]:
@@ -194,10 +191,16 @@ class StudentFamily(ABC):
         return [o.strip() for o in outputs]
 
     def stream(self, model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,
-               seed: int | None = None, max_input_len: int | None = None) -> Iterator[str]:
+               seed: int | None = None, max_input_len: int | None = None,
+               stop: threading.Event | None = None) -> Iterator[str]:
         """The output for one prompt as it is generated, piece by piece (``TextIteratorStreamer``): the pieces
-        joined are :meth:`generate`'s output for the same settings, before its final strip."""
-        from transformers import TextIteratorStreamer
+        joined are :meth:`generate`'s output for the same settings, before its final strip. Setting ``stop`` ends
+        the generation at its next token (a client gone, a stop sequence met)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         device = next(model.parameters()).device
@@ -213,6 +216,7 @@ class StudentFamily(ABC):
                         torch.manual_seed(seed)
                     model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, num_beams=1, streamer=streamer,
+                                   stopping_criteria=StoppingCriteriaList([_Stop()] if stop is not None else []),
                                    **self._generate_kwargs(model, tokenizer), **kwargs)
             except BaseException as e:  # handed to the consumer: the streamer is ended so it does not wait forever
                 errors.append(e)
