@@ -70,10 +70,35 @@ def test_paper_configs_cover_the_grid():
         for student in ("t5-base", "t5-small"):
             for method in ("finetune", "dss", "qcrd"):
                 assert f"{task}-{student}-{method}" in names
+        for student in ("qwen2.5-0.5b", "smollm2-360m"):  # decoder-only students, full weights and LoRA
+            for mode in ("full", "lora"):
+                assert f"{task}-{student}-{mode}-qcrd" in names
     for p in PAPER_CONFIGS:
         cfg = load_config(p)
         assert (cfg.teacher.k, cfg.teacher.temperature, cfg.snapshots.j) == (5, 0.7, 5), p.name
         assert "Paper (arXiv 2405.13014" in p.read_text()
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER_CONFIGS if "-t5-" not in p.stem], ids=lambda p: p.stem)
+def test_decoder_only_paper_configs_name_modules_their_model_has(path):
+    """A causal config's LoRA targets exist in its architecture (Qwen2 / Llama, built empty on the meta device:
+    no hub here), and it fits the model's context."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from qcrd_ray.students import lora
+
+    cfg = load_config(path)
+    assert cfg.student.family == "causal" and cfg.student.chat_template == "auto"
+    assert (cfg.student.lora.r > 0) == ("-lora-" in path.stem)
+    config_cls, model_cls, context = ((Qwen2Config, Qwen2ForCausalLM, 32768) if "qwen" in path.stem
+                                      else (LlamaConfig, LlamaForCausalLM, 8192))
+    with torch.device("meta"):
+        model = model_cls(config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    if cfg.student.lora.r:
+        assert lora.target_modules(model, cfg.student.lora) == list(cfg.student.lora.target_modules)
+    assert cfg.student.max_input_len + cfg.student.max_target_len <= context
 
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=lambda p: p.stem)
