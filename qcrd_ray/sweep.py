@@ -15,10 +15,13 @@ keeps finished trials, and a restarted trial's stages resume from its run direct
 
 Outputs in SWEEP/: results.csv / results.md (one row per trial), summary.md (per cell: mean ± sd and the paired
 difference to the baseline method by seed with a 95 % t interval), best.yaml (the best cell on valid) and
-accuracy.png (accuracy against the plotted key, one line per method). ``--rescore-valid N`` (:func:`rescore_valid`)
-scores the finished trials again on N fresh valid problems of the synthetic task. Pure functions: :func:`load_sweep`,
-:func:`grid_points`, :func:`trial_name`, :func:`teacher_key`, :func:`mean_sd`, :func:`paired_difference`,
-:func:`cell_table`, :func:`pairs_for_half_width`.
+accuracy.png (accuracy against the plotted key, one line per method) and differences.png (each method's paired
+difference to the baseline with its 95 % interval against the plotted key: with a clean-DSS arm, the headroom
+H = clean-DSS − DSS next to QCRD − DSS). Summaries also pool the plotted key's levels (pairs = level × seed).
+``--rescore-valid N`` (:func:`rescore_valid`) scores the finished trials again on N fresh valid problems of the
+synthetic task. Pure functions: :func:`load_sweep`, :func:`grid_points`, :func:`trial_name`, :func:`teacher_key`,
+:func:`mean_sd`, :func:`paired_difference`, :func:`cell_table`, :func:`pooled_rows`, :func:`difference_series`,
+:func:`pairs_for_half_width`.
 """
 
 from __future__ import annotations
@@ -267,6 +270,35 @@ def cell_table(rows: list[dict], grid_keys: list[str], pair_by: str, baseline: s
     return out
 
 
+POOLED = "pooled"
+
+
+def pooled_rows(rows: list[dict], over: str, pair_by: str) -> list[dict]:
+    """``rows`` once more with ``over`` (e.g. teacher.noise) set to "pooled" and each pairing value made
+    ``<level>/<seed>``, so :func:`cell_table` pairs every method with the baseline across all levels at once (one
+    pair per level and seed): the pooled analysis of an effect the single levels are too few seeds to show.
+    Empty when the rows do not span two levels of ``over``."""
+    if len({r.get(over) for r in rows}) < 2:
+        return []
+    return [{**r, over: POOLED, pair_by: f"{r.get(over)}/{r.get(pair_by)}"} for r in rows]
+
+
+def difference_series(rows: list[dict], grid_keys: list[str], pair_by: str, baseline: str, column: str,
+                      compare_on: str, x: str) -> dict[str, list[dict]]:
+    """Per value of ``compare_on`` other than ``baseline``: its paired difference to the baseline at each level of
+    ``x`` (``{x, mean, lo, hi, n}``, levels in row order), what differences.png draws. Cells that differ in other
+    keys than ``x`` are kept apart (their label joins those values)."""
+    series: dict[str, list[dict]] = {}
+    for line in cell_table(rows, grid_keys, pair_by, baseline, column, compare_on):
+        d = line.get("diff")
+        if not d or d["mean"] is None:
+            continue
+        label = ", ".join(str(line[k]) for k in grid_keys if k not in (pair_by, x))
+        series.setdefault(label, []).append({"x": line.get(x), "mean": d["mean"], "lo": d["lo"], "hi": d["hi"],
+                                             "n": d["n"]})
+    return series
+
+
 # ---- the Ray shell
 
 
@@ -445,6 +477,8 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
     lines += summary_table(spec, rows, "valid_predict", "valid predict (the sweep's own valid split)")
     lines += summary_table(spec, rows, column, f"valid predict, {eval_size} fresh problems")
     Path(out, f"rescored-valid-{eval_size}.md").write_text("\n".join(lines) + "\n")
+    _plot_differences(spec, rows, column, f"valid predict, {eval_size} fresh problems",
+                      os.path.join(out, f"rescored-valid-{eval_size}.png"))
     return rows
 
 
@@ -490,6 +524,7 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
             {"chosen_on": f"valid {spec.metric} accuracy", "valid_mean": best["mean"], "cell": cell,
              "config": trial_config(spec, cell).to_dict()}, sort_keys=False))
     _plot(spec, rows, os.path.join(out, "accuracy.png"))
+    _plot_differences(spec, rows, f"test_{spec.metric}", f"test {spec.metric}", os.path.join(out, "differences.png"))
 
 
 def _summary_legend(spec: SweepSpec) -> str:
@@ -502,7 +537,8 @@ def _summary_legend(spec: SweepSpec) -> str:
 def summary_table(spec: SweepSpec, rows: list[dict], column: str, title: str) -> list[str]:
     """summary.md's section for one accuracy ``column`` (markdown lines; none when no row has it)."""
     keys = axes(spec)
-    table = cell_table(rows, keys, spec.pair_by, spec.baseline, column, spec.compare_on)
+    pooled = pooled_rows(rows, spec.plot_x, spec.pair_by) if spec.plot_x in spec.grid else []
+    table = cell_table(rows + pooled, keys, spec.pair_by, spec.baseline, column, spec.compare_on)
     if not table:
         return []
     cell_keys = [k for k in keys if k != spec.pair_by]
@@ -549,6 +585,39 @@ def _plot(spec: SweepSpec, rows: list[dict], path: str) -> None:
     ax.set_xlabel(spec.plot_x)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"sweep {spec.name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_differences(spec: SweepSpec, rows: list[dict], column: str, title: str, path: str) -> None:
+    """Each method's paired difference to the baseline (points, 95 % t intervals) against ``plot_x``, side by
+    side at each level: with a clean-DSS arm, H = clean-DSS − DSS next to QCRD − DSS."""
+    if spec.plot_x not in spec.grid or not rows:
+        return
+    series = difference_series(rows, axes(spec), spec.pair_by, spec.baseline, column, spec.compare_on, spec.plot_x)
+    if not series:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(spec.grid[spec.plot_x])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / len(series)
+    for i, (label, points) in enumerate(sorted(series.items())):
+        xs = [levels.index(p["x"]) - 0.4 + width * (i + 0.5) for p in points]
+        means = [100 * p["mean"] for p in points]
+        errs = [[100 * (p["mean"] - p["lo"]) if p["lo"] is not None else 0 for p in points],
+                [100 * (p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in points]]
+        ax.errorbar(xs, means, yerr=errs, fmt="o", color=f"C{i}", capsize=3, label=f"{label} − {spec.baseline}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(levels)), [str(v) for v in levels])
+    ax.set_xlabel(spec.plot_x)
+    ax.set_ylabel(f"Δ vs {spec.baseline}, points (95 % CI)")
+    ax.set_title(f"sweep {spec.name}: {title}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

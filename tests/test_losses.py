@@ -163,3 +163,60 @@ def test_total_loss_and_alpha3_decay():
     assert L.alpha3_at_round(0.5, 0.9, 3) == pytest.approx(0.5 * 0.9**3)
     with pytest.raises(ValueError):
         L.alpha3_at_round(0.5, 0.9, -1)
+
+
+def test_margin_on_the_sequence_sum_lets_a_near_copy_reach_delta():
+    """loss.margin_reduction: sum compares δ with l·|r| and keeps the term in per-token units: a 30-token near
+    copy at token-mean 0.2 (sum 6) is beyond δ = 3 under sum and far inside it under mean (the spec)."""
+    losses = torch.tensor([[0.2, 0.05, 4.0]], requires_grad=True)
+    n_tokens = torch.tensor([[30.0, 30.0, 2.0]])
+    spec = L.margin(losses, 3.0)
+    assert spec[0].tolist() == pytest.approx([-2.8, -2.95, 0.0])
+    summed = L.margin(losses, 3.0, n_tokens)
+    # min(l·|r| − δ, 0) / |r|: 0 for 6 − 3 > 0; (1.5 − 3) / 30 = −0.05; the 2-token 8.0 − 3 > 0
+    assert summed[0].tolist() == pytest.approx([0.0, -0.05, 0.0])
+    summed.sum().backward()
+    assert losses.grad.tolist() == [[0.0, 1.0, 0.0]]  # inside the margin the gradient is the spec's
+    assert L.beyond_margin(losses, 3.0).tolist() == [[F_, F_, T]]
+    assert L.beyond_margin(losses, 3.0, n_tokens).tolist() == [[T, F_, T]]
+    # the mean reduction is the default: the negative term without n_tokens equals the spec's margin
+    w = torch.tensor([[0.0, 1.0, 0.0]])
+    assert L.negative_term(losses, w, None, 3.0, "minmax")[0].item() == pytest.approx(-2.95)
+    assert L.negative_term(losses, w, None, 3.0, "minmax", n_tokens)[0].item() == pytest.approx(-0.05)
+
+
+def test_max_within_margin_picks_the_worst_negative_that_still_has_a_gradient():
+    """loss.negative_pick: the max-loss negative (spec) is babble beyond δ in row 0, so the spec's pick has no
+    gradient there; max_within_margin takes the highest-loss negative still below δ. A row whose negatives are all
+    beyond δ keeps the plain max; masked-out candidates are never picked."""
+    values = torch.tensor([[9.0, 2.5, 1.0, 2.9], [5.0, 4.0, 0.0, 0.0], [1.0, 2.0, 0.5, 0.0]])
+    mask = torch.tensor([[T, T, T, F_], [T, T, F_, F_], [T, T, F_, F_]])
+    within = ~L.beyond_margin(values, 3.0)
+    spec = L.candidate_weights(values, mask, "minmax", positive=False)
+    assert spec.tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
+    pick = L.candidate_weights(values, mask, "minmax", positive=False, within=within)
+    assert pick.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
+    # positives (min) are untouched by the switch
+    assert torch.equal(L.candidate_weights(values, mask, "minmax", positive=True, within=within),
+                       L.candidate_weights(values, mask, "minmax", positive=True))
+    has_neg = mask.any(dim=1)
+    assert L.beyond_margin_share(values, spec, has_neg, 3.0).item() == pytest.approx(2 / 3)
+    assert L.beyond_margin_share(values, pick, has_neg, 3.0).item() == pytest.approx(1 / 3)
+
+
+def test_neg_beyond_margin_share_counts_examples_with_a_negative_only():
+    values = torch.tensor([[4.0, 1.0], [0.5, 0.0], [0.0, 0.0]])
+    weights = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    has_neg = torch.tensor([T, T, F_])
+    assert L.beyond_margin_share(values, weights, has_neg, 3.0).item() == pytest.approx(0.5)
+    assert L.beyond_margin_share(values[:, :0], weights[:, :0], torch.tensor([F_, F_, F_]), 3.0).item() == 0.0
+
+
+def test_the_loss_switches_are_off_by_default_and_need_minmax():
+    from qcrd_ray.config import Config, ConfigError
+
+    lc = Config().loss
+    assert (lc.margin_reduction, lc.negative_pick, lc.dss_rationale) == ("mean", "max", "first")
+    assert Config().replace(loss={"negative_pick": "max_within_margin"}).loss.scheme == "minmax"
+    with pytest.raises(ConfigError, match="loss.negative_pick"):
+        Config().replace(loss={"negative_pick": "max_within_margin", "scheme": "mean"})

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from qcrd_ray.config import ConfigError
-from qcrd_ray.sweep import (cell_table, grid_points, load_sweep, mean_sd, paired_difference, pairs_for_half_width,
-                            rescore_valid, teacher_key, trial_config, trial_name)
+from qcrd_ray.sweep import (cell_table, difference_series, grid_points, load_sweep, mean_sd, paired_difference,
+                            pairs_for_half_width, pooled_rows, rescore_valid, summary_table, teacher_key, trial_config,
+                            trial_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +55,29 @@ grid:
 
 
 def test_the_committed_sweep_files_load():
-    for name in ("quality", "ablation", "pilot"):
+    for name in ("quality", "ablation", "pilot", "quality_v2", "ablation_v2", "switches_v2", "pilot_v2"):
         spec = load_sweep(ROOT / "sweeps" / f"{name}.yaml")
         assert spec.baseline == "dss" and grid_points(spec)
+
+
+def test_the_pre_registered_v2_study_has_its_arms_levels_and_seeds():
+    """Issue 21: testbed v2 at >= 2 noise levels x {finetune, dss, clean-DSS, qcrd} x >= 8 seeds, paired by seed;
+    clean-DSS differs from DSS in its rationale rule alone; 1500 fresh valid problems stay clear of training."""
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    assert set(spec.variants) == {"finetune", "dss", "clean_dss", "qcrd"}
+    assert len(spec.grid["teacher.noise"]) >= 2 and len(spec.grid["train.seed"]) >= 8
+    assert spec.pair_by == "train.seed" and spec.plot_x == "teacher.noise"
+    point = {"variant": "dss", "teacher.noise": 0.3, "train.seed": 0}
+    dss, clean = trial_config(spec, point), trial_config(spec, {**point, "variant": "clean_dss"})
+    assert dss.data.synthetic_version == 2 and clean.loss.dss_rationale == "gold"
+    assert dss.replace(loss={"dss_rationale": "gold"}, train={"run_name": clean.train.run_name}) == clean
+    assert teacher_key(dss) == teacher_key(clean)  # one teacher output for every arm of a noise level
+    d = dss.data
+    assert 2 * d.synthetic_eval_size + d.synthetic_train_size <= 1500
+    for name in ("ablation_v2", "switches_v2"):
+        other = load_sweep(ROOT / "sweeps" / f"{name}.yaml")
+        assert {"dss", "clean_dss"} <= set(other.variants) and len(other.grid["train.seed"]) >= 8
+        assert all(trial_config(other, p).data.synthetic_version == 2 for p in grid_points(other))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -257,8 +278,9 @@ compare_on: variant
         load_sweep(_write(tmp_path, "variants: {a: {train.seed: 1}}\ncompare_on: train.method"))
 
 
-@pytest.mark.parametrize("path", [p for p in sorted((ROOT / "sweeps").glob("*.yaml")) if p.name != "testbed.yaml"],
-                         ids=lambda p: p.name)  # testbed.yaml: the base config the sweeps share, not a sweep
+@pytest.mark.parametrize("path", [p for p in sorted((ROOT / "sweeps").glob("*.yaml"))
+                                  if not p.name.startswith("testbed")],
+                         ids=lambda p: p.name)  # testbed*.yaml: the base configs the sweeps share, not sweeps
 def test_every_committed_sweep_file_expands_to_valid_trial_configs(path):
     """The README's reproduce commands read these files: each loads, and every trial's config validates."""
     spec = load_sweep(path)
@@ -298,3 +320,42 @@ def test_tune_prints_go_to_the_log_as_whole_lines_and_stay_on_the_console_when_v
         with tune_prints_to_log():
             print("View detailed results here: /sweep/tune")
     assert "View detailed results here" in out.getvalue()
+
+
+def _headroom_rows():
+    """dss / clean_dss / qcrd at two noise levels x 3 seeds: H = clean − dss = +4 / +10, QCRD − DSS = +1 / +6."""
+    rows = []
+    for noise, h, q in ((0.3, 0.04, 0.01), (0.6, 0.10, 0.06)):
+        for seed, base in enumerate((0.40, 0.46, 0.43)):
+            wobble = 0.01 * (seed - 1)
+            rows += [{"variant": "dss", "teacher.noise": noise, "train.seed": seed, "acc": base},
+                     {"variant": "clean_dss", "teacher.noise": noise, "train.seed": seed, "acc": base + h + wobble},
+                     {"variant": "qcrd", "teacher.noise": noise, "train.seed": seed, "acc": base + q - wobble}]
+    return rows
+
+
+def test_difference_series_puts_the_headroom_next_to_qcrd_minus_dss():
+    keys = ["variant", "teacher.noise", "train.seed"]
+    series = difference_series(_headroom_rows(), keys, "train.seed", "dss", "acc", "variant", "teacher.noise")
+    assert set(series) == {"clean_dss", "qcrd"}
+    h, q = ({p["x"]: p for p in series[name]} for name in ("clean_dss", "qcrd"))
+    assert h[0.3]["mean"] == pytest.approx(0.04) and h[0.6]["mean"] == pytest.approx(0.10)
+    assert q[0.6]["mean"] == pytest.approx(0.06) and q[0.6]["n"] == 3
+    # the same intervals as the paired difference itself
+    expected = paired_difference({0: 0.49, 1: 0.56, 2: 0.54}, {0: 0.40, 1: 0.46, 2: 0.43})
+    assert h[0.6]["lo"] == pytest.approx(expected["lo"]) and h[0.6]["hi"] == pytest.approx(expected["hi"])
+
+
+def test_pooled_rows_pair_every_level_and_seed_at_once():
+    rows = _headroom_rows()
+    pooled = pooled_rows(rows, "teacher.noise", "train.seed")
+    assert len(pooled) == len(rows) and {r["teacher.noise"] for r in pooled} == {"pooled"}
+    table = cell_table(pooled, ["variant", "teacher.noise", "train.seed"], "train.seed", "dss", "acc", "variant")
+    by = {line["variant"]: line for line in table}
+    assert by["clean_dss"]["diff"]["n"] == 6 and by["clean_dss"]["diff"]["mean"] == pytest.approx(0.07)
+    assert by["qcrd"]["diff"]["mean"] == pytest.approx(0.035)
+    assert pooled_rows([r for r in rows if r["teacher.noise"] == 0.3], "teacher.noise", "train.seed") == []
+    # a summary table carries the pooled line after the levels
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    lines = summary_table(spec, [{**r, "valid_predict": r["acc"]} for r in rows], "valid_predict", "valid predict")
+    assert any(line.startswith("| clean_dss | pooled | 6 |") for line in lines)

@@ -441,7 +441,7 @@ def load_split(cfg: DataConfig, split: str, rejects_path: str | Path | None = No
             raise DataError(f"task {cfg.task!r} needs data.data_dir (only the synthetic task is built in)")
         rows = synthetic.make_split(split, train_size=cfg.synthetic_train_size, eval_size=cfg.synthetic_eval_size,
                                     seed=cfg.synthetic_seed, steps=cfg.synthetic_steps,
-                                    max_operand=cfg.synthetic_max_operand)
+                                    max_operand=cfg.synthetic_max_operand, version=cfg.synthetic_version)
         rejects, source, carved = [], None, False
     else:
         rows, rejects, source, carved = _read_rows(cfg, spec, split)

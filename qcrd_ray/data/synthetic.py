@@ -12,11 +12,21 @@ docs/quality.md); intermediate values and answers are not bounded.
 Splits come from one stream of distinct problems drawn from ``random.Random(seed)``: the first ``eval_size`` are
 ``test``, the next ``eval_size`` are ``valid``, the next ``train_size`` are ``train``. The splits are disjoint,
 and test/valid do not change when only the train size does.
+
+``version=2`` (testbed v2, docs/quality.md): one-step word problems whose operation is implied by the wording
+(:data:`WORDINGS`: four per operation) and whose label is the final number (``"56"``), so the label carries only
+the result of reasoning that the rationale spells out ("'times as many' means we multiply: 7 * 8 = 56."). Half the
+wordings are traps: a keyword that a misconception reads as another operation (:attr:`Wording.trap`, "gives" read
+as giving away); the synthetic teacher falls for it (qcrd_ray/teacher/backends/synthetic.py). :func:`parse_v2`
+reads a problem back into its wording and operands. Version 1's stream is unchanged by the option.
 """
 
 from __future__ import annotations
 
 import random
+import re
+import string
+from dataclasses import dataclass
 from typing import Callable
 
 SPLITS = ("train", "valid", "test")
@@ -113,13 +123,18 @@ def _problem(rng: random.Random, steps: int = 1, max_operand: int | None = None)
 
 
 def make_split(split: str, *, train_size: int, eval_size: int, seed: int = 0, steps: int = 1,
-               max_operand: int | None = None) -> list[dict]:
+               max_operand: int | None = None, version: int = 1) -> list[dict]:
     """Rows (EXAMPLE_SCHEMA dicts) of one split of the synthetic task; ``steps`` operations per problem, every
-    number in the problem (and its label) at most ``max_operand`` when given (None: the full ranges)."""
+    number in the problem (and its label) at most ``max_operand`` when given (None: the full ranges).
+    ``version`` 2: testbed v2's wordings with numeric labels (one step only)."""
     if split not in SPLITS:
         raise ValueError(f"synthetic split {split!r}: choose one of {', '.join(SPLITS)}")
+    if version not in VERSIONS:
+        raise ValueError(f"synthetic task: version={version}; choose one of {', '.join(map(str, VERSIONS))}")
     if steps < 1:
         raise ValueError(f"synthetic task: steps={steps}; a problem needs at least one step")
+    if version == 2 and steps != 1:
+        raise ValueError(f"synthetic task: version 2 problems have one step (steps={steps})")
     if max_operand is not None and max_operand < MIN_MAX_OPERAND:
         raise ValueError(f"synthetic task: max_operand={max_operand}; at least {MIN_MAX_OPERAND}")
     total = 2 * eval_size + train_size
@@ -129,7 +144,7 @@ def make_split(split: str, *, train_size: int, eval_size: int, seed: int = 0, st
     size = train_size if split == "train" else eval_size
     rng, seen, problems = random.Random(seed), set(), []
     while len(problems) < start + size:
-        text, label = _problem(rng, steps, max_operand)
+        text, label = _problem(rng, steps, max_operand) if version == 1 else _problem_v2(rng, max_operand)
         if text not in seen:
             seen.add(text)
             problems.append((text, label))
@@ -138,3 +153,104 @@ def make_split(split: str, *, train_size: int, eval_size: int, seed: int = 0, st
          "rationales": []}
         for i, (text, label) in enumerate(problems[start:])
     ]
+
+
+# ---- version 2 (testbed v2): the operation is implied by the wording, the label is the final number
+
+VERSIONS = (1, 2)
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+_PRONOUNS = {"he": ("him", "his"), "she": ("her", "her")}
+
+
+@dataclass(frozen=True)
+class Wording:
+    """One way of asking for ``op`` on the stated numbers a, b (always ``a op b``). ``trap``: the operation a
+    misconception reads into ``cue`` (a keyword of the question), None for a wording nobody misreads."""
+
+    op: str
+    trap: str | None
+    cue: str
+    template: str  # "body\nquestion" with {name} {pron} {Pron} {obj} {pos} {item} {a} {b}
+
+
+WORDINGS: tuple[Wording, ...] = (
+    Wording("+", None, "buys more", "{name} has {a} {item}. {Pron} buys {b} more.\n"
+                                    "How many {item} does {pron} have now?"),
+    Wording("+", None, "in all", "{name} found {a} {item} in the morning and {b} {item} in the afternoon.\n"
+                                 "How many {item} did {pron} find in all?"),
+    Wording("+", "-", "gives", "{name} has {a} {item}. A friend gives {obj} {b} more.\n"
+                               "How many {item} does {pron} have now?"),
+    Wording("+", "*", "times", "{name} went to the shop two times. {Pron} bought {a} {item} the first time and {b} "
+                               "the second time.\nHow many {item} did {pron} buy?"),
+    Wording("-", None, "left", "{name} had {a} {item}. {Pron} gave {b} of them to a friend.\n"
+                               "How many {item} does {pron} have left?"),
+    Wording("-", None, "lost", "{name} had {a} {item}. {Pron} lost {b} of them.\nHow many {item} are left?"),
+    Wording("-", "+", "more than", "{name} has {a} {item}. That is {b} more than {pos} friend has.\n"
+                                   "How many {item} does the friend have?"),
+    Wording("-", "+", "altogether", "{name} and a friend have {a} {item} altogether. {name} has {b} of them.\n"
+                                    "How many {item} does the friend have?"),
+    Wording("*", None, "each box", "{name} has {a} boxes. Each box holds {b} {item}.\n"
+                                   "How many {item} does {pron} have in all?"),
+    Wording("*", None, "times as many", "A friend has {a} {item}. {name} has {b} times as many.\n"
+                                        "How many {item} does {name} have?"),
+    Wording("*", "+", "for days", "{name} buys {a} {item} every day for {b} days.\n"
+                                  "How many {item} does {pron} buy in total?"),
+    Wording("*", "/", "piles", "{name} makes {a} piles with {b} {item} in every pile.\n"
+                               "How many {item} are in the piles?"),
+    Wording("/", None, "shares equally", "{name} shares {a} {item} equally among {b} friends.\n"
+                                         "How many {item} does each friend get?"),
+    Wording("/", None, "groups of", "{name} puts {a} {item} into groups of {b}.\nHow many groups are there?"),
+    Wording("/", "*", "each", "{name} has {a} {item}. Each friend gets {b} of them.\n"
+                              "How many friends get {item}?"),
+    Wording("/", "-", "gives away", "{name} gives away {a} {item}, {b} to every friend, until none are left.\n"
+                                    "How many friends get {item}?"),
+)
+_V2_OPERANDS = {"+": _add, "-": _sub, "*": _mul, "/": _div}
+
+
+def _operands_v2(wording: Wording, rng: random.Random, hi: int | None) -> tuple[int, int]:
+    # an addition misread as "a - b" draws a > b, so the misread answer stays a positive count
+    return _sub(rng, hi) if wording.trap == "-" and wording.op == "+" else _V2_OPERANDS[wording.op](rng, hi)
+
+
+def answer_v2(op: str, a: float, b: float) -> str:
+    """The label text of ``a op b``: ``"56"``, ``"3.5"`` (a misread division need not be whole)."""
+    value = _APPLY[op](a, b)
+    return str(int(value)) if float(value).is_integer() else f"{value:.4f}".rstrip("0")
+
+
+def _problem_v2(rng: random.Random, max_operand: int | None) -> tuple[str, str]:
+    wording = rng.choice(WORDINGS)
+    (name, pron), item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = _operands_v2(wording, rng, max_operand)
+    obj, pos = _PRONOUNS[pron]
+    text = wording.template.format(a=a, b=b, name=name, pron=pron, Pron=pron.capitalize(), obj=obj, pos=pos,
+                                   item=item)
+    return text, answer_v2(wording.op, a, b)
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex: numbers and words captured by name, a repeated field matched as the same text."""
+    out, seen = [], set()
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out.append(re.escape(literal))
+        if name is None:
+            continue
+        if name in seen:
+            out.append(f"(?P={name})")
+        else:
+            seen.add(name)
+            out.append(f"(?P<{name}>\\d+)" if name in ("a", "b") else f"(?P<{name}>[A-Za-z]+)")
+    return re.compile("".join(out))
+
+
+_PATTERNS = [(w, _pattern(w.template)) for w in WORDINGS]
+
+
+def parse_v2(question: str) -> tuple[Wording, int, int]:
+    """(wording, a, b) of a version-2 problem. Raises ValueError for any other text."""
+    for wording, pattern in _PATTERNS:
+        match = pattern.fullmatch(question)
+        if match:
+            return wording, int(match["a"]), int(match["b"])
+    raise ValueError(f"not a synthetic version-2 problem: {question[:80]!r}")

@@ -34,10 +34,37 @@ def sequence_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token.sum(dim=1) / n_tokens.clamp(min=1)
 
 
-def margin(losses: torch.Tensor, delta: float) -> torch.Tensor:
+MARGIN_REDUCTIONS = ("mean", "sum")
+NEGATIVE_PICKS = ("max", "max_within_margin")
+
+
+def margin_threshold(delta: float, n_tokens: torch.Tensor | None = None) -> torch.Tensor | float:
+    """The per-token loss at which a negative reaches the margin: δ (``loss.margin_reduction: mean``, the spec:
+    δ against the token-mean CE ``l``) or ``δ / |r|`` per candidate (``sum``: δ against the sequence-sum CE
+    ``l·|r|``, so a near copy of a positive, one token off, can reach it). ``n_tokens``: ``|r|`` of each candidate
+    (None: mean)."""
+    return delta if n_tokens is None else delta / n_tokens.clamp(min=1).to(torch.float32)
+
+
+def margin(losses: torch.Tensor, delta: float, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The negative margin of Eq. 7, ``min(l(x, r) − δ, 0)``: a negative whose loss already exceeds δ gives no
-    gradient, so the student is not pushed to make bad rationales infinitely unlikely."""
-    return torch.clamp(losses - delta, max=0.0)
+    gradient, so the student is not pushed to make bad rationales infinitely unlikely. With ``n_tokens`` (margin
+    on the sequence sum) ``min(l·|r| − δ, 0) / |r|``: the same per-token units and gradient inside the margin."""
+    return torch.clamp(losses - margin_threshold(delta, n_tokens), max=0.0)
+
+
+def beyond_margin(losses: torch.Tensor, delta: float, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether each candidate's loss is beyond the margin (bool, same shape): its margin term has no gradient."""
+    return losses.detach() > margin_threshold(delta, n_tokens)
+
+
+def beyond_margin_share(losses: torch.Tensor, weights: torch.Tensor, has_neg: torch.Tensor, delta: float,
+                        n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """``neg_beyond_margin_share``: over the examples with a negative, the share whose chosen negative is beyond
+    the margin (one-hot schemes; with spread weights, the weight on negatives beyond it). 0 without negatives."""
+    beyond = (weights.detach() * beyond_margin(losses, delta, n_tokens).to(weights.dtype)).sum(dim=1)
+    valid = has_neg.to(beyond.dtype)
+    return (beyond * valid).sum() / valid.sum().clamp(min=1.0)
 
 
 def candidate_weights(
@@ -49,9 +76,14 @@ def candidate_weights(
     scores: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     multiplicity: torch.Tensor | None = None,
+    within: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-candidate weights ``w`` ``[B, C]`` of a many-to-one scheme; each row sums to 1 (0 for a row with no
     candidate). ``values`` are the candidates' (detached) losses, ``scores`` their detached D scores (``wmean``).
+
+    ``within`` ``[B, C]`` bool (``loss.negative_pick: max_within_margin``): where a scheme takes a max, it takes
+    it over the candidates marked within the margin when a row has any, so the pick keeps a gradient; a row with
+    none takes the plain max.
 
     Eq. 6 takes ``min_{r ∈ P}`` over positives and Eq. 7 ``max_{r ∈ N}`` over negatives (``minmax``); selection is
     on the raw loss ``l`` (the margin is monotone, so the max of ``min(l − δ, 0)`` is attained at the max of ``l``).
@@ -76,7 +108,11 @@ def candidate_weights(
             if take_min:
                 index = values.masked_fill(~mask, float("inf")).argmin(dim=1)
             else:
-                index = values.masked_fill(~mask, float("-inf")).argmax(dim=1)
+                pool = mask
+                if within is not None:
+                    inside = mask & within
+                    pool = torch.where(inside.any(dim=1, keepdim=True), inside, mask)
+                index = values.masked_fill(~pool, float("-inf")).argmax(dim=1)
         return F.one_hot(index, values.shape[1]).to(values.dtype) * has_any.to(values.dtype)
     if multiplicity is not None:
         maskf = maskf * multiplicity
@@ -104,16 +140,18 @@ def positive_term(
 
 
 def negative_term(
-    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None, delta: float, scheme: str
+    losses: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor | None, delta: float, scheme: str,
+    n_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7 with the margin, ``l_neg_i = (1 − s_neg_i) · max_{r ∈ N_i} min(l(x_i, r) − δ, 0)`` with
     ``s_neg_i = D(x_i, argmax r)`` detached, in its many-to-one form ``Σ_c w_c · (1 − s_c) · min(l_c − δ, 0)``
     (``wmean``: ``Σ_c w_c · min(l_c − δ, 0)``, its weights already being ``(1 − s_c) / Σ (1 − s)``).
-    ``scores`` None = quality judge off (``s_neg ≡ 0``). Returns ``(l_neg [B], s_neg [B])``.
+    ``scores`` None = quality judge off (``s_neg ≡ 0``). ``n_tokens`` ``[B, C]``: the margin on the sequence sum
+    (:func:`margin`). Returns ``(l_neg [B], s_neg [B])``.
     """
     s = torch.zeros_like(losses) if scores is None else scores.detach()
     factor = torch.ones_like(s) if scheme == "wmean" else 1.0 - s
-    return (weights * factor * margin(losses, delta)).sum(dim=1), (weights * s).sum(dim=1).detach()
+    return (weights * factor * margin(losses, delta, n_tokens)).sum(dim=1), (weights * s).sum(dim=1).detach()
 
 
 def contrastive_loss(

@@ -11,7 +11,9 @@ A teacher row stores rationale texts without their answers (teacher/consistency.
   "reasoning + the right answer" would unteach the answer);
 - a student negative: the sampler's raw ``explain:`` output, which already ends in its own answer;
 - ``dss`` (one rationale per example, as distilling step-by-step): the first parsed teacher sample with its own
-  answer, whatever that answer is (the single-sample setting), else the first positive.
+  answer, whatever that answer is (the single-sample setting), else the first positive; under
+  ``loss.dss_rationale: gold`` (clean-DSS, the headroom control) the first sample whose answer is the gold label,
+  else none.
 
 Which of these a method trains on is its spec's ``targets`` (qcrd_ray/methods.py); the ``loss.positives`` /
 ``loss.negatives`` ablation switches select among QCRD's.
@@ -22,7 +24,8 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from qcrd_ray.config import Config
-from qcrd_ray.data import prompts
+from qcrd_ray.data import answers, prompts
+from qcrd_ray.data.tasks import TaskSpec, get_task
 from qcrd_ray.methods import CONTRASTIVE, LABEL_ONLY, ONE_RATIONALE, method_spec
 
 
@@ -47,11 +50,20 @@ def student_negatives(row: Mapping) -> list[str]:
     return [t.strip() for t in row.get("student_negatives") or [] if t and t.strip()]
 
 
-def one_rationale(row: Mapping) -> str | None:
-    """DSS's single target: the first parsed teacher sample with its own answer, else the first positive."""
+def one_rationale(row: Mapping, rule: str = "first", task: str | TaskSpec | None = None) -> str | None:
+    """DSS's single target. ``rule="first"``: the first parsed teacher sample with its own answer, else the first
+    positive. ``rule="gold"``: the first parsed sample whose answer is the gold label (scored as ``task``, default
+    the row's), else None: clean rationales only."""
+    if rule not in ("first", "gold"):
+        raise ValueError(f"dss_rationale {rule!r}: choose first or gold")
     for s in sorted(row.get("samples") or [], key=lambda s: s.get("index", 0)):
         if s.get("status") == "ok" and s.get("rationale") and s.get("answer"):
+            if rule == "gold" and not answers.is_correct(task or row["task"], s["answer"], row["label"],
+                                                         row.get("choices") or ()):
+                continue
             return prompts.explain_target(s["rationale"], s["answer"])
+    if rule == "gold":
+        return None
     positives = row.get("positives") or []
     if positives and row.get("majority_answer"):
         return prompts.explain_target(positives[0], row["majority_answer"])
@@ -65,7 +77,7 @@ def candidate_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
     if kind == LABEL_ONLY:
         return [], []
     if kind == ONE_RATIONALE:
-        target = one_rationale(row)
+        target = one_rationale(row, cfg.loss.dss_rationale, get_task(cfg.data.task, cfg.data.answer_type))
         return ([target] if target else []), []
     assert kind == CONTRASTIVE, kind
     pos, teacher_neg = teacher_targets(row)

@@ -12,12 +12,19 @@ so some majorities are wrong and the gold rule differs from the majority rule.
 expected share of samples with a mistake is exactly ``noise``, split between ordinary and hard questions by
 :func:`mistake_rates`. A label with several operations (``( ( 5.0 + 3.0 ) * 2.0 )``) is reasoned step by step
 ("5 + 3 = 8. 8 * 2 = 16."); a wrong operator or an arithmetic slip in one step carries into the later ones.
+
+Testbed v2 (``data.synthetic_version: 2``, :func:`synthetic_v2_sample`) reads the question instead of the label:
+it names the operation the wording implies, then computes it, in one of :data:`V2_TEMPLATES` (several correct
+phrasings per question). Its one kind of mistake is systematic: on a trap wording (``Wording.trap``, a feature of
+the question) each sample falls for the misconception with probability ``noise``, and always for the same wrong
+operation, so a student that copies its rationales learns the misconception. Other wordings are never wrong.
 """
 
 from __future__ import annotations
 
 import random
 
+from qcrd_ray.data import synthetic as synthetic_task
 from qcrd_ray.data.arith import safe_eval
 from qcrd_ray.teacher.backends.base import Completion, TeacherBackend
 
@@ -149,14 +156,47 @@ def _multi_step(tokens: list[str], ops: list[int], rng: random.Random, mistake: 
     return f"{explanation} <Answer>: {_fmt(value) if mistake == 'arithmetic' else text[2:-2]}", mistake
 
 
+OPERATOR_NOUNS = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
+# Correct phrasings of one v2 rationale: each names the operation the wording implies ({cue}), then computes it.
+V2_TEMPLATES = (
+    '"{cue}" means we {verb}: {a} {op} {b} = {value}.',
+    'The words "{cue}" tell us to {verb}. {a} {op} {b} = {value}.',
+    'We {verb} because the question says "{cue}". So {a} {op} {b} = {value}.',
+    'This is {noun}, as "{cue}" shows. {a} {op} {b} = {value}.',
+)
+
+
+def synthetic_v2_sample(question: str, seed: int, temperature: float, noise: float | None = None
+                        ) -> tuple[str, str | None]:
+    """(text, mistake) of one sample (``seed``) on a testbed-v2 question: mistake is ``"misconception"`` (the
+    trap wording read as its trap operation; probability ``noise``, or :func:`mistake_probability` of the
+    temperature when None) or None. Raises ValueError for a question that is not a v2 problem."""
+    wording, a, b = synthetic_task.parse_v2(question)
+    rng = random.Random(seed)
+    p = mistake_probability(temperature) if noise is None else noise
+    misread = wording.trap is not None and rng.random() < p
+    op = wording.trap if misread else wording.op
+    value = synthetic_task.answer_v2(op, a, b)
+    text = rng.choice(V2_TEMPLATES).format(cue=wording.cue, verb=OPERATOR_WORDS[op], noun=OPERATOR_NOUNS[op],
+                                           a=a, op=op, b=b, value=value)
+    return f"<Explanation>: {text} <Answer>: {value}", "misconception" if misread else None
+
+
 class SyntheticBackend(TeacherBackend):
     needs_prompt = False
 
     def complete(self, rows: list[dict]) -> list[Completion]:
         out = []
         for row in rows:
+            tc = self.cfg.teacher
+            if self.cfg.data.synthetic_version == 2:
+                try:
+                    out.append(Completion(text=synthetic_v2_sample(row["input"], row["seed"], tc.temperature,
+                                                                   tc.noise)[0]))
+                except ValueError as e:
+                    out.append(Completion(error=f"synthetic teacher (version 2) cannot read the question: {e}"))
+                continue
             try:
-                tc = self.cfg.teacher
                 out.append(Completion(text=synthetic_output(row["label"], row["seed"], tc.temperature, row["id"],
                                                             tc.noise, tc.hard_share)))
             except (ValueError, ArithmeticError) as e:
