@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from qcrd_ray import students
-from qcrd_ray.runs import MethodLayout
+from qcrd_ray.evaluate import evaluate
+from qcrd_ray.runs import MethodLayout, resolve_model
 from qcrd_ray.students import lora
 from qcrd_ray.train.trainer import run_training
 from test_train import WorkerKiller, _same_initial_student, _step_metrics
@@ -61,6 +62,14 @@ def test_lora_snapshots_are_adapters_and_the_model_is_exported_merged_and_as_an_
     inputs = ["explain: Tom has 3 apples and gets 4 more. How many?", "predict: Ann has 9 pens and loses 2."]
     assert (students.generate(merged, tok, inputs, max_new_tokens=12)
             == students.generate(adapted, tok, inputs, max_new_tokens=12))
+    # `qcrd eval` / `qcrd serve` take either: the adapter resolves to its method's run config, scores the same
+    cfg = small_config(**LORA_CFG).replace(data={"synthetic_eval_size": 24})
+    resolved = resolve_model(str(out / "adapter"))
+    assert resolved.model_dir == str(out / "adapter") and resolved.config == small_config(**LORA_CFG)
+    by_adapter = evaluate(out / "adapter", cfg, "test", "explain")
+    by_merged = evaluate(out, cfg, "test", "explain")
+    same = ("n", "correct", "unparsed")
+    assert by_adapter["n"] == 24 and [by_adapter[k] for k in same] == [by_merged[k] for k in same]
 
 
 def test_a_lora_run_killed_mid_training_resumes_to_the_same_adapter(lora_run, teacher_dir, tmp_path):
