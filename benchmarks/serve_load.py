@@ -18,7 +18,6 @@ import asyncio
 import collections
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from qcrd_ray.config import ServeConfig
 from qcrd_ray.testing import train_tiny_student
+from qcrd_ray.testing import free_port
 
 TARGET_SPEEDUP = 3.0  # batched req/s over unbatched at 16 clients
 TARGET_TAIL = 2.0  # p99 / p50
@@ -114,11 +114,6 @@ def mean_batch(counts: collections.Counter) -> float:
     return sum(k * v for k, v in counts.items()) / max(1, sum(counts.values()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,7 +159,7 @@ def main() -> None:
 
     # its own local Ray: on a machine where others run Ray, a bare init would try to join theirs
     ray.init(address="local", num_cpus=2, configure_logging=False)
-    port = _free_port()
+    port = free_port()
     # access logs (proxy's and replicas') would cost both modes CPU the 2 shared cores do not have
     quiet = {"enable_access_log": False}
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)

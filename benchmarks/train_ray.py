@@ -46,7 +46,7 @@ from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
 from qcrd_ray import students as student_lib  # noqa: E402
 from qcrd_ray.config import Config, from_dict  # noqa: E402
 from qcrd_ray.qcrd.discriminator import Discriminator  # noqa: E402
-from qcrd_ray.qcrd.snapshots import SnapshotStore, cpu_state_dict  # noqa: E402
+from qcrd_ray.actors.snapshots import SnapshotStore, cpu_state_dict  # noqa: E402
 from qcrd_ray.qcrd.step import DistillModel, make_batch  # noqa: E402
 from qcrd_ray.qcrd.targets import tokenizer_texts  # noqa: E402
 from qcrd_ray.ray_utils import worker_runtime_env  # noqa: E402

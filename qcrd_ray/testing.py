@@ -55,3 +55,12 @@ def train_tiny_student(path: str | Path, steps: int = 100, train_size: int = 200
         torch.set_num_threads(threads)
     model.eval()
     student.save_student(model, tok, path)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (a server started by a test or benchmark binds it next)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

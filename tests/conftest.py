@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from qcrd_ray.ray_utils import worker_runtime_env
+from qcrd_ray.testing import free_port
 
 # Ray Train's health check otherwise makes every report block ~2 s; Ray must not ask for a token locally.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -57,13 +58,6 @@ def ray_session(request):
     ray.shutdown()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def s3_server():
@@ -74,7 +68,7 @@ def s3_server():
     moto_server = pytest.importorskip("moto.server", reason="the S3 tests need the dev extra (moto[server])")
     import ray
 
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {

@@ -17,8 +17,8 @@ import torch
 from qcrd_ray import storage
 from qcrd_ray.config import SnapshotConfig, from_dict
 from qcrd_ray.data.synthetic import make_split
-from qcrd_ray.qcrd.sampler import NegativePool
-from qcrd_ray.qcrd.snapshots import SnapshotStore, cpu_state_dict, persisted_rounds, snapshot_store
+from qcrd_ray.actors.sampler import NegativePool
+from qcrd_ray.actors.snapshots import SnapshotStore, cpu_state_dict, persisted_rounds, snapshot_store
 from qcrd_ray.students import load_student, save_student
 
 pytestmark = pytest.mark.ray

@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from jobs import submit as jobs_submit
+from qcrd_ray.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -32,11 +32,6 @@ SMALL_RUN = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextlib.contextmanager
 def _head(env: dict[str, str]):
@@ -44,7 +39,7 @@ def _head(env: dict[str, str]):
     server's address. `--block` keeps the head's processes in one process group that this test owns, so the
     teardown stops exactly them (`ray stop` would stop every Ray on the machine)."""
     # every port of our own: the agent's default (52365) is taken by any other head on this machine
-    port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
+    port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
     env.pop("RAY_ADDRESS", None)

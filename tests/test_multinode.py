@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from qcrd_ray import storage
+from qcrd_ray.testing import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -141,17 +141,12 @@ def test_a_second_driver_elsewhere_evaluates_and_reports_the_run_from_its_uri(ru
     assert list(tmp_path.iterdir()) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster, tmp_path):
     import httpx
 
     uri, _, _ = run_uri
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([QCRD, "serve", "--model", storage.join(uri, "qcrd"), "--port", str(port)],
                               cwd=tmp_path, env=_env(multinode_cluster), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from qcrd_ray.cli import main
+from qcrd_ray.testing import free_port
 
 SMALL = [
     "--set", "data.synthetic_train_size=64", "--set", "data.synthetic_eval_size=24",
@@ -73,7 +74,7 @@ def test_printed_serve_command_serves_the_run_without_a_task(finished_run, capsy
     [command] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("serve it: ")]
     argv = command.removeprefix("serve it: qcrd ").split()
     assert argv == ["serve", "--model", str(finished_run / "qcrd")]
-    args = build_parser(load_subcommands="serve").parse_args([*argv, "--port", str(_free_port())])
+    args = build_parser(load_subcommands="serve").parse_args([*argv, "--port", str(free_port())])
     cfg = load_config_from_args(args, host="serve.host", port="serve.port")
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
     try:
@@ -88,13 +89,6 @@ def test_printed_serve_command_serves_the_run_without_a_task(finished_run, capsy
     finally:
         serve.shutdown()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_eval_of_a_method_directory_uses_the_runs_config(finished_run, capsys):

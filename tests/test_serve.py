@@ -5,7 +5,6 @@ every bad-request case, overload → 503, a crashed replica replaced)."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ from serve.schemas import (
     plan_predict,
     served_tasks,
 )
+from qcrd_ray.testing import free_port
 
 LIMITS = Limits(max_input_chars=100, max_inputs_per_request=4, max_new_tokens=32)
 TASKS = served_tasks("synthetic")
@@ -382,11 +382,6 @@ def test_qcrd_serve_refuses_a_missing_model_before_starting_ray(tmp_path, capsys
 # the service over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 QUESTIONS = [
     "Tom has 5 apples. He buys 3 more.\nHow many apples does he have now?",
@@ -415,7 +410,7 @@ def server(ray_session, run_dir):
 
     from serve.app import build
 
-    port = _free_port()
+    port = free_port()
     cfg = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_batch_size": 8,
                                   "batch_wait_timeout_s": 0.05, "max_input_chars": 500,
                                   "max_inputs_per_request": 8, "max_new_tokens": 48})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from pathlib import Path
 
 import httpx
@@ -30,6 +29,7 @@ from serve.schemas import (
     sse_event,
     student_message,
 )
+from qcrd_ray.testing import free_port
 
 LIMITS = Limits(max_input_chars=100, max_inputs_per_request=4, max_new_tokens=32)
 
@@ -300,11 +300,6 @@ def test_vllm_refuses_a_seq2seq_student_and_a_local_lora(tmp_path, capsys):
 # a causal student over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 QUESTIONS = [
     "Tom has 5 apples. He buys 3 more.\nHow many apples does he have now?",
@@ -334,7 +329,7 @@ def causal_server(ray_session, causal_run):
 
     from serve.app import build
 
-    port = _free_port()
+    port = free_port()
     cfg = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_batch_size": 8,
                                   "batch_wait_timeout_s": 0.05, "max_input_chars": 500,
                                   "max_inputs_per_request": 8, "max_new_tokens": 48})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from qcrd_ray.qcrd.snapshots import SnapshotState, cpu_state_dict
+from qcrd_ray.actors.snapshots import SnapshotState, cpu_state_dict
 
 
 def _tied_t5(seed: int) -> T5ForConditionalGeneration:

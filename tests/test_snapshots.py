@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qcrd_ray import storage
-from qcrd_ray.qcrd.snapshots import (
+from qcrd_ray.actors.snapshots import (
     SnapshotStore, persisted_rounds, rounds_to_keep, snapshot_bytes, snapshot_path, source_round,
 )
 

@@ -96,7 +96,7 @@ def test_max_operand_bounds_every_stated_number_and_leaves_the_default_stream_al
 
 
 def _samples(noise, steps, questions=1000, k=10):
-    from qcrd_ray.teacher.backends.synthetic import HARD_SHARE, synthetic_sample  # noqa: F401
+    from qcrd_ray.teacher.backends.synthetic import synthetic_sample
 
     rows = make_split("train", train_size=questions, eval_size=1, steps=steps, seed=7)
     return [(row, [synthetic_sample(row["label"], 1000 * i + s, 0.7, row["id"], noise) for s in range(k)])

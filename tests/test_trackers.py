@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from qcrd_ray.config import ConfigError, from_dict
 from qcrd_ray.trackers import log_results, open_trackers
+from qcrd_ray.testing import free_port
 
 # what rank 0 writes to metrics.jsonl: per-step lines (every loss term, D's scores, lr, throughput) and round ends
 STEP_LINES = [
@@ -26,18 +26,13 @@ STEP_LINES = [
 ] + [{"step": 3, "completed_rounds": 1, "round_s": 1.5, "neg_wait_s": 0.0, "time": 1.8e9}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on a free loopback port with a SQLite store, waited for, stopped with its workers."""
     pytest.importorskip("mlflow")
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     # no job runner (its consumers are a few processes this test does not need)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -1,1 +1,2 @@
-"""The QCRD method: losses (Eq. 2-8), the quality discriminator, the training step, snapshots and negatives."""
+"""The QCRD method, torch only: losses (Eq. 2-8), the quality discriminator, the training step, the targets (the
+Ray actors that hold snapshots and sample negatives are in qcrd_ray/actors/)."""

@@ -33,7 +33,7 @@ from qcrd_ray import students as student_lib
 from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses
 from qcrd_ray.qcrd.discriminator import Discriminator, pretrain_discriminator, refresh
-from qcrd_ray.qcrd.snapshots import cpu_state_dict
+from qcrd_ray.actors.snapshots import cpu_state_dict
 from qcrd_ray.qcrd.step import DistillModel, accumulate, make_batch
 from qcrd_ray.runs import MethodLayout
 from qcrd_ray.train import checkpoint as ckpt

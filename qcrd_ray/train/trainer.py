@@ -30,8 +30,8 @@ from qcrd_ray import console, storage
 from qcrd_ray import students as student_lib
 from qcrd_ray.config import Config
 from qcrd_ray.methods import method_spec
-from qcrd_ray.qcrd.sampler import NegativePool
-from qcrd_ray.qcrd.snapshots import snapshot_store
+from qcrd_ray.actors.sampler import NegativePool
+from qcrd_ray.actors.snapshots import snapshot_store
 from qcrd_ray.qcrd.targets import tokenizer_texts
 from qcrd_ray.runs import MethodLayout
 from qcrd_ray.students import lora

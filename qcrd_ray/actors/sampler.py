@@ -1,6 +1,6 @@
 """Negative sampler: actors that write the student negatives of a round from the lagged snapshot.
 
-For round ``r`` each actor fetches snapshot ``r - j`` from the :class:`~qcrd_ray.qcrd.snapshots.SnapshotStore`
+For round ``r`` each actor fetches snapshot ``r - j`` from the :class:`~qcrd_ray.actors.snapshots.SnapshotStore`
 (the oldest held during the first rounds), samples one ``explain:`` output per training example at temperature
 ``snapshots.temperature`` (1.5) with its engine (``snapshots.engine``: Hugging Face ``generate``, or vLLM on GPU
 nodes; qcrd_ray/students/engines.py), and tags each with the snapshot's round. Under LoRA a snapshot is the

@@ -15,7 +15,6 @@ same reload.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import warnings
 from typing import Iterable
