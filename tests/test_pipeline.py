@@ -91,6 +91,45 @@ def test_printed_serve_command_serves_the_run_without_a_task(finished_run, capsy
 
 
 
+def test_a_causal_lora_run_prints_a_serve_command_that_chats_with_and_without_streaming(ray_session, tmp_path,
+                                                                                         capsys):
+    """Issue 20's done-when: `qcrd run --set student.family=causal --set student.lora.r=8` runs every stage, exports
+    the student merged and as an adapter, and the serve command it prints answers the official OpenAI client's
+    chat completions, streamed and not (the same greedy text)."""
+    import openai
+    from ray import serve
+
+    from qcrd_ray.cli import build_parser, load_config_from_args
+    from serve.app import build
+
+    out = tmp_path / "causal"
+    assert main(["run", "--out", str(out), "--set", "student.family=causal", "--set", "student.lora.r=8",
+                 *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "qcrd" / "model" / "config.json").is_file()
+    assert (out / "qcrd" / "adapter" / "adapter_config.json").is_file()
+    for mode in ("predict", "explain"):
+        assert json.loads((out / "qcrd" / "eval" / f"test-{mode}" / "metrics.json").read_text())["n"] == 24
+    [command] = [line for line in printed.splitlines() if line.startswith("serve it: ")]
+    args = build_parser(load_subcommands="serve").parse_args(
+        [*command.removeprefix("serve it: qcrd ").split(), "--port", str(free_port())])
+    cfg = load_config_from_args(args, host="serve.host", port="serve.port")
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+    try:
+        serve.run(build(args.model, cfg, args.name), name="causal", route_prefix="/")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serve.port}/v1", api_key="unused", timeout=120)
+        messages = [{"role": "user", "content": "Tom has 5 apples. He buys 3 more. How many apples does he have?"}]
+        whole = client.chat.completions.create(model=f"{out.name}/qcrd", messages=messages, temperature=0,
+                                               max_tokens=24)
+        chunks = list(client.chat.completions.create(model=f"{out.name}/qcrd", messages=messages, temperature=0,
+                                                     max_tokens=24, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == whole.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    finally:
+        serve.shutdown()
+
+
 def test_eval_of_a_method_directory_uses_the_runs_config(finished_run, capsys):
     """`qcrd eval --model RUN/<method>` needs no --task or --config: the run's config (task, sizes) is used and
     the outputs land in RUN/<method>/eval."""
