@@ -5,8 +5,10 @@ the defaults below, a YAML file (``--config``), and ``--set section.key=value`` 
 validated: an unknown section or key, a value of the wrong type, a choice outside its allowed set or a number
 out of range raises :class:`ConfigError` naming the key and what is allowed.
 
-Choices and ranges live in each field's metadata (``choices=...``, ``lo``/``hi``), so validation, error
-messages and ``qcrd config show`` all read the same declaration.
+Choices, ranges and a one-line help live in each field's metadata (``choices=...``, ``lo``/``hi``, ``help``, as
+TRL's ``field(metadata={"help": ...})``), so validation, error messages and ``qcrd config explain`` all read the
+same declaration. A field's help says what it means (units, what 0 or null does); a comment beside it keeps only
+the why.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
-def _choice(default: Any, *choices: Any) -> Any:
-    return field(default=default, metadata={"choices": choices})
+def _field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
+    """A field with its one-line ``help`` (``qcrd config explain``); ``factory`` for a mutable default."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
-def _num(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
-    return field(default=default, metadata={"lo": lo, "hi": hi})
+def _choice(default: Any, *choices: Any, help: str) -> Any:
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def _num(default: Any, lo: float | None = None, hi: float | None = None, *, help: str) -> Any:
+    return field(default=default, metadata={"lo": lo, "hi": hi, "help": help})
 
 
 TASKS = ("synthetic", "svamp", "cqa", "anli1", "esnli")
@@ -41,242 +48,303 @@ TASKS = ("synthetic", "svamp", "cqa", "anli1", "esnli")
 
 @dataclass(frozen=True)
 class DataConfig:
-    # None = the built-in synthetic arithmetic task (no download); else a DSS-layout folder holding
-    # `<task>/<task>_<split>.json`, or a JSONL/Parquet file for a user task.
-    data_dir: str | None = None
-    task: str = "synthetic"  # one of TASKS, or a user task name when `format` is jsonl/parquet
-    format: str = _choice("dss", "dss", "jsonl", "parquet")
-    # user tasks: column mapping from the file's columns to ours (id, input, label, choices)
-    columns: dict = field(default_factory=dict)
-    answer_type: str = _choice("auto", "auto", "numeric", "choice", "text")
-    train_split: str = "train"
-    eval_split: str = "test"
-    valid_fraction: float = _num(0.1, 0.0, 0.5)  # carved from train where a dataset has no valid split
-    split_seed: int = 0
-    max_rows: int | None = _num(None, 1)  # cap rows per split (quick runs); None = all
-    synthetic_train_size: int = _num(600, 1)
-    synthetic_eval_size: int = _num(150, 1)
-    synthetic_seed: int = 0
-    # operations per synthetic problem: 2 → "( ( a op b ) op c )", whose rationale's intermediate value the label lacks
-    synthetic_steps: int = _num(1, 1, 3)
-    # the largest number a synthetic problem states (None: up to 60); 9 = single digits, which a from-scratch
-    # student learns to copy in a few hundred steps (docs/quality.md)
-    synthetic_max_operand: int | None = _num(None, MIN_MAX_OPERAND)
-    # 1: the equation-labelled task above; 2: testbed v2 (docs/quality.md), one-step problems whose operation the
-    # wording implies, labelled with the final number; the synthetic teacher errs by a wording-tied misconception
-    synthetic_version: int = _num(1, 1, 2)
+    data_dir: str | None = _field(
+        None, help="where the data is: a DSS-layout folder holding <task>/<task>_<split>.json, or a user task's "
+                   "JSONL/Parquet file (its train split) or folder of splits; null = the built-in synthetic task")
+    task: str = _field("synthetic", help=f"task name: one of {', '.join(TASKS)}, or a user task's name when "
+                                         "data.format is jsonl or parquet")
+    format: str = _choice("dss", "dss", "jsonl", "parquet",
+                          help="how data.data_dir is read: dss (the DSS layout of svamp, cqa, anli1, esnli), "
+                               "or jsonl / parquet (a user task, columns mapped by data.columns)")
+    columns: dict = _field(factory=dict, help="user tasks: our column (id, input, label, choices, rationale or "
+                                              "rationales) -> the file's column; a column not listed keeps our name")
+    answer_type: str = _choice("auto", "auto", "numeric", "choice", "text",
+                               help="how answers are parsed and scored; auto = a built-in task's own type (a user "
+                                    "task: choice, scored as text where a row has no choices)")
+    train_split: str = _field("train", help="the split the teacher labels and the student trains on")
+    eval_split: str = _field("test", help="the split `qcrd run` evaluates and reports on (`qcrd eval`'s default "
+                                          "--split)")
+    valid_fraction: float = _num(0.1, 0.0, 0.5, help="share of the train rows carved out as the valid split where "
+                                                     "a dataset has no valid file (svamp, cqa); train then excludes "
+                                                     "them")
+    split_seed: int = _field(0, help="seed of the random choice of the valid rows carved from train "
+                                     "(data.valid_fraction)")
+    max_rows: int | None = _num(None, 1, help="cap on the rows of each split (quick runs); null = all rows")
+    synthetic_train_size: int = _num(600, 1, help="synthetic task: problems in its train split")
+    synthetic_eval_size: int = _num(150, 1, help="synthetic task: problems in each of its valid and test splits")
+    synthetic_seed: int = _field(0, help="synthetic task: seed of the problem generator (splits never share a "
+                                         "problem)")
+    synthetic_steps: int = _num(1, 1, 3, help="synthetic task: operations per problem; 2 = '( ( a op b ) op c )', "
+                                              "whose rationale's intermediate value the label lacks")
+    # 9 = single digits, which a from-scratch student learns to copy in a few hundred steps (docs/quality.md)
+    synthetic_max_operand: int | None = _num(None, MIN_MAX_OPERAND,
+                                             help="synthetic task: the largest number a problem states (its label "
+                                                  "included); null = up to 60")
+    # testbed v2 (docs/quality.md): the synthetic teacher errs by a misconception tied to the wording
+    synthetic_version: int = _num(1, 1, 2, help="synthetic task: 1 = equation-labelled problems; 2 = testbed v2, "
+                                                "one-step problems whose operation the wording implies, labelled "
+                                                "with the final number")
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    backend: str = _choice("synthetic", "synthetic", "hf", "http", "vllm", "recorded")
-    model: str | None = None  # HF name/path (hf, vllm) or API model name (http)
-    k: int = _num(5, 1, 64)  # rationales sampled per question
-    temperature: float = _num(0.7, 0.0, 2.0)
-    max_tokens: int = _num(256, 1)
-    stop: tuple = ()
-    seed: int = 0
-    # synthetic backend: the share of sampled rationales with a wrong step (the testbed's dial, docs/quality.md);
-    # None = grows with the temperature (37 % at 0.7). hard_share of the questions err twice as often, mostly
-    # with one shared wrong operator, so their majority can be wrong
-    noise: float | None = _num(None, 0.0, 0.9)
-    hard_share: float = _num(0.2, 0.0, 0.5)
-    # Ray Data actor pool: autoscales between min_actors and max_actors with the backlog
-    min_actors: int = _num(1, 1)
-    max_actors: int = _num(2, 1)
-    batch_size: int = _num(16, 1)
-    num_cpus: float = _num(0.5, 0.0)  # per teacher actor (fractional on a laptop)
-    num_gpus: float = _num(0.0, 0.0)  # per teacher actor (vllm / hf on a GPU cluster)
-    shard_rows: int = _num(256, 1)  # examples per output Parquet shard (the unit of resumption)
-    # times Ray restarts a lost teacher actor (killed, its node gone); its unfinished batches rerun on the new one
-    max_restarts: int = _num(3, 0)
-    # http backend (OpenAI-compatible)
-    base_url: str = "http://127.0.0.1:8000/v1"
-    api: str = _choice("chat", "chat", "completions")
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = _num(60.0, 0.1)
-    max_retries: int = _num(4, 0)
-    backoff_s: float = _num(1.0, 0.0)
-    max_concurrency: int = _num(8, 1)
-    # vllm backend
-    tensor_parallel_size: int = _num(1, 1)
-    max_model_len: int = _num(4096, 64)
-    gpu_memory_utilization: float = _num(0.85, 0.05, 1.0)
+    backend: str = _choice("synthetic", "synthetic", "hf", "http", "vllm", "recorded",
+                           help="who writes the rationales: synthetic (rule-based, no model), hf (a local Hugging "
+                                "Face model), http (an OpenAI-compatible API), vllm (Ray Data LLM on GPUs), recorded "
+                                "(the dataset's llm/ rationales; teacher.k=1)")
+    model: str | None = _field(None, help="Hugging Face name or path (hf, vllm) or the API's model name (http); "
+                                          "null = none (synthetic, recorded)")
+    k: int = _num(5, 1, 64, help="rationales sampled per question (K), over which self-consistency votes")
+    temperature: float = _num(0.7, 0.0, 2.0, help="teacher sampling temperature; 0 = greedy (hf); the synthetic "
+                                                   "teacher errs more as it grows (see teacher.noise)")
+    max_tokens: int = _num(256, 1, help="the most tokens the teacher generates per rationale")
+    stop: tuple = _field((), help="stop sequences: a rationale ends before the first one (hf, http, vllm); empty = "
+                                  "none")
+    seed: int = _field(0, help="teacher seed: each sample's seed is derived from it, the example id and the "
+                               "sample index (so a rerun samples the same)")
+    # hard questions err mostly with one shared wrong operator, so their majority can be wrong
+    noise: float | None = _num(None, 0.0, 0.9, help="synthetic backend: share of sampled rationales with a wrong "
+                                                    "step (the testbed's dial, docs/quality.md); null = grows with "
+                                                    "teacher.temperature (37 % at 0.7)")
+    hard_share: float = _num(0.2, 0.0, 0.5, help="synthetic backend: share of questions that are hard, erring twice "
+                                                 "as often as the others")
+    min_actors: int = _num(1, 1, help="fewest teacher actors: the Ray Data pool autoscales between min_actors and "
+                                      "max_actors with the backlog")
+    max_actors: int = _num(2, 1, help="most teacher actors in the Ray Data pool (vllm: engines)")
+    batch_size: int = _num(16, 1, help="sample rows per teacher batch (each question counts k times)")
+    num_cpus: float = _num(0.5, 0.0, help="CPUs reserved per teacher actor (fractional on a laptop)")
+    num_gpus: float = _num(0.0, 0.0, help="GPUs reserved per teacher actor (hf or vllm on a GPU cluster); 0 = CPU "
+                                          "only")
+    shard_rows: int = _num(256, 1, help="examples per output Parquet shard, the unit of resumption (a rerun "
+                                        "redoes only unfinished shards)")
+    max_restarts: int = _num(3, 0, help="times Ray restarts a lost teacher actor (killed, its node gone), its "
+                                        "unfinished batches rerunning on the new one; 0 = never")
+    base_url: str = _field("http://127.0.0.1:8000/v1", help="http backend: base URL of the OpenAI-compatible API")
+    api: str = _choice("chat", "chat", "completions",
+                       help="http and vllm backends: chat (messages, the model's chat template) or completions "
+                            "(the raw prompt)")
+    api_key_env: str = _field("OPENAI_API_KEY", help="http backend: environment variable holding the API key, "
+                                                     "sent as a Bearer token (unset: no Authorization header)")
+    timeout_s: float = _num(60.0, 0.1, help="http backend: timeout of one request, in seconds")
+    max_retries: int = _num(4, 0, help="http backend: retries of a request after a timeout, connection error, 429 "
+                                       "or 5xx; 0 = one attempt")
+    backoff_s: float = _num(1.0, 0.0, help="http backend: delay before the first retry in seconds, doubling at "
+                                           "each retry (at least Retry-After, at most 60 s)")
+    max_concurrency: int = _num(8, 1, help="http backend: requests in flight at once per teacher actor")
+    tensor_parallel_size: int = _num(1, 1, help="vllm backend: GPUs each engine shards the model over")
+    max_model_len: int = _num(4096, 64, help="hf and vllm backends: the teacher's context in tokens, prompt plus "
+                                             "rationale (hf: at most the model's own; a longer prompt loses its "
+                                             "start)")
+    gpu_memory_utilization: float = _num(0.85, 0.05, 1.0, help="vllm backend: share of each GPU's memory an "
+                                                               "engine may take")
 
 
 @dataclass(frozen=True)
 class SelfConsistencyConfig:
-    # majority (paper): the majority answer's rationales are positives; gold: positives answer the gold label
-    positive_rule: str = _choice("majority", "majority", "gold")
+    positive_rule: str = _choice("majority", "majority", "gold",
+                                 help="teacher positives: majority (the paper: the rationales giving the majority "
+                                      "answer) or gold (those giving the gold label); other answered ones are "
+                                      "negatives")
 
 
 @dataclass(frozen=True)
 class LoraConfig:
     # LoRA adapters through peft (qcrd_ray/students/lora.py): only the adapters train, snapshots carry only them,
     # the final model is saved merged (model/, the default for eval and serve) and as an adapter (adapter/)
-    r: int = _num(0, 0)  # adapter rank; 0 = LoRA off (full fine-tuning)
-    alpha: float = _num(16.0, 0.0)  # scaling: the update is (alpha / r) · B·A
-    dropout: float = _num(0.0, 0.0, 1.0)
-    # module names to adapt (e.g. [q_proj, v_proj]); empty = peft's default for the model type (T5: q, v)
-    target_modules: tuple = ()
+    r: int = _num(0, 0, help="LoRA adapter rank; 0 = LoRA off (full fine-tuning)")
+    alpha: float = _num(16.0, 0.0, help="LoRA scaling: the update is (alpha / r) · B·A")
+    dropout: float = _num(0.0, 0.0, 1.0, help="dropout probability on the adapters' input; 0 = none")
+    target_modules: tuple = _field((), help="module names to adapt (e.g. [q_proj, v_proj]); empty = peft's default "
+                                            "for the model type (T5: q, v)")
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    # "tiny" = a small model of the family below (T5 or Llama-style) built from the tiny_* keys, with a Unigram
-    # tokenizer trained on the task's text; anything else is a Hugging Face hub name or a local path
-    # (google/t5-v1_1-base, Qwen/Qwen2.5-0.5B-Instruct)
-    model: str = "tiny"
-    # qcrd_ray/students/: seq2seq (T5: encoder-decoder) or causal (decoder-only: Llama, Qwen, SmolLM, GPT-2);
-    # auto reads the model's config (a tiny model is seq2seq under auto)
-    family: str = _choice("auto", "auto", "seq2seq", "causal")
-    # causal students: auto = the tokenizer's own chat template where it has one (else the task prompt, said
-    # once), none = always the task prompt, or the path of a Jinja file to use as the template
-    chat_template: str = "auto"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    max_input_len: int = _num(256, 8)
-    max_target_len: int = _num(128, 8)
-    tiny_vocab_size: int = _num(800, 64)
-    tiny_d_model: int = _num(64, 8)
-    tiny_d_ff: int = _num(128, 8)
-    tiny_layers: int = _num(2, 1)
-    tiny_heads: int = _num(4, 1)
-    dtype: str = _choice("float32", "float32", "bfloat16", "float16")
+    model: str = _field("tiny", help="tiny (a small model of student.family from the tiny_* keys, with a Unigram "
+                                     "tokenizer trained on the task's text), or a Hugging Face hub name or local "
+                                     "path (google/t5-v1_1-base, Qwen/Qwen2.5-0.5B-Instruct)")
+    family: str = _choice("auto", "auto", "seq2seq", "causal",
+                          help="seq2seq (T5: encoder-decoder) or causal (decoder-only: Llama, Qwen, SmolLM, GPT-2), in "
+                               "qcrd_ray/students/; auto reads the model's config (a tiny model is seq2seq)")
+    chat_template: str = _field("auto", help="causal students: auto = the tokenizer's chat template where it has "
+                                             "one (else the task prompt), none = always the task prompt, or a Jinja "
+                                             "file's path")
+    lora: LoraConfig = _field(factory=LoraConfig, help="LoRA adapters through peft (student.lora.*); r 0 = off")
+    max_input_len: int = _num(256, 8, help="the longest student prompt in tokens: a longer example is rejected, "
+                                           "never truncated (D's pair texts are cut to it)")
+    max_target_len: int = _num(128, 8, help="the longest student target in tokens (longer ones are truncated); "
+                                            "also the evaluation's generation limit")
+    tiny_vocab_size: int = _num(800, 64, help="tiny student: vocabulary size of its Unigram tokenizer")
+    tiny_d_model: int = _num(64, 8, help="tiny student: hidden size")
+    tiny_d_ff: int = _num(128, 8, help="tiny student: inner size of the feed-forward blocks")
+    tiny_layers: int = _num(2, 1, help="tiny student: layers (a seq2seq model: in the encoder and in the decoder)")
+    tiny_heads: int = _num(4, 1, help="tiny student: attention heads")
+    dtype: str = _choice("float32", "float32", "bfloat16", "float16",
+                         help="dtype of the student's weights (see train.precision for autocast)")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    alpha1: float = _num(0.5, 0.0)  # label task (L_pred)
-    alpha2: float = _num(0.5, 0.0)  # contrastive rationale loss (L_cl)
-    alpha3: float = _num(0.5, 0.0)  # discriminator loss (L_D), decayed each round
-    alpha3_decay: float = _num(0.9, 0.0, 1.0)
-    beta: float = _num(0.2, 0.0)  # weight of the negative term
-    delta: float = _num(3.0, 0.0)  # margin: negatives whose loss exceeds delta give no gradient
-    dss_lambda: float = _num(1.0, 0.0)  # DSS baseline: L_pred + lambda * L_rationale
-    positives: str = _choice("sc", "sc", "single")  # ED ablation: all SC positives, or one teacher rationale
-    negatives: str = _choice("both", "both", "none", "teacher", "student")  # NK ablation
-    quality_judge: bool = True  # QJ ablation: off => s_pos = 1, s_neg = 0
-    scheme: str = _choice("minmax", "minmax", "maxmin", "sampling", "mean", "wmean")  # many-to-one (Table 5)
-    # what delta is compared against: the per-token mean CE of a negative (the spec) or its sequence-sum CE (a
-    # near copy of a positive can then reach the margin); the negative term stays in per-token units either way
-    margin_reduction: str = _choice("mean", "mean", "sum")
-    # minmax's negative: the max-loss one (the spec), or the max-loss one still below the margin, so an example
-    # whose worst negative is already beyond delta (a lagged student's babble) keeps a gradient from the others
-    negative_pick: str = _choice("max", "max", "max_within_margin")
-    # DSS's one rationale: the first parsed teacher sample (distilling step-by-step), or the first whose answer
-    # is the gold label (the headroom control "clean-DSS": clean rationales only; none such: label task only)
-    dss_rationale: str = _choice("first", "first", "gold")
+    alpha1: float = _num(0.5, 0.0, help="weight of the label task loss (L_pred)")
+    alpha2: float = _num(0.5, 0.0, help="weight of the contrastive rationale loss (L_cl)")
+    alpha3: float = _num(0.5, 0.0, help="initial weight of the discriminator loss (L_D), decayed each round")
+    alpha3_decay: float = _num(0.9, 0.0, 1.0, help="alpha3's factor per round: round r uses alpha3 · "
+                                                   "alpha3_decay^r; 1 = constant")
+    beta: float = _num(0.2, 0.0, help="weight of the negative term of L_cl")
+    delta: float = _num(3.0, 0.0, help="margin, in CE units (loss.margin_reduction): negatives whose loss exceeds "
+                                       "delta give no gradient")
+    dss_lambda: float = _num(1.0, 0.0, help="DSS baseline: its loss is L_pred + dss_lambda · L_rationale")
+    positives: str = _choice("sc", "sc", "single", help="ED ablation: sc = all self-consistent teacher positives, "
+                                                        "single = one teacher rationale")
+    negatives: str = _choice("both", "both", "none", "teacher", "student",
+                             help="NK ablation: the negatives trained against (teacher, student, both or none)")
+    quality_judge: bool = _field(True, help="QJ ablation: false = no discriminator scores (s_pos = 1, s_neg = 0)")
+    scheme: str = _choice("minmax", "minmax", "maxmin", "sampling", "mean", "wmean",
+                          help="many-to-one scheme (Table 5): minmax (the paper: min loss over positives, max over "
+                               "negatives), maxmin, sampling (one drawn), mean, wmean (weighted by D's scores)")
+    # sum: a near copy of a positive can then reach the margin
+    margin_reduction: str = _choice("mean", "mean", "sum",
+                                    help="what delta is compared against: a negative's per-token mean CE (mean, the "
+                                         "spec) or its sequence-sum CE; the negative term stays per-token")
+    # max_within_margin: an example whose worst negative is already beyond delta (a lagged student's babble) keeps
+    # a gradient from the others
+    negative_pick: str = _choice("max", "max", "max_within_margin",
+                                 help="minmax's negative: the max-loss one (max, the spec) or the max-loss one still "
+                                      "below delta")
+    # gold is the headroom control "clean-DSS": clean rationales only
+    dss_rationale: str = _choice("first", "first", "gold",
+                                 help="DSS's one rationale: the first parsed teacher sample (first, distilling "
+                                      "step-by-step) or the first whose answer is the gold label (none: label only)")
 
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
-    share_encoder: bool = False  # True: D pools the student's encoder instead of its own copy
-    hidden: int = _num(256, 1)
-    pretrain_steps: int = _num(500, 0)  # upper bound on pre-training steps on teacher positives vs negatives
-    pretrain_batch_size: int = _num(16, 1)
-    refresh_steps: int = _num(20, 0)  # steps on new student negatives at each round end
-    lr: float = _num(1e-4, 0.0)
-    mask_prob: float = _num(0.15, 0.0, 1.0)  # augmentation: random word masking
-    replace_prob: float = _num(0.1, 0.0, 1.0)  # augmentation: random word replacement
+    share_encoder: bool = _field(False, help="true: D pools the student's own encoder instead of its own copy")
+    hidden: int = _num(256, 1, help="hidden size of D's scoring head")
+    pretrain_steps: int = _num(500, 0, help="most pre-training steps of D on teacher positives vs negatives; 0 = "
+                                            "no pre-training")
+    pretrain_batch_size: int = _num(16, 1, help="pairs per step of D's pre-training and round-end refresh")
+    refresh_steps: int = _num(20, 0, help="D's steps on the new student negatives at each round end; 0 = none")
+    lr: float = _num(1e-4, 0.0, help="D's learning rate (pre-training, refresh and its own weights in the joint "
+                                     "step)")
+    mask_prob: float = _num(0.15, 0.0, 1.0, help="augmentation of the rarer class: probability of masking each "
+                                                 "word")
+    replace_prob: float = _num(0.1, 0.0, 1.0, help="augmentation of the rarer class: probability of replacing each "
+                                                   "word by a random one")
     # cost options (docs/design.md, "QCRD step cost"); the spec's D is layers 0, sharing off, pairs 0. Default:
     # layers 1 + pairs 16, the mildest change measured at <= 3x a DSS step (2.7x at T5-small shape vs 5.3x for the
     # spec's D, docs/benchmarks.md). Its quality: 3.8 points [-8.1, +0.5] below the spec's D on the testbed, the
     # one-layer D being what costs (sampled pairs alone lose nothing); layers 0 + pairs 16 (3.5x) keeps quality
-    layers: int = _num(1, 0)  # D's encoder = the first `layers` blocks of the student's encoder copy; 0 = all
-    # D reads the student's own (detached) encoder states of `explain: x` and encodes only the rationale itself
-    share_question_states: bool = False
-    # L_D with gradient on the pairs of a uniform sample of examples holding about this many pairs; 0 = every pair
-    pairs_per_step: int = _num(16, 0)
+    layers: int = _num(1, 0, help="D's encoder = the first `layers` blocks of the student's encoder copy; 0 = all")
+    share_question_states: bool = _field(False, help="true: D reads the student's own (detached) encoder states of "
+                                                     "`explain: x` and encodes only the rationale itself")
+    pairs_per_step: int = _num(16, 0, help="L_D's gradient only on a uniform sample of examples holding about this "
+                                           "many pairs; 0 = every pair")
 
 
 @dataclass(frozen=True)
 class SnapshotConfig:
-    j: int = _num(5, 0)  # negatives come from the student as it was j rounds ago
-    neg_source: str = _choice("lagged", "lagged", "fixed")  # fixed: always the initial student (round 0)
-    temperature: float = _num(1.5, 0.0, 5.0)
-    max_new_tokens: int = _num(64, 1)
-    sampler_actors: int = _num(1, 1)
-    sampler_num_cpus: float = _num(0.5, 0.0)
-    sampler_num_gpus: float = _num(0.0, 0.0)
-    sampler_batch_size: int = _num(32, 1)
-    # what samples the negatives (qcrd_ray/students/engines.py): hf = Hugging Face generate (any student, any
-    # machine); vllm = vLLM on GPU nodes, causal students only, a LoRA snapshot served as a LoRARequest (not run
-    # on the project's CPU machines: tested against a fake engine only)
-    engine: str = _choice("hf", "hf", "vllm")
-    vllm_gpu_memory_utilization: float = _num(0.3, 0.05, 1.0)  # a sampler's share of its GPU (engine vllm)
-    # times Ray restarts the snapshot store / each sampler actor after its process dies (bounded, so an actor
-    # that cannot start does not restart forever); a sampler lost for good: its examples get teacher negatives
-    actor_restarts: int = _num(3, 0)
+    j: int = _num(5, 0, help="lag in rounds: student negatives come from the student as it was j rounds ago (the "
+                             "initial one before that)")
+    neg_source: str = _choice("lagged", "lagged", "fixed",
+                              help="lagged = the student j rounds ago; fixed = always the initial student (round 0)")
+    temperature: float = _num(1.5, 0.0, 5.0, help="sampling temperature of the student negatives")
+    max_new_tokens: int = _num(64, 1, help="the most tokens of one student negative (a longer one is cut off)")
+    sampler_actors: int = _num(1, 1, help="negative sampler actors, each sampling its part of the training "
+                                          "examples")
+    sampler_num_cpus: float = _num(0.5, 0.0, help="CPUs reserved per sampler actor")
+    sampler_num_gpus: float = _num(0.0, 0.0, help="GPUs reserved per sampler actor; 0 = CPU only")
+    sampler_batch_size: int = _num(32, 1, help="examples per generate call of a sampler actor")
+    # vllm serves a LoRA snapshot as a LoRARequest; it is not run on the project's CPU machines: tested against a
+    # fake engine only
+    engine: str = _choice("hf", "hf", "vllm",
+                          help="what samples the negatives (qcrd_ray/students/engines.py): hf = Hugging Face "
+                               "generate (any student); vllm = vLLM on GPU nodes, causal students only")
+    vllm_gpu_memory_utilization: float = _num(0.3, 0.05, 1.0, help="engine vllm: a sampler's share of its GPU's "
+                                                                   "memory")
+    # bounded, so an actor that cannot start does not restart forever
+    actor_restarts: int = _num(3, 0, help="times Ray restarts the snapshot store / a sampler actor whose process "
+                                          "died; a sampler lost for good: its examples get teacher negatives")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = _choice("qcrd", "qcrd", "dss", "finetune")
-    num_workers: int = _num(2, 1)
-    use_gpu: bool = False
-    num_cpus_per_worker: float = _num(0.5, 0.0)
-    batch_size: int = _num(8, 1)  # per worker
+    method: str = _choice("qcrd", "qcrd", "dss", "finetune",
+                          help="what trains: qcrd (the paper), dss (distilling step-by-step) or finetune (labels "
+                               "only)")
+    num_workers: int = _num(2, 1, help="Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = _field(False, help="true: one GPU per worker (NCCL); false: CPU workers (gloo)")
+    num_cpus_per_worker: float = _num(0.5, 0.0, help="CPUs reserved per training worker")
+    batch_size: int = _num(8, 1, help="examples per worker in one micro-batch")
     # 3e-3 suits the tiny from-scratch student of the embedded default; pretrained T5s want ~5e-5 (configs/paper)
-    lr: float = _num(3e-3, 0.0)
-    weight_decay: float = _num(0.0, 0.0)
-    warmup_steps: int = _num(0, 0)
-    rounds: int = _num(20, 1)  # training length in rounds
-    round_steps: int = _num(0, 0)  # optimizer steps per round; 0 = one epoch
-    grad_clip: float = _num(1.0, 0.0)
-    keep_checkpoints: int = _num(2, 1)
-    # times Ray Train restarts the worker group from the latest checkpoint after a worker dies (0: a lost worker
-    # ends the run, which a rerun then resumes)
-    max_failures: int = _num(3, 0)
-    log_every: int = _num(10, 1)
-    seed: int = 0
-    # where rank 0's metrics and the eval results go (qcrd_ray/trackers.py): any of tensorboard, mlflow, wandb;
-    # a tracker is imported only when listed here
-    trackers: tuple = ("tensorboard",)
-    tracking_uri: str | None = None  # MLflow server; None = MLflow's own default (MLFLOW_TRACKING_URI or ./mlruns)
-    experiment: str = "qcrd"  # MLflow experiment / W&B project (a sweep sets its name)
-    run_name: str | None = None  # tracker run name; None = the method's run directory
-    wandb_mode: str = _choice("offline", "offline", "online")
-    # cost and memory (docs/design.md, "QCRD step cost"): autocast of the student and D (losses stay fp32)
-    precision: str = _choice("fp32", "fp32", "bf16")
-    # micro-batches of batch_size per optimizer step: the global batch is batch_size × num_workers × grad_accum_steps
-    grad_accum_steps: int = _num(1, 1)
-    # memory for the [chunk, T, vocab] logits of one no-grad scoring chunk; 0 = sized to the device (a quarter of
-    # the free GPU memory, 256 MiB on CPU). Fixed small chunks made a GPU step launch-bound: 4-9x DSS at 2.4x its ops
-    score_chunk_mb: int = _num(0, 0)
-    # identical candidate texts of an example scored once, weighted by their multiplicity (exact for min/max)
-    dedup_candidates: bool = True
+    lr: float = _num(3e-3, 0.0, help="the student's learning rate (AdamW) after warmup")
+    weight_decay: float = _num(0.0, 0.0, help="AdamW weight decay; 0 = none")
+    warmup_steps: int = _num(0, 0, help="optimizer steps of linear learning-rate warmup, then constant; 0 = none")
+    rounds: int = _num(20, 1, help="training length in rounds (a checkpoint at each round end)")
+    round_steps: int = _num(0, 0, help="optimizer steps per round; 0 = one epoch of the train split")
+    grad_clip: float = _num(1.0, 0.0, help="largest global gradient norm (clipped above it); 0 = no clipping")
+    keep_checkpoints: int = _num(2, 1, help="round checkpoints kept (older ones are deleted)")
+    max_failures: int = _num(3, 0, help="times Ray Train restarts the worker group from the latest checkpoint "
+                                        "after a worker dies; 0 = a lost worker ends the run (a rerun resumes it)")
+    log_every: int = _num(10, 1, help="log the training metrics every this many optimizer steps")
+    seed: int = _field(0, help="training seed: a tiny student's initial weights, batch order and sampling draws")
+    trackers: tuple = _field(("tensorboard",), help="where rank 0's metrics and the eval results go "
+                                                    "(qcrd_ray/trackers.py): any of tensorboard, mlflow, wandb, "
+                                                    "each imported only when listed; empty = none")
+    tracking_uri: str | None = _field(None, help="MLflow server; null = MLflow's own default (MLFLOW_TRACKING_URI "
+                                                 "or ./mlruns)")
+    experiment: str = _field("qcrd", help="MLflow experiment / W&B project (a sweep sets its name)")
+    run_name: str | None = _field(None, help="tracker run name; null = the method's run directory")
+    wandb_mode: str = _choice("offline", "offline", "online", help="W&B mode: offline (logged locally) or online")
+    # cost and memory: docs/design.md, "QCRD step cost"
+    precision: str = _choice("fp32", "fp32", "bf16",
+                             help="autocast of the student and D: fp32 (none) or bf16 (the losses stay fp32)")
+    grad_accum_steps: int = _num(1, 1, help="micro-batches per optimizer step: the global batch is batch_size × "
+                                            "num_workers × grad_accum_steps")
+    # fixed small chunks made a GPU step launch-bound: 4-9x DSS at 2.4x its ops
+    score_chunk_mb: int = _num(0, 0, help="MiB for the [chunk, T, vocab] logits of one no-grad scoring chunk; 0 = "
+                                          "sized to the device (a quarter of free GPU memory, 256 MiB on CPU)")
+    dedup_candidates: bool = _field(True, help="score identical candidate texts of an example once, weighted by "
+                                               "their multiplicity (exact for min/max)")
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = _num(8000, 1, 65535)
-    max_batch_size: int = _num(16, 1)
-    # the longest a batch waits for the clients of the previous batch to come back (serve/batching.py); a lone
-    # client never waits it. 0 = take whatever is queued when the model is free
-    batch_wait_timeout_s: float = _num(0.1, 0.0)
-    min_replicas: int = _num(1, 0)
-    max_replicas: int = _num(2, 1)
-    target_ongoing_requests: float = _num(4.0, 0.1)
-    max_ongoing_requests: int = _num(32, 1)
-    max_queued_requests: int = _num(64, -1)  # per caller (the HTTP proxy); beyond it: 503. -1 = unbounded
-    num_cpus: float = _num(0.5, 0.0)
-    max_input_chars: int = _num(2000, 1)
-    max_inputs_per_request: int = _num(32, 1)
-    max_new_tokens: int = _num(128, 1)
+    host: str = _field("127.0.0.1", help="address the HTTP server listens on")
+    port: int = _num(8000, 1, 65535, help="HTTP port")
+    max_batch_size: int = _num(16, 1, help="the most inputs a replica generates for in one batch")
+    batch_wait_timeout_s: float = _num(0.1, 0.0, help="seconds a batch waits at most for the previous batch's "
+                                                      "clients to come back (a lone client never waits); 0 = take "
+                                                      "what is queued when the model is free (serve/batching.py)")
+    min_replicas: int = _num(1, 0, help="fewest replicas the autoscaler keeps; 0 = none while idle")
+    max_replicas: int = _num(2, 1, help="most replicas the autoscaler starts")
+    target_ongoing_requests: float = _num(4.0, 0.1, help="autoscaling target: ongoing requests per replica")
+    max_ongoing_requests: int = _num(32, 1, help="the most requests a replica handles at once")
+    max_queued_requests: int = _num(64, -1, help="requests queued per caller (the HTTP proxy) beyond those "
+                                                 "ongoing, the rest get 503; -1 = unbounded")
+    num_cpus: float = _num(0.5, 0.0, help="CPUs reserved per replica")
+    max_input_chars: int = _num(2000, 1, help="the longest input a request may send, in characters (else 422)")
+    max_inputs_per_request: int = _num(32, 1, help="the most inputs (or samples n) in one request (else 422)")
+    max_new_tokens: int = _num(128, 1, help="default and upper bound of the tokens generated per input")
 
 
 @dataclass(frozen=True)
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    self_consistency: SelfConsistencyConfig = field(default_factory=SelfConsistencyConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    data: DataConfig = _field(factory=DataConfig, help="the task and its data (the built-in synthetic task by "
+                                                       "default)")
+    teacher: TeacherConfig = _field(factory=TeacherConfig, help="the teacher that samples K rationales per "
+                                                                "question (qcrd teach)")
+    self_consistency: SelfConsistencyConfig = _field(factory=SelfConsistencyConfig, help="how a question's "
+                                                     "rationales split into positives and negatives")
+    student: StudentConfig = _field(factory=StudentConfig, help="the student model (and its LoRA adapters)")
+    loss: LossConfig = _field(factory=LossConfig, help="QCRD's loss weights, margin and ablation switches")
+    discriminator: DiscriminatorConfig = _field(factory=DiscriminatorConfig, help="the quality discriminator D")
+    snapshots: SnapshotConfig = _field(factory=SnapshotConfig, help="lagged student snapshots and the actors that "
+                                                                    "sample student negatives from them")
+    train: TrainConfig = _field(factory=TrainConfig, help="training with Ray Train: method, workers, optimizer, "
+                                                          "length, faults, trackers, cost")
+    serve: ServeConfig = _field(factory=ServeConfig, help="qcrd serve: server, batching, autoscaling and request "
+                                                          "limits")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -485,3 +553,80 @@ def set_path(raw: Mapping, keys: list[str], value: Any) -> dict:
         raise ConfigError(f"{'.'.join(keys[:1])}: expected a mapping of keys")
     out[head] = set_path(inner, rest, value)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# help: ``qcrd config explain``
+
+
+@dataclass(frozen=True)
+class KeyHelp:
+    """One key of the config as ``qcrd config explain`` shows it; a section or group of keys has ``keys``."""
+
+    key: str  # dotted: "train.lr", "student.lora.r"; a section: "train"
+    help: str
+    default: Any = None
+    allowed: str = ""  # its type and choices or range: "float >= 0.0", "qcrd | dss | finetune"
+    keys: tuple["KeyHelp", ...] = ()  # a section or group: its keys, plain keys first, then its groups
+
+    @property
+    def is_group(self) -> bool:
+        return bool(self.keys)
+
+
+_TYPE_NAMES = {str: "str", int: "int", float: "float", bool: "true | false", tuple: "list of str", dict: "mapping"}
+
+
+def _allowed(f: dataclasses.Field, annotation: Any) -> str:
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    name = _TYPE_NAMES.get(base, getattr(base, "__name__", str(base)))
+    choices, lo, hi = f.metadata.get("choices"), f.metadata.get("lo"), f.metadata.get("hi")
+    if choices:
+        text = " | ".join(map(str, choices))
+    elif lo is not None and hi is not None:
+        text = f"{name} in [{lo}, {hi}]"
+    elif lo is not None:
+        text = f"{name} >= {lo}"
+    elif hi is not None:
+        text = f"{name} <= {hi}"
+    else:
+        text = name
+    return text + (" or null" if optional else "")
+
+
+def _describe_group(name: str, cls: type, help: str) -> KeyHelp:
+    hints = typing.get_type_hints(cls)
+    keys, groups = [], []
+    for f in dataclasses.fields(cls):
+        key, annotation = f"{name}.{f.name}" if name else f.name, hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            groups.append(_describe_group(key, annotation, f.metadata.get("help", "")))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            keys.append(KeyHelp(key, f.metadata.get("help", ""), default, _allowed(f, annotation)))
+    return KeyHelp(name, help, keys=tuple(keys + groups))
+
+
+def describe(key: str | None = None) -> KeyHelp:
+    """The help of ``key``: one key (``"train.lr"``), a section (``"train"``) or a group (``"student.lora"``) with
+    its keys, or, with no key, the whole config (a group named ``""`` holding the sections). An unknown key raises
+    :class:`ConfigError` naming the allowed ones, as loading a config does."""
+    node = _describe_group("", Config, "the configuration: defaults <- --config FILE <- --set section.key=value")
+    if not key:
+        return node
+    parts = key.strip().split(".")
+    for depth in range(len(parts)):
+        where = ".".join(parts[: depth + 1])
+        if not node.is_group:
+            raise ConfigError(f"unknown key {key}; {node.key} is a key, not a section")
+        found = next((k for k in node.keys if k.key == where), None)
+        if found is None:
+            names = sorted(k.key.rsplit(".", 1)[-1] for k in node.keys)
+            if depth == 0:
+                raise ConfigError(f"unknown section '{parts[0]}'; allowed sections: "
+                                  f"{', '.join(k.key for k in node.keys)}")
+            raise ConfigError(f"unknown key {where}; allowed keys in '{node.key}': {', '.join(names)}")
+        node = found
+    return node

@@ -106,3 +106,51 @@ def test_parse_override_values_are_yaml():
     assert parse_override("train.rounds=3") == (["train", "rounds"], 3)
     assert parse_override("data.data_dir=/x/y") == (["data", "data_dir"], "/x/y")
     assert parse_override("data.data_dir=") == (["data", "data_dir"], "")
+
+
+def _all_fields(cls, prefix=""):
+    """(dotted key, field) of every field of ``cls``, recursively (the sections, student.lora and its keys)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, f
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _all_fields(hints[f.name], f"{prefix}{f.name}.")
+
+
+def test_every_key_has_a_one_line_help():
+    keys = dict(_all_fields(Config))
+    assert "student.lora.r" in keys and "train.lr" in keys and "serve" in keys
+    for key, f in keys.items():
+        text = f.metadata.get("help")
+        assert isinstance(text, str) and text.strip(), f"{key}: no help"
+        assert "\n" not in text and text == text.strip(), f"{key}: help is not one line: {text!r}"
+
+
+def test_config_explain(capsys):
+    assert main(["config", "explain", "train.lr"]) == 0
+    out = capsys.readouterr().out
+    assert out.split()[:4] == ["train.lr", "0.003", "float", ">="]
+    assert "learning rate" in out and "train.rounds" not in out
+    assert main(["config", "explain", "student.lora"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("student.lora: ")
+    for key, default in [("r", "0"), ("alpha", "16.0"), ("dropout", "0.0"), ("target_modules", "[]")]:
+        assert f"student.lora.{key}" in out and default in out
+    assert "0 = LoRA off" in out and "student.model" not in out
+    assert main(["config", "explain", "loss.scheme"]) == 0
+    assert "minmax | maxmin | sampling | mean | wmean" in capsys.readouterr().out
+    assert main(["config", "explain"]) == 0
+    out = capsys.readouterr().out
+    assert all(key in out for key in dict(_all_fields(Config)))  # every section, group and key
+    for argv, message in [
+        (["train.bogus"], "unknown key train.bogus; allowed keys in 'train': batch_size,"),
+        (["student.lora.rank"], "unknown key student.lora.rank; allowed keys in 'student.lora': alpha, dropout, r,"),
+        (["bogus"], "unknown section 'bogus'; allowed sections: data, teacher,"),
+        (["train.lr.x"], "unknown key train.lr.x; train.lr is a key, not a section"),
+    ]:
+        assert main(["config", "explain", *argv]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and not captured.out

@@ -16,14 +16,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "Rebuild a run's report (report.md + figures) from its outputs"),
     "serve": ("serve", "Serve a trained student over HTTP with Ray Serve"),
     "data": ("data", "Inspect a dataset: rows, rejected rows with reasons, label distribution"),
-    "config": ("config", "Show the resolved configuration (defaults <- YAML <- --set overrides)"),
+    "config": ("config", "The resolved configuration (`show`) and what every key means (`explain`)"),
     "sweep": ("sweep", "Run a grid / random search of full teach -> train -> eval trials on Ray Tune"),
 }
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every stage takes: a YAML file, ``--set section.key=value`` overrides and ``--verbose``."""
-    parser.add_argument("--config", "-c", help="YAML config file (see `qcrd config show` for every key)")
+    parser.add_argument("--config", "-c", help="YAML config file (`qcrd config explain` says what every key means)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set train.rounds=3 (repeatable)",
