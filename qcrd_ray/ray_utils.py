@@ -34,15 +34,38 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            check_reachable(address)
         # A local Ray gets its dashboard (http://127.0.0.1:8265): users watch the run there, and Ray Train's
-        # placement-group cleaner polls the state API it serves.
-        kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+        # placement-group cleaner polls the state API it serves. "local" explicitly: a bare ray.init() would join
+        # whatever cluster the last `ray start` on this machine recorded, and wait on it forever if it has died.
+        kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus}
         # Variables the job's own runtime_env already sets are left out: Ray refuses to merge a conflict.
         env = {k: v for k, v in QUIET_WORKER_ENV.items() if k not in os.environ}
         kwargs["runtime_env"] = worker_runtime_env(env if quiet else {})
         # log_to_driver stays on: the driver receives every node's worker output and routes it (below).
         ray.init(log_to_driver=True, configure_logging=False, **kwargs)
     _route_ray_output(quiet)
+
+
+class ClusterUnreachable(ConnectionError):
+    """A Ray cluster address that does not answer."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, within ``timeout_s``, a ``host:port`` cluster address nothing listens on (Ray itself would retry
+    for minutes without a word). ``auto``, ``local`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        raise ClusterUnreachable(f"no Ray cluster answers at {address} ({e}); start it (`ray start --head`), fix "
+                                 "--address / RAY_ADDRESS, or leave both unset to start a local Ray") from None
 
 
 def worker_runtime_env(env_vars: dict[str, str] | None = None) -> dict:

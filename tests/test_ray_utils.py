@@ -71,3 +71,27 @@ def test_raylet_startup_notice_goes_to_the_workers_log_not_the_console(quiet, mo
     assert out.count(oom) == 1
     logged = [r.getMessage() for r in caplog.records if r.name == console.WORKER_LOGGER]
     assert logged == [f"(raylet) out: {notice}", f"(raylet) out: {oom}"]
+
+
+def test_a_dead_cluster_address_is_named_within_seconds_and_no_address_starts_a_local_ray():
+    """`--address` / RAY_ADDRESS pointing at nothing fails at once naming it (Ray alone retries for minutes);
+    without an address a local Ray is started explicitly (a bare ray.init() would join the cluster the last
+    `ray start` recorded, even a dead one)."""
+    import time
+
+    from qcrd_ray.ray_utils import ClusterUnreachable, check_reachable
+    from qcrd_ray.testing import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match=f"no Ray cluster answers at {dead}"):
+        check_reachable(dead, timeout_s=5.0)
+    assert time.monotonic() - start < 10
+    check_reachable("auto"), check_reachable("ray://head:10001")  # left to Ray
+    code = ("import os, ray; from qcrd_ray import ray_utils; calls = [];"
+            "ray.init = lambda **kw: calls.append(kw); ray_utils._route_ray_output = lambda quiet: None;"
+            "ray_utils.init_ray(); print(calls[0]['address'])")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "local"
