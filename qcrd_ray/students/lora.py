@@ -10,6 +10,7 @@ the adapter (``RUN/<method>/adapter``, whose ``adapter_config.json`` names its b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -76,7 +77,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, family: str) -> nn.Module:
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(model, cfg, family))
+    with _quiet_peft():
+        return get_peft_model(model, peft_config(model, cfg, family))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
@@ -112,9 +114,16 @@ def merged(model: nn.Module) -> nn.Module:
     """A plain model with the adapter folded into its weights (a copy; ``model`` keeps its adapter)."""
     if not is_lora(model):
         return model
-    with warnings.catch_warnings():  # peft's merge asks transformers a deprecated question; nothing to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         return copy.deepcopy(model).merge_and_unload()
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft asks transformers a deprecated question (``is_gradient_checkpointing``): nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def set_base(adapter_dir: str | Path, base: str) -> None:
