@@ -14,6 +14,7 @@ right-padded with ``-100``, and each family turns them into its model's inputs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -257,6 +258,16 @@ def blocks_of(module: nn.Module) -> tuple[str, nn.ModuleList]:
     raise StudentError(f"{type(module).__name__}: cannot find its list of transformer blocks (block, layers or h)")
 
 
+def encoder_for_d(module: nn.Module, layers: int, share: bool) -> nn.Module:
+    """D's encoder from a student's stack: the stack itself (``share``) or a deep copy that D trains in full (a copy
+    of a LoRA student's frozen stack included), cut to its first ``layers`` blocks (0 = all)."""
+    if not share:
+        module = copy.deepcopy(module)
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return cut_blocks(module, layers) if layers else module
+
+
 def cut_blocks(module: nn.Module, layers: int) -> nn.Module:
     """``module`` (a copy) keeping its first ``layers`` blocks; the config's layer count follows."""
     name, blocks = blocks_of(module)
@@ -264,8 +275,6 @@ def cut_blocks(module: nn.Module, layers: int) -> nn.Module:
         raise StudentError(f"discriminator.layers={layers} exceeds the student's {len(blocks)} layers; set it to at "
                            "most that (0 = all)")
     setattr(module, name, nn.ModuleList(list(blocks)[:layers]))
-    import copy
-
     module.config = copy.deepcopy(module.config)
     for key in ("num_layers", "num_hidden_layers", "n_layer"):
         if hasattr(module.config, key):

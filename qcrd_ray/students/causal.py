@@ -14,7 +14,6 @@ the model's own forward and the result equals one full pass per candidate (tests
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 
 from qcrd_ray.config import StudentConfig
 from qcrd_ray.qcrd.losses import IGNORE_INDEX
-from qcrd_ray.students.base import PromptStates, StudentError, StudentFamily, cut_blocks, labels_to_ids
+from qcrd_ray.students.base import PromptStates, StudentError, StudentFamily, encoder_for_d, labels_to_ids
 from qcrd_ray.students.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -175,12 +174,7 @@ class CausalFamily(StudentFamily):
         return {"pad_token_id": tokenizer.pad_token_id}
 
     def disc_encoder(self, model, layers: int, share: bool):
-        base = model.get_decoder()
-        if not share:
-            base = copy.deepcopy(base)
-            for p in base.parameters():
-                p.requires_grad_(True)  # a copy of a LoRA student's frozen base is D's own to train
-        return CausalEncoder(cut_blocks(base, layers) if layers else base)
+        return CausalEncoder(encoder_for_d(model.get_decoder(), layers, share))
 
     def question_encoder(self, model):
         return CausalEncoder(model.get_decoder())

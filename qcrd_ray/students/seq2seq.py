@@ -6,14 +6,12 @@ decoded over its (expanded) encoder states.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
 
 from qcrd_ray.config import StudentConfig
 from qcrd_ray.qcrd.losses import IGNORE_INDEX
-from qcrd_ray.students.base import PromptStates, StudentFamily, cut_blocks
+from qcrd_ray.students.base import PromptStates, StudentFamily, encoder_for_d
 from qcrd_ray.students.tokenizer import train_tokenizer
 
 
@@ -77,12 +75,7 @@ class Seq2SeqFamily(StudentFamily):
         return output_ids[:, 1:]  # the decoder start token
 
     def disc_encoder(self, model, layers: int, share: bool):
-        encoder = model.get_encoder()
-        if not share:
-            encoder = copy.deepcopy(encoder)
-            for p in encoder.parameters():
-                p.requires_grad_(True)  # a copy of a LoRA student's frozen encoder is D's own to train
-        return cut_blocks(encoder, layers) if layers else encoder  # T5's block 0 holds the position bias
+        return encoder_for_d(model.get_encoder(), layers, share)  # T5's block 0 holds the position bias
 
     def question_encoder(self, model):
         return model.get_encoder()
