@@ -125,6 +125,10 @@ class TeacherConfig:
                             "(the raw prompt)")
     api_key_env: str = _field("OPENAI_API_KEY", help="http backend: environment variable holding the API key, "
                                                      "sent as a Bearer token (unset: no Authorization header)")
+    api_key_file: str = _field("", help="http backend: a file (local path on every node, or a storage URI such as "
+                                        "s3://bucket/secrets/teacher-key) holding the API key, read by each "
+                                        "teacher actor on its own node; wins over api_key_env. The way to reach "
+                                        "actors on other nodes without the key in job metadata or logs")
     timeout_s: float = _num(60.0, 0.1, help="http backend: timeout of one request, in seconds")
     max_retries: int = _num(4, 0, help="http backend: retries of a request after a timeout, connection error, 429 "
                                        "or 5xx; 0 = one attempt")
@@ -326,6 +330,8 @@ class ServeConfig:
     max_input_chars: int = _num(2000, 1, help="the longest input a request may send, in characters (else 422)")
     max_inputs_per_request: int = _num(32, 1, help="the most inputs (or samples n) in one request (else 422)")
     max_new_tokens: int = _num(128, 1, help="default and upper bound of the tokens generated per input")
+    max_body_bytes: int = _num(1_048_576, 1, help="the largest request body, in bytes (else 413, before it is "
+                                                  "parsed)")
 
 
 @dataclass(frozen=True)

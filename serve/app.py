@@ -12,7 +12,11 @@ Routes (FastAPI through ``@serve.ingress``; OpenAPI docs at ``/docs``, schema at
   ``predict: `` / ``explain: `` prefix is a question asked in explain mode (``serve.schemas.student_message``)
 - ``GET  /v1/models``            the served model (OpenAI schema)
 - ``GET  /v1/stats``             this replica's dynamic-batching counters (how many batches of each size it ran)
-- ``GET  /healthz``              liveness
+- ``GET  /healthz``              liveness (the only route open without the API key)
+
+Before any route parses a request, ``serve/guard.py`` checks the API key when the server has one (``qcrd serve
+--api-key`` or ``$QCRD_SERVE_API_KEY``; ``Authorization: Bearer <key>``, else 401) and caps the body
+(``serve.max_body_bytes``, else 413). Every number a request carries is bounded (422).
 
 Every input a request carries (a list, or ``n`` samples) is queued separately into one batching queue
 (``serve/batching.py``: a batch is taken when the model is free, with a window that adapts to the load), so
@@ -45,6 +49,7 @@ import collections
 import copy
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -62,6 +67,7 @@ from qcrd_ray import storage
 from qcrd_ray.config import Config, ServeConfig, load_config
 from qcrd_ray.data.tasks import get_task
 from serve.batching import Batcher
+from serve.guard import API_KEY_ENV, GuardSettings, RequestGuard, key_digest
 from serve.schemas import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -99,6 +105,7 @@ api = FastAPI(
     description="A QCRD-distilled student (seq2seq or decoder-only): task predictions with rationales, and "
     "OpenAI-compatible completions and chat completions, streamed on request.",
 )
+api.add_middleware(RequestGuard)  # API key (401) and body cap (413) before any route parses a request
 
 
 @api.exception_handler(RequestValidationError)
@@ -164,10 +171,11 @@ class ServedModel:
 @serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=2, health_check_timeout_s=30)
 @serve.ingress(api)
 class StudentServer:
-    def __init__(self, served: ServedModel, serve_cfg: dict):
+    def __init__(self, served: ServedModel, serve_cfg: dict, api_key_sha256: str | None = None):
         from qcrd_ray.students import family_of, load_pretrained
 
         self.cfg = ServeConfig(**serve_cfg)
+        api.state.guard = GuardSettings(self.cfg.max_body_bytes, api_key_sha256)  # read by RequestGuard
         self.limits = Limits.from_config(self.cfg)
         self.model_name = served.name
         self.train_task = served.task
@@ -404,6 +412,11 @@ class StudentServer:
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.model_name}
 
+    def check_health(self) -> None:
+        """Ray Serve's health check (every ``health_check_period_s``): a replica whose batching loop died would
+        queue requests forever, so it is reported unhealthy and replaced."""
+        self.batcher.check()
+
 
 # --------------------------------------------------------------------------------------------------------------
 # building the application
@@ -437,18 +450,23 @@ def deployment_options(cfg: ServeConfig) -> dict:
     }
 
 
-def build(model: str | Path, cfg: Config | None = None, name: str | None = None) -> Application:
-    """The bound application for ``serve.run`` (the CLI, tests and the benchmark call this)."""
+def build(model: str | Path, cfg: Config | None = None, name: str | None = None,
+          api_key: str | None = None) -> Application:
+    """The bound application for ``serve.run`` (the CLI, tests and the benchmark call this). With ``api_key``,
+    every route but ``/healthz`` wants ``Authorization: Bearer <api_key>``; only its SHA-256 reaches the replicas."""
     cfg = cfg or Config()
     served = resolve_served_model(model, cfg, name)
-    return StudentServer.options(**deployment_options(cfg.serve)).bind(served, dataclasses.asdict(cfg.serve))
+    return StudentServer.options(**deployment_options(cfg.serve)).bind(served, dataclasses.asdict(cfg.serve),
+                                                                        key_digest(api_key))
 
 
 def build_app(args: Mapping[str, Any]) -> Application:
     """Application builder for ``serve run`` / ``serve deploy`` (``import_path: serve.app:build_app``).
 
     args: ``model`` (required: a run or HF model directory), ``config`` (a qcrd YAML), ``set`` (overrides, a
-    list or a comma-separated string of ``serve.key=value``), ``name`` (the model name clients see).
+    list or a comma-separated string of ``serve.key=value``), ``name`` (the model name clients see). The API key,
+    if any, is read from ``$QCRD_SERVE_API_KEY`` where the application is built (never from args: a Serve
+    config file is no place for a secret).
     """
     if not args.get("model"):
         raise ValueError("serve.app:build_app needs args.model: a run directory or an HF model directory")
@@ -456,4 +474,4 @@ def build_app(args: Mapping[str, Any]) -> Application:
     if isinstance(overrides, str):
         overrides = [s for s in overrides.split(",") if s.strip()]
     cfg = load_config(args.get("config"), overrides)
-    return build(args["model"], cfg, args.get("name"))
+    return build(args["model"], cfg, args.get("name"), os.environ.get(API_KEY_ENV) or None)

@@ -81,6 +81,12 @@ class Batcher:
             self._task = asyncio.create_task(self._run())
         return await future
 
+    def check(self) -> None:
+        """Raise if the batching loop has died (it only ends on an error it could not hand to a caller): nothing
+        queued from now on would ever be answered."""
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            raise RuntimeError(f"the batching loop stopped: {self._task.exception()!r}")
+
     def _drop_cancelled(self) -> None:
         # a client that disconnected cancels its future: its item is not generated for nobody
         self._queue = collections.deque(entry for entry in self._queue if not entry[1].done())

@@ -29,6 +29,7 @@ from qcrd_ray.data.tasks import TaskSpec
 
 MAX_TEMPERATURE = 2.0  # the OpenAI range; the student is useless well before it
 MAX_STOP_SEQUENCES = 4  # as in the OpenAI API
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range, from 0: a larger seed would fail in generate (a 500)
 
 
 class RequestError(Exception):
@@ -178,7 +179,7 @@ class PredictRequest(BaseModel):
     explain: bool = Field(False, description="also generate a rationale (the student's explain mode)")
     temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, description="0 = greedy (as in evaluation)")
     max_new_tokens: int | None = Field(None, ge=1, description="default and upper bound: serve.max_new_tokens")
-    seed: int | None = Field(None, description="sampling seed (temperature > 0)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="sampling seed (temperature > 0)")
 
 
 class Prediction(BaseModel):
@@ -282,22 +283,28 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request. The prompt is a student input: prefix it with ``predict: `` or
-    ``explain: `` as the student was trained (the server renders it as the student reads it, e.g. through a
-    causal student's chat template). Fields we cannot honour are refused, not silently ignored."""
+class OpenAISampling(BaseModel):
+    """The fields the OpenAI completions and chat requests share: the model, how to sample, and streaming. Every
+    number is bounded (422 outside); ``n`` and the token budget also by the server's limits."""
 
     model_config = ConfigDict(extra="ignore")  # clients send fields like `user`, `presence_penalty`
 
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(OpenAISampling):
+    """The OpenAI completions request. The prompt is a student input: prefix it with ``predict: `` or
+    ``explain: `` as the student was trained (the server renders it as the student reads it, e.g. through a
+    causal student's chat template). Fields we cannot honour are refused, not silently ignored."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -447,7 +454,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[Any] | None = None
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAISampling):
     """The OpenAI chat completions request.
 
     The messages are rendered as the student reads them: through its tokenizer's chat template where it has one,
@@ -456,18 +463,9 @@ class ChatCompletionRequest(BaseModel):
     mode (``explain: `` is put in front), so the student writes its rationale, then ``The answer is …``. Fields we
     cannot honour (tools, logprobs, response formats other than text) are refused, not silently ignored."""
 
-    model_config = ConfigDict(extra="ignore")  # clients send fields like `user`, `presence_penalty`
-
-    model: str | None = None
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="default and upper bound: serve.max_new_tokens")
-    temperature: float | None = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None

@@ -49,6 +49,22 @@ def test_cluster_yaml_is_a_valid_launcher_config(cluster):
     assert any("[gpu]" in cmd for cmd in prepared["setup_commands"]), "nodes must install the gpu extra (vLLM)"
 
 
+def test_cluster_yaml_keeps_secrets_home_and_names_a_locked_down_security_group(cluster):
+    """Nodes get no environment, runs or secrets through the project mount; their security group is the one the
+    README creates with SSH from the admin CIDR only (Ray would open SSH to the world in a group it creates)."""
+    import fnmatch
+
+    excluded = cluster["rsync_exclude"]
+    for path in (".venv", "runs", ".env", ".env.local", "id_rsa.pem", "secrets.key", ".git"):
+        assert any(fnmatch.fnmatch(path, pattern) for pattern in excluded), path
+    assert ".gitignore" in cluster["rsync_filter"]
+    group = cluster["provider"]["security_group"]["GroupName"]
+    readme = (ROOT / "README.md").read_text()
+    assert f"--group-name {group}" in readme and "--port 22 --cidr $ADMIN_CIDR" in readme
+    assert "0.0.0.0/0" not in readme
+    assert not any("SecurityGroupIds" in t["node_config"] for t in cluster["available_node_types"].values())
+
+
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
 def test_every_paper_config_fits_the_cluster(path, cluster):
     cfg = load_config(path)

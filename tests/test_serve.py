@@ -594,6 +594,9 @@ def test_one_poisoned_request_does_not_fail_the_requests_batched_with_it(server,
         ({"json": {"input": ["x"] * 9}}, 422, "9 inputs in one request is over the limit of 8"),
         ({"json": {"input": "x", "temperature": 2.5}}, 422, "temperature"),
         ({"json": {"input": "x", "temperature": -1}}, 422, "temperature"),
+        ({"json": {"input": "x", "temperature": 1, "seed": 2**64}}, 422, "seed"),
+        ({"json": {"input": "x", "temperature": 1, "seed": -1}}, 422, "seed"),
+        ({"json": {"input": "x" * 2_000_000}}, 413, "serve.max_body_bytes (1048576 bytes)"),
     ],
 )
 @pytest.mark.ray
@@ -625,6 +628,35 @@ def test_overload_answers_503_instead_of_queueing(server, run_dir):
         assert httpx.post(f"{server}/tight/v1/predict", json=body, timeout=60).status_code == 200
     finally:
         serve.delete("tight")
+
+
+@pytest.mark.ray
+def test_an_api_key_guards_every_route_but_healthz(server, run_dir):
+    """With a key (only its SHA-256 reaches the replica): 401 without it or with another, 200 with it, from the
+    official openai client too; /healthz stays open for probes."""
+    import openai
+    from ray import serve
+
+    from serve.app import build
+
+    cfg = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_new_tokens": 8})
+    serve.run(build(run_dir, cfg, name="keyed", api_key="s3cret"), name="keyed", route_prefix="/keyed")
+    try:
+        url, body = f"{server}/keyed", {"input": QUESTIONS[0]}
+        assert httpx.post(f"{url}/v1/predict", json=body, timeout=60).status_code == 401
+        wrong = httpx.post(f"{url}/v1/predict", json=body, headers={"Authorization": "Bearer nope"}, timeout=60)
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        assert httpx.get(f"{url}/healthz", timeout=30).json()["model"] == "keyed"
+        ok = httpx.post(f"{url}/v1/predict", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert client.completions.create(model="keyed", prompt="predict: 1 + 2", max_tokens=4).model == "keyed"
+        assert httpx.post(f"{server}/v1/predict", json=body, timeout=60).status_code == 200  # other apps: no key
+    finally:
+        serve.delete("keyed")
 
 
 @pytest.mark.ray

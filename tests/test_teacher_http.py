@@ -126,6 +126,30 @@ def test_http_backend_retries_records_failures_and_limits_concurrency(openai_ser
     assert state["paths"] == {"/v1/chat/completions" if api == "chat" else "/v1/completions"}
 
 
+def test_the_api_key_comes_from_a_file_on_the_node_before_the_environment(tmp_path, monkeypatch, s3_server):
+    """teacher.api_key_file (a path or a storage URI, read by the actor) wins over $api_key_env; the config holds
+    where the key is, never the key; a named file that is missing or empty is an error, not "no key"."""
+    import dataclasses
+
+    from qcrd_ray import storage
+    from qcrd_ray.teacher.backends.http import api_key
+
+    monkeypatch.setenv("QCRD_TEST_KEY", "sk-env")
+    teacher = dataclasses.replace(Config().teacher, api_key_env="QCRD_TEST_KEY")
+    assert api_key(teacher) == "sk-env"
+    (tmp_path / "key").write_text("sk-file\n")
+    assert api_key(dataclasses.replace(teacher, api_key_file=str(tmp_path / "key"))) == "sk-file"
+    storage.write_bytes(f"{s3_server}/secrets/teacher-key", b"sk-bucket")
+    with_uri = Config().replace(teacher={"api_key_file": f"{s3_server}/secrets/teacher-key"})
+    assert api_key(with_uri.teacher) == "sk-bucket" and "sk-bucket" not in with_uri.to_yaml()
+    (tmp_path / "empty").write_text("")
+    for path, words in ((tmp_path / "missing", "cannot read"), (tmp_path / "empty", "is empty")):
+        with pytest.raises(ValueError, match=words):
+            api_key(dataclasses.replace(teacher, api_key_file=str(path)))
+    monkeypatch.delenv("QCRD_TEST_KEY")
+    assert api_key(teacher) is None
+
+
 def test_http_pipeline_keeps_every_sample_and_counts_failures(ray_session, openai_server, tmp_path):
     cfg = _cfg(openai_server).replace(
         data={"synthetic_train_size": 10}, teacher={"k": 3, "shard_rows": 4, "batch_size": 6})

@@ -20,3 +20,40 @@ def test_latest_skips_a_checkpoint_whose_upload_was_cut(tmp_path):
     assert ckpt.latest(tmp_path) == str(good)
     assert ckpt.load_state(ckpt.latest(tmp_path)).completed_rounds == 1
     assert ckpt.latest(tmp_path / "missing") is None
+
+
+class _Payload:
+    """What a hostile writer would put in a bucket: unpickling it runs code."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['QCRD_PWNED']).touch()",))
+
+
+def test_a_trainer_state_with_code_in_it_is_refused_not_run(tmp_path, monkeypatch):
+    """Everything read back from storage goes through torch.load(weights_only=True): a state file that would run
+    code when unpickled is an error, and the code never runs. A real state (RNG states included) round-trips."""
+    import pickle
+    import random
+
+    import numpy as np
+    import pytest
+    import torch
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    real = ckpt.TrainerState(2, 4, 0.5, {"state": {0: {"step": torch.tensor(4.0)}}}, {"last_epoch": 4},
+                             [ckpt.rng_state()])
+    (tmp_path / "good").mkdir()
+    torch.save(vars(real), tmp_path / "good" / ckpt.STATE_FILE)
+    loaded = ckpt.load_state(tmp_path / "good")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ckpt.set_rng_state(loaded.rng[0])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("QCRD_PWNED", str(marker))
+    (tmp_path / "bad").mkdir()
+    torch.save({**vars(real), "alpha3": _Payload()}, tmp_path / "bad" / ckpt.STATE_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ckpt.load_state(tmp_path / "bad")
+    assert not marker.exists()

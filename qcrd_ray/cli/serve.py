@@ -7,12 +7,14 @@ development machines, where vLLM cannot be installed)."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from qcrd_ray.cli import add_config_arguments, load_config_from_args
+from serve.guard import API_KEY_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="HTTP port (default serve.port: 8000)")
     parser.add_argument("--name", help="model name clients see in responses and /v1/models "
                         "(default: <run>/<method> for a method of a run, else the directory's name)")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help=f"engine qcrd: require `Authorization: Bearer KEY` on every route but /healthz (401 "
+                        f"without it); default ${API_KEY_ENV}, which keeps the key out of `ps` and shell history. "
+                        f"Only its SHA-256 reaches the replicas")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     add_config_arguments(parser)
     parser.epilog = (
@@ -107,7 +113,12 @@ def _run_vllm(args: argparse.Namespace, cfg) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config_from_args(args, host="serve.host", port="serve.port")  # validates before Ray starts
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.engine == "vllm":
+        if api_key:
+            print(f"qcrd serve: --api-key / ${API_KEY_ENV} apply to engine qcrd only: put the vLLM service behind "
+                  f"your gateway's auth", file=sys.stderr)
+            return 2
         return _run_vllm(args, cfg)
     given = [flag for flag, value in (("--write-config", args.write_config), ("--lora", args.lora),
                                       ("--accelerator-type", args.accelerator_type)) if value]
@@ -121,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from serve.app import build
 
     try:
-        app = build(args.model, cfg, args.name)  # a missing or incomplete model fails here, before Ray starts
+        app = build(args.model, cfg, args.name, api_key)  # a missing or incomplete model fails here, before Ray starts
     except FileNotFoundError as e:
         print(f"qcrd serve: {e}", file=sys.stderr)
         return 2
@@ -131,5 +142,11 @@ def run(args: argparse.Namespace) -> int:
     host = "localhost" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     print(f"qcrd serve: serving {args.model} at http://{host}:{cfg.serve.port} "
           f"(POST /v1/predict, /v1/completions, /v1/chat/completions; docs at /docs). Ctrl-C stops it.", flush=True)
+    if api_key:
+        print("qcrd serve: an API key is required (Authorization: Bearer <key>) on every route but /healthz",
+              flush=True)
+    elif cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"qcrd serve: warning: listening on {cfg.serve.host} with no API key: anyone who reaches the port "
+              f"can use the model (set ${API_KEY_ENV} or --api-key)", flush=True)
     _wait_until_stopped()
     return 0

@@ -48,13 +48,17 @@ class TrainerState:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states in types ``torch.load(weights_only=True)`` reads back (numpy's key as a list)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached))}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def save(path: str | Path, student, tokenizer, disc, state: TrainerState) -> Path:
@@ -73,9 +77,10 @@ def save(path: str | Path, student, tokenizer, disc, state: TrainerState) -> Pat
 
 
 def load_state(location: storage.Location) -> TrainerState:
-    """The trainer state of the checkpoint at ``location`` (a path or a URI)."""
+    """The trainer state of the checkpoint at ``location`` (a path or a URI). Read with ``weights_only=True``, as
+    everything read back from storage is: write access to a bucket must not mean code execution."""
     data = storage.read_bytes(storage.join(location, STATE_FILE))
-    return TrainerState(**torch.load(io.BytesIO(data), weights_only=False))
+    return TrainerState(**torch.load(io.BytesIO(data), weights_only=True))
 
 
 def is_complete(location: storage.Location) -> bool:

@@ -3,7 +3,11 @@
 Each actor sends up to ``max_concurrency`` requests at once from a thread pool. Timeouts, connection errors,
 429 and 5xx are retried with exponential backoff (honouring ``Retry-After``); other 4xx and unreadable
 response bodies are not. A request that still fails becomes a sample with its reason, never a failed job.
-The API key is read from the environment variable named by ``teacher.api_key_env`` (none for local servers).
+The API key (none for local servers) is read by each actor on its own node: from ``teacher.api_key_file`` (a
+path every node sees, or a storage URI such as ``s3://bucket/secrets/key`` that the nodes' instance role may read)
+or else from the environment variable ``teacher.api_key_env``. On a cluster use the file: the config carries only
+where the key is, so the key appears in no job metadata (a runtime_env's ``env_vars`` is shown by the dashboard and
+``ray job list``), no config dump and no log line.
 """
 
 from __future__ import annotations
@@ -55,12 +59,28 @@ def backoff_delay(attempt: int, base_s: float, retry_after: str | None = None) -
     return min(delay, MAX_BACKOFF_S)
 
 
+def api_key(t: TeacherConfig) -> str | None:
+    """The key from ``t.api_key_file`` (through the storage layer: a path or a URI) if set, else from
+    ``$<t.api_key_env>``; a named file that cannot be read, or is empty, is an error (never "no key")."""
+    if t.api_key_file:
+        from qcrd_ray import storage
+
+        try:
+            key = storage.read_text(t.api_key_file).strip()
+        except OSError as e:
+            raise ValueError(f"teacher.api_key_file={t.api_key_file}: cannot read the API key ({e})") from e
+        if not key:
+            raise ValueError(f"teacher.api_key_file={t.api_key_file}: the file is empty")
+        return key
+    return os.environ.get(t.api_key_env) or None
+
+
 class HTTPBackend(TeacherBackend):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         t = cfg.teacher
         headers = {}
-        if key := os.environ.get(t.api_key_env):
+        if key := api_key(t):
             headers["Authorization"] = f"Bearer {key}"
         else:
             log.info("no API key in $%s; sending requests without Authorization", t.api_key_env)
