@@ -117,6 +117,9 @@ class TeacherConfig:
                                           "only")
     shard_rows: int = _num(256, 1, help="examples per output Parquet shard, the unit of resumption (a rerun "
                                         "redoes only unfinished shards)")
+    poison_retries: int = _num(2, 0, help="times a row that crashes the backend (an exception, not a failed request) "
+                                          "is retried alone before it is recorded in errors.jsonl and the run goes "
+                                          "on; its batch's other rows are kept")
     max_restarts: int = _num(3, 0, help="times Ray restarts a lost teacher actor (killed, its node gone), its "
                                         "unfinished batches rerunning on the new one; 0 = never")
     base_url: str = _field("http://127.0.0.1:8000/v1", help="http backend: base URL of the OpenAI-compatible API")

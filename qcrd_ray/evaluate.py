@@ -45,7 +45,8 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
     """Score the student at ``model_dir`` (a run, a method directory ``RUN/<method>`` or an HF model directory;
     see ``qcrd_ray.runs.resolve_model``) on ``split`` of ``cfg.data``. Writes ``predictions.jsonl`` and
     ``metrics.json`` to ``out_dir`` when given. Returns the metrics:
-    ``task, split, mode, n, correct, accuracy, unparsed, rejected, model``."""
+    ``task, split, mode, n, correct, accuracy, unparsed, rejected, too_long, out_of_memory, model`` (a prompt
+    longer than the student reads, or one that exhausts memory in generate on its own, counts as wrong)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     model_path = resolve_model(str(model_dir)).model_dir
@@ -67,20 +68,25 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
         for start in range(0, len(data.rows), _CHUNK):
             chunk = data.rows[start:start + _CHUNK]
             rows = [r for r in chunk if r["id"] not in too_long]
+            failed: list[int] = []  # inputs that exhausted memory alone: wrong, named, and the evaluation goes on
             outputs = student_lib.generate(
                 model, tokenizer, [prompts.student_input(mode, r["input"]) for r in rows],
-                max_new_tokens=max_new_tokens, batch_size=batch_size) if rows else []
+                max_new_tokens=max_new_tokens, batch_size=batch_size, failed=failed) if rows else []
             records += [{"id": r["id"], "input": r["input"], "gold": r["label"], "output": "", "prediction": None,
                          "rationale": "", "correct": False, "too_long": True} for r in chunk if r["id"] in too_long]
-            for row, output in zip(rows, outputs):
+            for i, (row, output) in enumerate(zip(rows, outputs)):
+                scored = score_output(task, mode, output, row["label"], row["choices"])
+                if i in failed:
+                    scored = {**scored, "correct": False, "out_of_memory": True}
                 records.append({"id": row["id"], "input": row["input"], "gold": row["label"], "output": output,
-                                **score_output(task, mode, output, row["label"], row["choices"])})
+                                **scored})
             bar.update(len(chunk))
 
     correct = sum(r["correct"] for r in records)
     metrics = {"task": cfg.data.task, "split": split, "mode": mode, "n": len(records), "correct": correct,
                "accuracy": correct / len(records), "unparsed": sum(r["prediction"] is None for r in records),
-               "rejected": len(data.rejects), "too_long": len(too_long), "model": str(model_path)}
+               "rejected": len(data.rejects), "too_long": len(too_long),
+               "out_of_memory": sum(bool(r.get("out_of_memory")) for r in records), "model": str(model_path)}
     if out_dir is not None:  # metrics.json last: its presence means the evaluation is complete
         storage.write_jsonl(storage.join(out_dir, "rejects.jsonl"), data.rejects + list(too_long.values()))
         storage.write_jsonl(storage.join(out_dir, "predictions.jsonl"), records)

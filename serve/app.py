@@ -55,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,6 +66,7 @@ from ray.serve import Application
 from qcrd_ray import storage
 from qcrd_ray.config import Config, ServeConfig, load_config
 from qcrd_ray.data.tasks import get_task
+from qcrd_ray.isolation import isolate_failures
 from serve.batching import Batcher
 from serve.guard import API_KEY_ENV, GuardSettings, RequestGuard, key_digest
 from serve.schemas import (
@@ -138,19 +139,6 @@ def batch_groups(items: list[GenerationItem]) -> dict[tuple, list[int]]:
         seed = item.seed if item.temperature > 0 else None
         groups.setdefault((item.temperature, item.max_new_tokens, seed), []).append(i)
     return groups
-
-
-def isolate_failures(generate: Callable[[list[str]], list[str]], texts: list[str]) -> list[str | Exception]:
-    """``generate(texts)``, except that when it raises, the texts are bisected and retried so that only the
-    inputs that fail on their own get the exception: one bad input must not fail the requests batched with it.
-    One call when all is well; about 2·log2(n) more per failing input (2n − 1 calls if everything fails)."""
-    try:
-        return list(generate(texts))
-    except Exception as e:
-        if len(texts) == 1:
-            return [e]
-    mid = len(texts) // 2
-    return isolate_failures(generate, texts[:mid]) + isolate_failures(generate, texts[mid:])
 
 
 def fetch_model(location: str) -> str:

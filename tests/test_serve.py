@@ -207,32 +207,6 @@ def test_check_encodable_names_the_input_the_tokenizer_refuses():
     assert input_params("prompt", 2, False) == ("prompt", "prompt")
 
 
-def test_a_failing_input_fails_alone_in_its_batch():
-    """Bisection: a batch whose generate call raises is retried in halves, so only the input that fails on its
-    own gets the error and every other input gets the output it gets when all is well."""
-    from serve.app import isolate_failures
-
-    calls = []
-
-    def generate(texts):
-        calls.append(list(texts))
-        if "bad" in texts:
-            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
-        return [t.upper() for t in texts]
-
-    out = isolate_failures(generate, ["a", "b", "bad", "c", "d"])
-    assert [o for i, o in enumerate(out) if i != 2] == ["A", "B", "C", "D"]
-    assert isinstance(out[2], TypeError) and "TextEncodeInput" in str(out[2])
-    assert calls == [["a", "b", "bad", "c", "d"], ["a", "b"], ["bad", "c", "d"], ["bad"], ["c", "d"]]
-
-    calls.clear()
-    assert isolate_failures(generate, ["a", "b", "c"]) == ["A", "B", "C"] and len(calls) == 1  # one call if fine
-    calls.clear()
-    out = isolate_failures(generate, ["bad", "bad", "x", "bad"])
-    assert [type(o).__name__ if isinstance(o, Exception) else o for o in out] == [
-        "TypeError", "TypeError", "X", "TypeError"]
-
-
 def test_batch_window_takes_a_batch_when_the_clients_of_the_last_one_are_back():
     from serve.batching import BatchWindow
 

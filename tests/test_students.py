@@ -237,6 +237,39 @@ def test_generation_is_reproducible_and_streaming_gives_the_same_text(family_tok
     assert streamed.strip() == greedy[0]
 
 
+def test_a_prompt_that_exhausts_memory_alone_loses_only_its_own_output(family_tok, monkeypatch):
+    """generate bisects a batch that runs out of memory: the poison prompt gets "" and is reported in ``failed``
+    (the engine hands the sampler None for it), every other prompt gets the output it gets in a healthy batch."""
+    from qcrd_ray.config import SnapshotConfig
+    from qcrd_ray.students.engines import HFEngine
+
+    family_name, tok = family_tok
+    torch.manual_seed(0)
+    model = students.build_tiny(StudentConfig(family=family_name), tok)
+    explain = [prompts.student_input("explain", r["input"]) for r in teacher_rows()[:4]]
+    healthy = students.generate(model, tok, explain, max_new_tokens=6, batch_size=4)
+    family = students.family_named(family_name)
+    ids, mask = family.encode_prompts(tok, [family.prompt(tok, explain[2])], None)
+    poison = ids[0][mask[0].bool()].tolist()
+    real = model.generate
+
+    def generate(input_ids, attention_mask, **kwargs):
+        if any(row[m.bool()].tolist() == poison for row, m in zip(input_ids, attention_mask)):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    failed: list[int] = []
+    out = students.generate(model, tok, explain, max_new_tokens=6, batch_size=4, failed=failed)
+    assert failed == [2] and out[2] == "" and [o for i, o in enumerate(out) if i != 2] == [
+        o for i, o in enumerate(healthy) if i != 2]
+
+    engine = HFEngine.__new__(HFEngine)
+    engine.model, engine.tokenizer = model, tok
+    texts, cut = engine.sample(explain, temperature=0.0, seed=0, max_new_tokens=6, batch_size=4)
+    assert texts[2] is None and texts[:2] == healthy[:2] and len(cut) == 4
+
+
 def test_prompts_longer_than_the_student_reads_are_named_not_truncated(family_tok):
     family_name, tok = family_tok
     family = students.family_named(family_name)

@@ -91,6 +91,31 @@ def test_a_failing_backend_batch_becomes_error_rows_not_an_exception(backend):
     assert all(out.column("error").to_pylist())
 
 
+class _Poisoned(TeacherBackend):
+    """Crashes (an exception, not a failed request) on any batch holding example "poison"."""
+
+    calls: list = []
+
+    def complete(self, rows):
+        self.calls.append([(r["id"], r["sample_index"]) for r in rows])
+        if any(r["id"] == "poison" for r in rows):
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return [Completion(text=f"<Explanation>: ok. <Answer>: {r['sample_index']}") for r in rows]
+
+
+def test_a_row_that_crashes_the_backend_is_retried_alone_then_recorded_and_its_batch_kept():
+    examples = [{**EXAMPLES[0], "id": i} for i in ("a", "poison", "b")]
+    batch = expand_samples(examples_table(examples), k=1, teacher_seed=0)
+    _Poisoned.calls = []
+    out = _Poisoned(Config().replace(teacher={"poison_retries": 2}))(batch).to_pylist()
+    assert [r["text"] for r in out] == ["<Explanation>: ok. <Answer>: 0", "", "<Explanation>: ok. <Answer>: 0"]
+    assert out[1]["error"] == ("backend crashed on this row (3 attempts): RuntimeError: CUDA error: an illegal "
+                               "memory access") and out[0]["error"] == out[2]["error"] == ""
+    assert _Poisoned.calls.count([("poison", 0)]) == 3  # retried alone twice after its first failure alone
+    record = parse_samples(pa.Table.from_pylist(out), prompts.parse_teacher_output, "synthetic").to_pylist()[1]
+    assert record["status"] == "request_error" and record["id"] == "poison"
+
+
 # ---------------------------------------------------------------------------------------------------- self-consistency
 
 
@@ -207,6 +232,42 @@ def test_shard_collector_writes_each_shard_once_all_its_samples_arrived(tmp_path
     by_index = {sh.index: table for sh, table in finished}
     assert by_index[1].column("id").to_pylist() == ["e2", "e3"]  # input order, whatever the arrival order
     assert by_index[1].schema.equals(TEACHER_SCHEMA)
+
+
+def test_shard_collector_keeps_a_sample_delivered_twice_once_and_refuses_strangers(tmp_path):
+    """Samples are keyed by (example id, sample index): a retried task's second delivery, before or after its shard
+    is written, is counted and dropped, never written twice; a sample of an example its shard lacks is an error."""
+    examples = [{**EXAMPLES[0], "id": f"e{i}"} for i in range(4)]
+    shards = plan_shards(4, 2, tmp_path)
+    row = lambda i, j, text="t": {"shard": i // 2, "id": f"e{i}", "sample_index": j, "text": text,  # noqa: E731
+                                  "error": "", "rationale": "r", "answer": "8", "status": "ok"}
+    collector = ShardCollector(shards, examples, 2, get_task("synthetic"), "majority")
+    assert collector.add(pa.Table.from_pylist([row(0, 0), row(0, 0, "again"), row(0, 1), row(1, 0)])) == []
+    [(shard, table)] = collector.add(pa.Table.from_pylist([row(1, 1), row(1, 1)]))
+    assert shard.index == 0 and [len(s) for s in table.column("samples").to_pylist()] == [2, 2]
+    assert table.column("samples").to_pylist()[0][0]["text"] == "t"  # the first delivery is the one kept
+    assert collector.add(pa.Table.from_pylist([row(0, 1)])) == [] and collector.duplicates == 3
+    stranger = {**row(2, 0), "id": "e9"}
+    collector.add(pa.Table.from_pylist([stranger, row(2, 1), row(3, 0)]))
+    with pytest.raises(RuntimeError, match="example 'e9', which is not in it"):
+        collector.add(pa.Table.from_pylist([row(3, 1)]))
+
+
+def test_a_kept_shard_must_hold_its_examples_or_it_is_generated_again(tmp_path):
+    """On resume a shard file counts only if its footer holds the shard's example count: a truncated, empty or
+    short file is refetched."""
+    from qcrd_ray import storage
+    from qcrd_ray.teacher.shards import kept_shards
+
+    shards = plan_shards(6, 2, tmp_path)
+    table = lambda n: pa.table({"id": [f"e{i}" for i in range(n)]})  # noqa: E731
+    storage.write_parquet(shards[0].path, table(2))  # whole
+    storage.write_parquet(shards[1].path, table(1))  # short
+    whole = (tmp_path / "part-00000.parquet").read_bytes()
+    (tmp_path / "part-00002.parquet").write_bytes(whole[: len(whole) // 2])  # cut mid-upload
+    (tmp_path / "part-00003.parquet").write_bytes(b"")  # not planned: ignored
+    kept, refetch = kept_shards(shards, set(storage.list_files(tmp_path, "part-*.parquet")))
+    assert [s.index for s in kept] == [0] and [s.index for s in refetch] == [1, 2]
 
 
 def test_manifest_refuses_to_mix_two_different_runs(tmp_path):

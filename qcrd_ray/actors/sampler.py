@@ -109,7 +109,8 @@ class NegativeSampler:
                     raise
         loop = asyncio.get_running_loop()
         texts, cut_off = await loop.run_in_executor(self._pool, self._generate, snap_round, state, round_index)
-        return {i: (t, snap_round) for i, t in zip(self.ids, texts)}, sum(cut_off)
+        # an input that exhausted memory alone (None) leaves its example without a student negative this round
+        return {i: (t, snap_round) for i, t in zip(self.ids, texts) if t is not None}, sum(cut_off)
 
     def _generate(self, snap_round: int, state: dict, round_index: int) -> tuple[list[str], list[bool]]:
         if snap_round != self.loaded_round:
@@ -155,9 +156,10 @@ class NegativePool:
 
     def fetch(self, round_index: int) -> Negatives:
         """Every example's negative for ``round_index`` (waits only if sampling has not finished). The part of an
-        actor that died for good (or whose snapshot store did) is left out and counted in ``last_fetch_missing``."""
+        actor that died for good (or whose snapshot store did), and an example whose input exhausted memory alone,
+        are left out and counted in ``last_fetch_missing``: those examples train on teacher negatives."""
         out: Negatives = {}
-        missing = cut_off = 0
+        cut_off = 0
         refs = [actor.sample.remote(round_index) for actor in self.actors]
         for i, (ref, size) in enumerate(zip(refs, self.shard_sizes)):
             try:
@@ -165,10 +167,9 @@ class NegativePool:
                 out.update(negatives)
                 cut_off += cut
             except ray.exceptions.RayActorError as e:  # after Ray's restarts and retries (also wraps the store's)
-                missing += size
                 log.warning("negative sampler %d lost for round %d (%s): its %d examples use teacher negatives",
                             i, round_index, type(e).__name__, size)
-        self.last_fetch_missing, self.last_fetch_cut_off = missing, cut_off
+        self.last_fetch_missing, self.last_fetch_cut_off = sum(self.shard_sizes) - len(out), cut_off
         return out
 
     def shutdown(self) -> None:

@@ -31,6 +31,8 @@ from qcrd_ray.qcrd.losses import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what a prompt that exhausts memory raises in generate (a GPU's allocator, or the host's)
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 
 
 class StudentError(ValueError):
@@ -163,10 +165,16 @@ class StudentFamily(ABC):
     @torch.no_grad()
     def generate(self, model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
                  seed: int | None = None, batch_size: int = 32, max_input_len: int | None = None,
-                 cut_off: list[bool] | None = None) -> list[str]:
+                 cut_off: list[bool] | None = None, failed: list[int] | None = None) -> list[str]:
         """Decoded outputs for ``prompts`` (texts through :meth:`prompt`), in order: greedy at temperature 0,
         else sampling at ``temperature`` (reproducible for a given ``seed``). ``cut_off``, when given, receives
-        per output whether it stopped at ``max_new_tokens`` before its end-of-sequence token."""
+        per output whether it stopped at ``max_new_tokens`` before its end-of-sequence token.
+
+        A batch that runs out of memory is bisected (``qcrd_ray.isolation``): a prompt that exhausts memory on its
+        own gets "" and its position goes into ``failed`` (logged when ``failed`` is not given); the others get
+        their outputs."""
+        from qcrd_ray.isolation import isolate_failures
+
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -175,21 +183,35 @@ class StudentFamily(ABC):
             torch.manual_seed(seed)  # generate() samples with the global generator
         eos = model.generation_config.eos_token_id
         eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
-        outputs: list[str] = []
+        kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if sample else {"do_sample": False}
+
+        def run(batch: list[str]) -> list[tuple[str, bool]]:
+            ids, mask = self.encode_prompts(tokenizer, batch, max_input_len)
+            ids, mask = ids.to(device), mask.to(device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
+                                 **self._generate_kwargs(model, tokenizer), **kwargs)
+            new = self._new_tokens(out, ids.shape[1])
+            return list(zip(tokenizer.batch_decode(new, skip_special_tokens=True),
+                            (~torch.isin(new, eos_ids).any(dim=1)).tolist()))
+
+        results: list = []
         try:
             for start in range(0, len(prompts), batch_size):
-                ids, mask = self.encode_prompts(tokenizer, prompts[start:start + batch_size], max_input_len)
-                ids, mask = ids.to(device), mask.to(device)
-                kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if sample else {"do_sample": False}
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
-                                     **self._generate_kwargs(model, tokenizer), **kwargs)
-                new = self._new_tokens(out, ids.shape[1])
-                outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-                if cut_off is not None:
-                    cut_off.extend((~torch.isin(new, eos_ids).any(dim=1)).tolist())
+                results += isolate_failures(run, list(prompts[start:start + batch_size]), catch=OUT_OF_MEMORY)
         finally:
             model.train(was_training)
-        return [o.strip() for o in outputs]
+        lost = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if lost:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the failed batches held
+            log.error("generation ran out of memory on %d of %d prompts alone (positions %s): they get no output",
+                      len(lost), len(prompts), lost[:10])
+            if failed is not None:
+                failed.extend(lost)
+        results = [("", False) if isinstance(r, BaseException) else r for r in results]
+        if cut_off is not None:
+            cut_off.extend(cut for _, cut in results)
+        return [text.strip() for text, _ in results]
 
     def stream(self, model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,
                seed: int | None = None, max_input_len: int | None = None,

@@ -42,7 +42,8 @@ class NegativeEngine(ABC):
     @abstractmethod
     def sample(self, inputs: Sequence[str], *, temperature: float, seed: int, max_new_tokens: int,
                batch_size: int) -> tuple[list[str], list[bool]]:
-        """One output per student input (``explain: x``), and per output whether it was cut off."""
+        """One output per student input (``explain: x``), None for an input that exhausted memory on its own (the
+        sampler leaves its example without a student negative), and per output whether it was cut off."""
 
 
 class HFEngine(NegativeEngine):
@@ -59,9 +60,11 @@ class HFEngine(NegativeEngine):
         from qcrd_ray.students import generate
 
         cut_off: list[bool] = []
+        failed: list[int] = []
         texts = generate(self.model, self.tokenizer, list(inputs), max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=seed, batch_size=batch_size, cut_off=cut_off)
-        return texts, cut_off
+                         temperature=temperature, seed=seed, batch_size=batch_size, cut_off=cut_off, failed=failed)
+        lost = set(failed)
+        return [None if i in lost else t for i, t in enumerate(texts)], cut_off
 
 
 class VLLMEngine(NegativeEngine):

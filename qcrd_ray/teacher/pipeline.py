@@ -32,7 +32,7 @@ from qcrd_ray.data.schema import examples_table
 from qcrd_ray.data.tasks import TaskSpec, get_task
 from qcrd_ray.teacher.backends import backend_class
 from qcrd_ray.teacher.samples import expand_samples, parse_samples
-from qcrd_ray.teacher.shards import Shard, ShardCollector, check_manifest, manifest, plan_shards
+from qcrd_ray.teacher.shards import Shard, ShardCollector, check_manifest, kept_shards, manifest, plan_shards
 from qcrd_ray.teacher.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,8 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: pa.Table | list[dict], 
         num_cpus=t.num_cpus,
         num_gpus=t.num_gpus,
         # A killed actor is restarted and the tasks it held are resubmitted to the pool. Outputs are a pure
-        # function of (id, sample seed), and a task whose actor died never reached the driver (its batches leave
-        # the actor as one block when the task ends: far below Ray Data's target block size), so every sample
-        # arrives exactly once; a duplicate would fail the ShardCollector's count. Bounded, so an actor that keeps
+        # function of (id, sample seed), so a sample that a retried task delivers twice is the same sample: the
+        # ShardCollector keys samples by (id, sample index) and keeps each once. Bounded, so an actor that keeps
         # dying (OOM loading the model) fails the run.
         # (Ray 2.60 takes these only as remote args; it warns that form goes in 2.64, with no replacement yet.)
         max_restarts=t.max_restarts,
@@ -168,6 +167,8 @@ def _generate(cfg: Config, task: TaskSpec, examples: pa.Table, todo: list[Shard]
             )
             if on_shard is not None:
                 on_shard(shard, table)
+    if collector.duplicates:
+        log.info("%d samples arrived twice (retried tasks) and were kept once", collector.duplicates)
     if collector.unfinished:
         raise RuntimeError(f"the pipeline ended with shards {collector.unfinished} incomplete")
 
@@ -229,8 +230,12 @@ def run_teacher(
     storage.remove_partial_writes(out)
 
     shards = plan_shards(examples.num_rows, cfg.teacher.shard_rows, out)
-    finished = set(storage.list_files(out, "part-*.parquet"))
-    todo = [s for s in shards if s.path not in finished]
+    kept, refetch = kept_shards(shards, set(storage.list_files(out, "part-*.parquet")))
+    for shard in refetch:
+        log.warning("shard %d (%s) does not hold its %d examples (truncated or unreadable): generating it again",
+                    shard.index, storage.basename(shard.path), shard.size)
+    done = {s.index for s in kept}
+    todo = [s for s in shards if s.index not in done]
     log.info(
         "teacher %s on %s/%s: %d examples x K=%d in %d shards (%d already done), %d rejected rows",
         cfg.teacher.backend, cfg.data.task, split, examples.num_rows, cfg.teacher.k, len(shards),

@@ -81,39 +81,66 @@ def check_manifest(out_dir: storage.Location, current: dict) -> None:
 
 class ShardCollector:
     """Gathers parsed sample rows, which arrive in any order, and returns each shard's TEACHER_SCHEMA table as
-    soon as all its ``size * k`` samples are in. Examples keep their input order, samples their index order.
-    ``examples``: the split, an EXAMPLE_SCHEMA table (a shard's rows become Python objects only while that
-    shard is assembled) or its rows."""
+    soon as every one of its samples is in. Samples are keyed by (example id, sample index), not counted: a
+    sample delivered twice (a retried task whose first attempt got through) is kept once and counted in
+    ``duplicates``, and a sample naming an example outside its shard is an error. Examples keep their input order,
+    samples their index order. ``examples``: the split, an EXAMPLE_SCHEMA table (a shard's rows become Python
+    objects only while that shard is assembled) or its rows."""
 
     def __init__(self, shards: Sequence[Shard], examples: pa.Table | Sequence[Mapping], k: int, task, rule: str):
         self.examples, self.k, self.task, self.rule = examples, k, task, rule
         self.pending = {s.index: s for s in shards}
-        self.samples: dict[int, dict[str, list[dict]]] = {s.index: {} for s in shards}
-        self.counts = {s.index: 0 for s in shards}
+        self.samples: dict[int, dict[tuple[str, int], dict]] = {s.index: {} for s in shards}
+        self.duplicates = 0
+
+    def _rows(self, shard: Shard) -> list[dict]:
+        if isinstance(self.examples, pa.Table):
+            return self.examples.slice(shard.start, shard.size).to_pylist()
+        return list(self.examples[shard.start : shard.stop])
 
     def add(self, batch: pa.Table) -> list[tuple[Shard, pa.Table]]:
         touched = set()
         for row in batch.to_pylist():
-            shard = row["shard"]
+            shard, key = row["shard"], (row["id"], row["sample_index"])
             if shard not in self.pending:
-                raise RuntimeError(f"sample of shard {shard} arrived after that shard was written")
-            self.samples[shard].setdefault(row["id"], []).append(
-                {"index": row["sample_index"], **{c: row.get(c) for c in ("text", "rationale", "answer", "status", "error")}}
-            )
-            self.counts[shard] += 1
+                if shard in self.samples:  # that shard is written: a late duplicate of one of its samples
+                    self.duplicates += 1
+                    continue
+                raise RuntimeError(f"sample {key} names shard {shard}, which this run does not generate")
+            if not 0 <= key[1] < self.k:
+                raise RuntimeError(f"sample {key} of shard {shard}: sample index outside 0..{self.k - 1}")
+            if key in self.samples[shard]:
+                self.duplicates += 1
+                continue
+            self.samples[shard][key] = {"index": key[1],
+                                        **{c: row.get(c) for c in ("text", "rationale", "answer", "status", "error")}}
             touched.add(shard)
-        return [self._finish(i) for i in sorted(touched) if self.counts[i] == self.pending[i].size * self.k]
+        return [self._finish(i) for i in sorted(touched) if len(self.samples[i]) == self.pending[i].size * self.k]
 
     def _finish(self, index: int) -> tuple[Shard, pa.Table]:
         shard = self.pending.pop(index)
-        by_id = self.samples.pop(index)
-        if isinstance(self.examples, pa.Table):
-            examples = self.examples.slice(shard.start, shard.size).to_pylist()
-        else:
-            examples = self.examples[shard.start : shard.stop]
-        rows = [teacher_row(ex, by_id.get(ex["id"], []), self.task, self.rule) for ex in examples]
+        examples = self._rows(shard)
+        by_id: dict[str, list[dict]] = {ex["id"]: [] for ex in examples}
+        for (example_id, _), sample in self.samples[index].items():
+            if example_id not in by_id:
+                raise RuntimeError(f"shard {index} got samples of example {example_id!r}, which is not in it")
+            by_id[example_id].append(sample)
+        self.samples[index] = {}  # done: memory back; the key stays so a late duplicate is recognised
+        rows = [teacher_row(ex, sorted(by_id[ex["id"]], key=lambda s: s["index"]), self.task, self.rule)
+                for ex in examples]
         return shard, pa.Table.from_pylist(rows, schema=TEACHER_SCHEMA)
 
     @property
     def unfinished(self) -> list[int]:
         return sorted(self.pending)
+
+
+def kept_shards(shards: Sequence[Shard], present: set[str]) -> tuple[list[Shard], list[Shard]]:
+    """(kept, refetch) among the planned shards whose file is ``present``: a kept shard's Parquet footer must hold
+    exactly the shard's example count (one row per example); a truncated, empty or unreadable file is generated
+    again rather than trusted."""
+    kept, refetch = [], []
+    for shard in shards:
+        if shard.path in present:
+            (kept if storage.parquet_num_rows(shard.path) == shard.size else refetch).append(shard)
+    return kept, refetch
