@@ -208,6 +208,16 @@ def iter_parquet_batches(location: Location, batch_size: int = 64) -> Iterator[p
         yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, use_threads=False)
 
 
+def parquet_num_rows(location: Location) -> int | None:
+    """The row count in a Parquet file's footer; None when the file is missing, truncated or not Parquet."""
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
 def list_files(location: Location, pattern: str = "*") -> list[str]:
     """Locations of the files directly in folder ``location`` whose name matches ``pattern``, sorted by name.
     A missing folder lists as empty."""
