@@ -1,4 +1,4 @@
-"""Accuracy of a trained student on one split, in one of the two modes of DESIGN.md §1.
+"""Accuracy of a trained student on one split, in one of the two modes of docs/design.md, "The algorithm".
 
 - ``predict``: greedy decoding of ``predict: x``; the output is the answer.
 - ``explain``: greedy decoding of ``explain: x``; the student writes its rationale and ``The answer is …``, and the

@@ -1,4 +1,4 @@
-"""The quality discriminator D (DESIGN.md §1): s(x, r) ∈ (0, 1), how good rationale r is for question x.
+"""The quality discriminator D (docs/design.md, "The algorithm"): s(x, r) ∈ (0, 1), how good rationale r is for question x.
 
 D = encoder → max pooling over the non-pad tokens → Linear → ReLU → Linear → sigmoid. Its encoder is by default
 a separate copy of the student's (same architecture and initial weights); ``share_encoder`` makes it pool the

@@ -1,4 +1,4 @@
-"""QCRD losses (DESIGN.md §1, paper Eq. 2-8) as pure functions of tensors.
+"""QCRD losses (paper Eq. 2-8; docs/design.md, "The algorithm") as pure functions of tensors.
 
 Candidate rationales of a batch are ragged (each example has its own number of positives and negatives), so the
 per-candidate quantities come as padded ``[B, C]`` tensors with a boolean ``mask`` marking the real candidates.
@@ -85,8 +85,9 @@ def candidate_weights(
     it over the candidates marked within the margin when a row has any, so the pick keeps a gradient; a row with
     none takes the plain max.
 
-    Eq. 6 takes ``min_{r ∈ P}`` over positives and Eq. 7 ``max_{r ∈ N}`` over negatives (``minmax``); selection is
-    on the raw loss ``l`` (the margin is monotone, so the max of ``min(l − δ, 0)`` is attained at the max of ``l``).
+    Eq. 4-5 take ``min_{r ∈ P}`` over positives and ``max_{r ∈ N}`` over negatives (``minmax``, which Eq. 6-7
+    weigh by D's scores); selection is on the raw loss ``l`` (the margin is monotone, so the max of
+    ``min(l − δ, 0)`` is attained at the max of ``l``).
 
     ``multiplicity`` ``[B, C]``: how many identical copies each (deduplicated) candidate stands for. min/max ignore
     it (exact); ``mean``/``wmean`` weigh each candidate by it and ``sampling`` draws in proportion to it
@@ -160,7 +161,7 @@ def contrastive_loss(
     """Eq. 3, ``L_cl = mean_i [ l_pos_i − β · l_neg_i ]``.
 
     The mean runs over the examples with at least one positive: an example without a positive keeps only its
-    label task (DESIGN.md §1), and one without a negative keeps only ``l_pos``. A batch in which no example has a
+    label task (docs/design.md, "The algorithm"), and one without a negative keeps only ``l_pos``. A batch in which no example has a
     positive gives 0 (still attached to the graph, so DDP sees every parameter used).
     """
     valid = has_pos.to(l_pos.dtype)

@@ -1,4 +1,4 @@
-"""Self-consistency (DESIGN.md §1): split one example's K teacher samples into positives and teacher negatives.
+"""Self-consistency (docs/design.md, "The algorithm"): split one example's K teacher samples into positives and teacher negatives.
 
 Pure: no Ray, no torch. Answers are grouped by `answers.answer_key` (so ``8``, ``8.0`` and ``( 5.0 + 3.0 )``
 are one answer). Samples without a usable answer (failed request, no ``<Answer>``, an answer that has no key)
