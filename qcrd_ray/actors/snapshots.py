@@ -1,9 +1,9 @@
 """SnapshotStore: one named Ray actor holding the student as it was in the last j + 1 rounds.
 
 Snapshot ``r`` is the student's weights at the *start* of round ``r`` (round 0 = the initial student), so the
-negatives of round ``r`` come from snapshot ``r - j`` (docs/design.md, "The algorithm"). Rank 0 publishes each snapshot in one remote
-call; the actor ``ray.put``s it itself, so the object is owned by the actor and outlives the trainer's workers
-(an object a worker puts dies with that worker).
+negatives of round ``r`` come from snapshot ``r - j`` (docs/design.md, "The algorithm"). Rank 0 publishes each
+snapshot in one remote call; the actor ``ray.put``s it itself, so the object is owned by the actor and outlives the
+trainer's workers (an object a worker puts dies with that worker).
 
 With a ``location`` (a path or a URI, ``RUN/<method>/train/snapshots``) the actor writes each snapshot there
 through :mod:`qcrd_ray.storage` (atomically) before it holds it, and deletes what leaves the ring. Ray restarts a
