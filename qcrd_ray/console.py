@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -27,6 +29,10 @@ PLAIN_INTERVAL_S = 15.0  # one progress line this often when stdout is not a ter
 _TTY_REDRAW_S = 0.1  # a terminal redraws at most this often
 WORKER_LOGGER = "qcrd_ray.workers"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# our own loggers reach qcrd.log at DEBUG; libraries at INFO and up (Ray Data's DEBUG dumps of its DataContext and
+# per-operator state, matplotlib's font search: hundreds of lines a run that say nothing to a reader)
+OWN_LOGGERS = ("qcrd_ray", "serve", "jobs", "__main__")
+LOG_UPLOAD_S = 30.0  # how often the logs of a run on object storage reach it while the command runs
 _CLEAR = "\x1b[K"  # erase to the end of the line
 
 
@@ -250,15 +256,22 @@ def log_to_file(log_dir) -> logging.FileHandler:
     workers.propagate = False  # worker lines stay out of qcrd.log and off the console
     _file_handler(log_dir / "workers.log", WORKER_LOGGER, "%(message)s")
     handler = _file_handler(log_dir / "qcrd.log", "", _LOG_FORMAT)
+    handler.addFilter(lambda r: r.levelno >= logging.INFO or r.name.startswith(OWN_LOGGERS))
     logging.getLogger().setLevel(logging.DEBUG)
-    logging.getLogger("filelock").setLevel(logging.INFO)  # Ray's lock/unlock DEBUG pairs say nothing to a reader
+    # a rerun appends: each command's lines start under a header saying which command, when and where
+    header = f"===== {' '.join(sys.argv) or 'qcrd'} | {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} | " \
+             f"host {socket.gethostname()} pid {os.getpid()} ====="
+    for path in (log_dir / "qcrd.log", log_dir / "workers.log"):
+        with open(path, "a") as f:
+            f.write(("\n" if path.stat().st_size else "") + header + "\n")
     return handler
 
 
 def log_to_storage(location) -> tuple[logging.FileHandler, Callable[[], None]]:
     """:func:`log_to_file` for a log folder that may be a URI. An object store cannot be appended to, so the logs
-    are written into a node-local cache folder (seeded with the stored logs: a resumed run keeps its history) and
-    ``upload()`` copies them to ``location``; call it when the command ends, failed or not. For a local path the
+    are written into a node-local cache folder (seeded with the stored logs: a resumed run keeps its history),
+    copied to ``location`` every ``LOG_UPLOAD_S`` while the command runs (a driver that dies leaves its log up to
+    then), and ``upload()`` copies them a last time; call it when the command ends, failed or not. For a local path the
     logs are written in place and ``upload`` does nothing. Returns ``(qcrd.log handler, upload)``."""
     import hashlib
 
@@ -272,12 +285,27 @@ def log_to_storage(location) -> tuple[logging.FileHandler, Callable[[], None]]:
         stored = storage.join(location, name)
         (local / name).write_bytes(storage.read_bytes(stored) if storage.exists(stored) else b"")
     handler = log_to_file(local)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def copy_up() -> None:
+        with lock:
+            for _, h in _attached:
+                h.flush()
+            for name in names:
+                storage.write_bytes(storage.join(location, name), (local / name).read_bytes())
+
+    def keep_uploading() -> None:  # so a driver that dies leaves its log up to the last LOG_UPLOAD_S
+        while not stop.wait(LOG_UPLOAD_S):
+            try:
+                copy_up()
+            except Exception as e:  # noqa: BLE001 - a failed copy is retried next time; the final upload reports
+                logging.getLogger(__name__).debug("log upload to %s failed: %s", location, e)
+
+    threading.Thread(target=keep_uploading, name="qcrd-log-upload", daemon=True).start()
 
     def upload() -> None:
-        for _, h in _attached:
-            h.flush()
-        for name in names:
-            storage.write_bytes(storage.join(location, name), (local / name).read_bytes())
+        stop.set()
+        copy_up()
 
     return handler, upload
 
@@ -299,6 +327,17 @@ def adopt_library_loggers(names: tuple[str, ...]) -> None:
 
 
 # ---------------------------------------------------------------- stage displays
+
+# A line a worker or actor prints (on any node) that starts with this tag is something the user must see: the
+# driver routes it to the console and qcrd.log as a summary line (``ray_utils``), not only to workers.log.
+NOTICE_TAG = "[qcrd notice] "
+
+
+def notice(line: str) -> None:
+    """From a worker, an actor or Ray Train's controller: one line for the driver's console (a worker lost and
+    recovered, an actor restarted). Printed, tagged, to this process's stdout, which Ray forwards to the driver."""
+    print(NOTICE_TAG + line, flush=True)
+
 
 def summary(line: str) -> None:
     """One finished stage's line: on the console when a session is active, and in qcrd.log always."""

@@ -140,3 +140,5 @@ def _log_worker_lines(data: dict) -> None:
     stream = "err" if data.get("is_err") else "out"
     for line in data.get("lines", []):
         _workers_log.info("%s %s: %s", who, stream, line)
+        if line.startswith(console.NOTICE_TAG):  # a recovery the user must see (console.notice)
+            console.summary(line[len(console.NOTICE_TAG):] + f" [ip {data.get('ip')}]")

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,44 @@ def test_session_shows_warnings_in_full_and_logs_everything_to_files(tmp_path):
     # the session's files are detached when it ends: a later run does not write into this run's logs
     log.warning("after the session")
     assert "after the session" not in (tmp_path / "logs" / "qcrd.log").read_text()
+
+
+def test_a_rerun_appends_under_its_own_header_and_library_debug_stays_out(tmp_path):
+    """qcrd.log keeps every command's lines, each command's under a header (command, time, host, pid); libraries
+    reach it at INFO and up (Ray Data's DEBUG dumps do not), our own modules at DEBUG."""
+    for attempt in ("first", "second"):
+        with console.session(out=io.StringIO(), err=io.StringIO()):
+            console.log_to_file(tmp_path / "logs")
+            logging.getLogger("qcrd_ray.test_console").debug("%s run: our own debug line", attempt)
+            logging.getLogger("ray.data._internal.execution.streaming_executor").debug("DataContext(target_max=...)")
+            logging.getLogger("ray.data").info("%s run: Ray Data's info line", attempt)
+    text = (tmp_path / "logs" / "qcrd.log").read_text()
+    headers = [line for line in text.splitlines() if line.startswith("===== ")]
+    assert len(headers) == 2 and all(f"pid {os.getpid()}" in h and " UTC | host " in h for h in headers)
+    sections = text.split("===== ")[1:]  # one per command, in order
+    assert "first run: our own debug line" in sections[0] and "second run: our own debug line" in sections[1]
+    assert "second run: Ray Data's info line" in text and "DataContext" not in text
+    assert (tmp_path / "logs" / "workers.log").read_text().count("===== ") == 2
+
+
+def test_logs_of_a_run_on_storage_reach_it_while_the_command_runs(s3_server, monkeypatch):
+    """On an object store the log is a local file copied up every LOG_UPLOAD_S: a driver that dies mid-run leaves
+    its log at the run's URI up to then; the final upload copies the rest."""
+    from qcrd_ray import storage
+
+    monkeypatch.setattr(console, "LOG_UPLOAD_S", 0.2)
+    location = storage.join(s3_server, "console-logs", "logs")
+    with console.session(out=io.StringIO(), err=io.StringIO()):
+        _, upload = console.log_to_storage(location)
+        logging.getLogger("qcrd_ray.test_console").info("written mid-run")
+        deadline = time.monotonic() + 30
+        while not (storage.exists(storage.join(location, "qcrd.log"))
+                   and "written mid-run" in storage.read_text(storage.join(location, "qcrd.log"))):
+            assert time.monotonic() < deadline, "the log never reached the run's URI while the command ran"
+            time.sleep(0.1)
+        logging.getLogger("qcrd_ray.test_console").info("written at the end")
+        upload()
+    assert "written at the end" in storage.read_text(storage.join(location, "qcrd.log"))
 
 
 def test_verbose_session_shows_info_and_tracebacks():

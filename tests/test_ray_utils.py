@@ -95,3 +95,40 @@ def test_a_dead_cluster_address_is_named_within_seconds_and_no_address_starts_a_
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "local"
+
+
+def test_a_recovery_notice_from_any_worker_reaches_the_console_in_one_line(capsys):
+    """Ray Train's controller (FailureNotices) says a worker was lost and what happens next; the tagged line it
+    prints reaches the driver through Ray's log forwarding and is shown as a summary line, ip included, besides
+    going to workers.log like any worker line."""
+    import io
+    import logging
+
+    from qcrd_ray import console, ray_utils
+    from qcrd_ray.train.trainer import FailureNotices
+
+    notices = FailureNotices(max_failures=3)
+    notices.after_exception(None, {1: RuntimeError("The actor died unexpectedly before finishing this task.\nmore")})
+    notices.after_exception(None, {0: OSError("x"), 1: OSError("y")})
+    for _ in range(2):
+        notices.after_exception(None, {0: OSError("x")})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (console.NOTICE_TAG + "train worker rank 1 lost (RuntimeError: The actor died unexpectedly "
+                          "before finishing this task.); restarting the workers from the latest checkpoint (1 of 3 "
+                          "failures used)")
+    assert "rank 0, 1 lost" in printed[1] and "(2 of 3 failures used)" in printed[1]
+    assert printed[3].endswith("train.max_failures=3 spent: the run stops (rerun it to resume)")
+
+    out, err = io.StringIO(), io.StringIO()
+    with console.session(out=out, err=err):
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger(console.WORKER_LOGGER).addHandler(handler)
+        try:
+            ray_utils._log_worker_lines({"pid": 77, "ip": "10.0.0.7", "actor_name": "TrainController",
+                                         "lines": [printed[0], "an ordinary line"]})
+        finally:
+            logging.getLogger(console.WORKER_LOGGER).removeHandler(handler)
+    assert out.getvalue().splitlines() == [printed[0][len(console.NOTICE_TAG):] + " [ip 10.0.0.7]"]
+    assert len(records) == 2  # both lines are in workers.log

@@ -25,6 +25,7 @@ import ray.train
 import torch
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 
 from qcrd_ray import console, storage
 from qcrd_ray import students as student_lib
@@ -44,6 +45,27 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 # Ray Data read tasks ask for little CPU so they fit beside fractional train workers on a small machine.
 _READ_NUM_CPUS = 0.25
 _TEACHER_COLUMNS = ["id", "input", "label", "majority_answer", "positives", "negatives", "samples"]
+
+
+class FailureNotices(UserCallback):
+    """One console line per worker-group failure (on Ray Train's controller, whose output reaches the driver):
+    which ranks were lost and why, and whether Ray Train restarts them from the latest checkpoint or the run stops.
+    The loop says which round it resumed at (``train.loop``)."""
+
+    def __init__(self, max_failures: int):
+        self.max_failures, self.failures = max_failures, 0
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        self.failures += 1
+        ranks = ", ".join(str(r) for r in sorted(worker_exceptions))
+        error = next(iter(worker_exceptions.values()))
+        why = (str(error).strip().splitlines() or [""])[0][:200]
+        if self.max_failures < 0 or self.failures <= self.max_failures:
+            used = "" if self.max_failures < 0 else f" ({self.failures} of {self.max_failures} failures used)"
+            then = f"restarting the workers from the latest checkpoint{used}"
+        else:
+            then = f"train.max_failures={self.max_failures} spent: the run stops (rerun it to resume)"
+        console.notice(f"train worker rank {ranks} lost ({type(error).__name__}: {why}); {then}")
 
 
 def teacher_files(teacher_dir: storage.Location) -> list[str]:
@@ -132,6 +154,7 @@ def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int)
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             # a lost worker: the worker group restarts from the latest checkpoint, within this call
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            callbacks=[FailureNotices(tc.max_failures)],
         ),
         datasets={"train": dataset},
         # the same rows go to the same worker on every run, so a resumed run replays the interrupted one's order
