@@ -24,6 +24,10 @@ from typing import Any, Mapping
 import yaml
 
 from qcrd_ray.data.synthetic import MIN_MAX_OPERAND
+from qcrd_ray.data.tasks import BUILTIN_TASKS
+from qcrd_ray.methods import SPECS
+from qcrd_ray.teacher.backends import BACKENDS
+from qcrd_ray.trackers import TRACKERS
 
 
 class ConfigError(ValueError):
@@ -39,23 +43,28 @@ def _choice(default: Any, *choices: Any, help: str) -> Any:
     return field(default=default, metadata={"choices": choices, "help": help})
 
 
+def _registry_choice(default: str, registry: Mapping[str, Any], *, help: str) -> Any:
+    """A choice among a registry's names (teacher backends, methods, ...), read live: an entry registered after
+    this module loaded is a valid choice too."""
+    return field(default=default, metadata={"choices": registry.keys(), "help": help})
+
+
 def _num(default: Any, lo: float | None = None, hi: float | None = None, *, help: str) -> Any:
     return field(default=default, metadata={"lo": lo, "hi": hi, "help": help})
-
-
-TASKS = ("synthetic", "svamp", "cqa", "anli1", "esnli")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str | None = _field(
         None, help="where the data is: a DSS-layout folder holding <task>/<task>_<split>.json, or a user task's "
-                   "JSONL/Parquet file (its train split) or folder of splits; null = the built-in synthetic task")
-    task: str = _field("synthetic", help=f"task name: one of {', '.join(TASKS)}, or a user task's name when "
-                                         "data.format is jsonl or parquet")
-    format: str = _choice("dss", "dss", "jsonl", "parquet",
+                   "JSONL/Parquet file (its train split) or folder of splits, or (data.format hf) a Hugging Face "
+                   "dataset: a save_to_disk folder, data files or a hub name; null = the built-in synthetic task")
+    task: str = _field("synthetic", help=f"task name: one of {', '.join(BUILTIN_TASKS)}, or a user task's name when "
+                                         "data.format is jsonl, parquet or hf")
+    format: str = _choice("dss", "dss", "jsonl", "parquet", "hf",
                           help="how data.data_dir is read: dss (the DSS layout of svamp, cqa, anli1, esnli), "
-                               "or jsonl / parquet (a user task, columns mapped by data.columns)")
+                               "or jsonl / parquet / hf (a user task, columns mapped by data.columns; hf: the "
+                               "datasets package, its validation split as valid)")
     columns: dict = _field(factory=dict, help="user tasks: our column (id, input, label, choices, rationale or "
                                               "rationales) -> the file's column; a column not listed keeps our name")
     answer_type: str = _choice("auto", "auto", "numeric", "choice", "text",
@@ -88,10 +97,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    backend: str = _choice("synthetic", "synthetic", "hf", "http", "vllm", "recorded",
-                           help="who writes the rationales: synthetic (rule-based, no model), hf (a local Hugging "
-                                "Face model), http (an OpenAI-compatible API), vllm (Ray Data LLM on GPUs), recorded "
-                                "(the dataset's llm/ rationales; teacher.k=1)")
+    backend: str = _registry_choice("synthetic", BACKENDS, help="who writes the rationales: " + ", ".join(
+        f"{b.name} ({b.help})" for b in BACKENDS.values()))
     model: str | None = _field(None, help="Hugging Face name or path (hf, vllm) or the API's model name (http); "
                                           "null = none (synthetic, recorded)")
     k: int = _num(5, 1, 64, help="rationales sampled per question (K), over which self-consistency votes")
@@ -144,6 +151,12 @@ class TeacherConfig:
                                              "start)")
     gpu_memory_utilization: float = _num(0.85, 0.05, 1.0, help="vllm backend: share of each GPU's memory an "
                                                                "engine may take")
+    # a list of mappings, each validated against these keys by teacher/sources.py
+    sources: tuple[dict, ...] = _field((), help="several teachers mixed: [{name, backend, weight, ...any teacher key "
+                                                "but k and shard_rows}]; each draws weight/Σweight of the K samples "
+                                                "per question (teacher/sources.py), the other keys override the "
+                                                "top-level teacher keys for it; empty = one teacher, the top-level "
+                                                "keys")
 
 
 @dataclass(frozen=True)
@@ -251,8 +264,9 @@ class DiscriminatorConfig:
 
 @dataclass(frozen=True)
 class SnapshotConfig:
-    j: int = _num(5, 0, help="lag in rounds: student negatives come from the student as it was j rounds ago (the "
-                             "initial one before that)")
+    j: int = _num(5, 1, help="lag in rounds: student negatives come from the student as it was j rounds ago (the "
+                             "initial one before that); at least 1: a round's negatives are sampled while the round "
+                             "before trains")
     neg_source: str = _choice("lagged", "lagged", "fixed",
                               help="lagged = the student j rounds ago; fixed = always the initial student (round 0)")
     temperature: float = _num(1.5, 0.0, 5.0, help="sampling temperature of the student negatives")
@@ -276,9 +290,8 @@ class SnapshotConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = _choice("qcrd", "qcrd", "dss", "finetune",
-                          help="what trains: qcrd (the paper), dss (distilling step-by-step) or finetune (labels "
-                               "only)")
+    method: str = _registry_choice("qcrd", SPECS, help="what trains: " + "; ".join(
+        f"{s.name} = {s.summary}" for s in SPECS.values()))
     num_workers: int = _num(2, 1, help="Ray Train workers (data-parallel ranks)")
     use_gpu: bool = _field(False, help="true: one GPU per worker (NCCL); false: CPU workers (gloo)")
     num_cpus_per_worker: float = _num(0.5, 0.0, help="CPUs reserved per training worker")
@@ -296,7 +309,7 @@ class TrainConfig:
     log_every: int = _num(10, 1, help="log the training metrics every this many optimizer steps")
     seed: int = _field(0, help="training seed: a tiny student's initial weights, batch order and sampling draws")
     trackers: tuple = _field(("tensorboard",), help="where rank 0's metrics and the eval results go "
-                                                    "(qcrd_ray/trackers.py): any of tensorboard, mlflow, wandb, "
+                                                    f"(qcrd_ray/trackers.py): any of {', '.join(TRACKERS)}, "
                                                     "each imported only when listed; empty = none")
     tracking_uri: str | None = _field(None, help="MLflow server; null = MLflow's own default (MLFLOW_TRACKING_URI "
                                                  "or ./mlruns)")
@@ -429,6 +442,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is tuple and len(typing.get_args(annotation)) == 2 and typing.get_args(annotation)[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(annotation)[0]
+        return tuple(_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value))
     if annotation is tuple:
         if isinstance(value, (list, tuple)):
             if not all(isinstance(v, str) for v in value):  # YAML reads [Q:] as [{Q: null}]
@@ -505,13 +523,13 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(
             f"serve.min_replicas ({cfg.serve.min_replicas}) must be <= serve.max_replicas ({cfg.serve.max_replicas})"
         )
-    if cfg.teacher.backend == "recorded" and cfg.teacher.k != 1:
-        raise ConfigError("teacher.k: the recorded backend replays one rationale per example; set teacher.k=1")
-    unknown = sorted(set(cfg.train.trackers) - {"tensorboard", "mlflow", "wandb"})
+    unknown = sorted(set(cfg.train.trackers) - set(TRACKERS))
     if unknown:
-        raise ConfigError(f"train.trackers: {unknown[0]!r} is not a tracker; choose from tensorboard, mlflow, wandb")
-    if cfg.teacher.backend in ("hf", "vllm") and not cfg.teacher.model:
-        raise ConfigError(f"teacher.model: the {cfg.teacher.backend} backend needs a model name or path")
+        raise ConfigError(f"train.trackers: {unknown[0]!r} is not a tracker; choose from {', '.join(TRACKERS)}")
+    # what each teacher source's backend needs (its registry entry), and the sources' own keys
+    from qcrd_ray.teacher.sources import resolve_sources  # it reads this module's classes: imported here
+
+    resolve_sources(cfg)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -583,7 +601,8 @@ class KeyHelp:
         return bool(self.keys)
 
 
-_TYPE_NAMES = {str: "str", int: "int", float: "float", bool: "true | false", tuple: "list of str", dict: "mapping"}
+_TYPE_NAMES = {str: "str", int: "int", float: "float", bool: "true | false", tuple: "list of str", dict: "mapping",
+               tuple[dict, ...]: "list of mappings"}
 
 
 def _allowed(f: dataclasses.Field, annotation: Any) -> str:

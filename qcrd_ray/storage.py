@@ -10,18 +10,26 @@ Writes are atomic: a reader sees the old file, the new file or no file, never a 
 temporary file in the same folder renamed into place; on an object store it is one object upload, which becomes
 visible only when it completes. Folders are uploaded file by file, then a completeness marker is written LAST,
 and a download refuses a folder without it.
+
+A misbehaving store (503 SlowDown, 500, dropped connections, hung answers) is retried by the AWS SDK's standard
+retry mode with backoff (``S3_RETRY_ATTEMPTS``, timeouts ``S3_*_TIMEOUT_S``), in this process and in the copies
+of the filesystem Ray hands to its workers; tests/test_storage_faults.py proves it through a fault-injecting proxy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
+import itertools
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -69,10 +77,36 @@ def basename(location: Location) -> str:
 _ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
+# S3 requests are retried by the AWS SDK's standard mode: 503 SlowDown, 500, dropped connections and timeouts
+# (tests/test_storage_faults.py checks each through a fault-injecting proxy), after a jittered backoff of up to
+# 2^n s (capped at 20 s): 10 attempts ride out a store failing for about a minute (111 s of backoff at most)
+S3_RETRY_ATTEMPTS = 10
+# seconds to connect, and without a byte of the answer (curl's low-speed limit on Linux): past either, a hung
+# request is abandoned and retried (the SDK's default 3 s would retry a busy but working store's slow answers)
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 20.0
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(root: str, env_key: tuple) -> pafs.FileSystem:
     # one client per bucket and environment: from_uri may look up the bucket's region over the network
-    return pafs.FileSystem.from_uri(root)[0]
+    fs = pafs.FileSystem.from_uri(root)[0]
+    # rebuilt from pyarrow's own reading of the URI (its query options included), with our retries and timeouts
+    return _retrying_s3(fs.__reduce__()[1][0]) if isinstance(fs, pafs.S3FileSystem) else fs
+
+
+def _retrying_s3(options: dict) -> pafs.S3FileSystem:
+    return _RetryingS3(**{**options, "connect_timeout": S3_CONNECT_TIMEOUT_S, "request_timeout": S3_REQUEST_TIMEOUT_S,
+                          "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)})
+
+
+class _RetryingS3(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, pickled with its retry strategy: ``S3FileSystem.__reduce__`` leaves the strategy
+    out, so the copy Ray hands to Train workers and Data tasks (``train_storage``, ``read_parquet``) would retry
+    only 3 times."""
+
+    def __reduce__(self):
+        return _retrying_s3, (super().__reduce__()[1][0],)
 
 
 def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
@@ -104,11 +138,37 @@ def is_file(location: Location) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
+# pyarrow reads an S3 range into a buffer of the range's size: an error answer longer than that (a 503 SlowDown's
+# XML, a few hundred bytes, on a small file or a Parquet footer) overflows it, and the AWS SDK reports a
+# non-retryable INTERNAL_FAILURE, "Failed to flush response stream", instead of the 503 (tests/test_storage_faults.py
+# meets it). A read has no side effect: those are tried again here.
+_MISREAD = "Failed to flush response stream"
+
+
+def _after_misread(error: OSError, attempt: int) -> None:
+    """Raise ``error`` unless it is that misreport and tries remain; else back off as the SDK's standard mode."""
+    if _MISREAD not in str(error) or attempt + 1 >= S3_RETRY_ATTEMPTS:
+        raise error
+    time.sleep(min(random.random() * 2**attempt, 20.0))
+
+
+def _reading(read):
+    for attempt in itertools.count():
+        try:
+            return read()
+        except OSError as e:
+            _after_misread(e, attempt)
+
+
 def read_bytes(location: Location) -> bytes:
     fs, path = resolve(location)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return _reading(read)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{os.fspath(location)} does not exist") from e
 
@@ -197,15 +257,24 @@ def write_parquet(location: Location, table: pa.Table) -> None:
 
 def read_parquet(location: Location) -> pa.Table:
     fs, path = resolve(location)
-    return pq.read_table(path, filesystem=fs)
+    return _reading(lambda: pq.read_table(path, filesystem=fs))
 
 
 def iter_parquet_batches(location: Location, batch_size: int = 64) -> Iterator[pa.RecordBatch]:
     """The rows of a Parquet file, ``batch_size`` at a time: memory holds one batch, not the file (a whole-table
     read through ``read_parquet`` also warms up Arrow's dataset reader and thread pools, tens of MiB)."""
     fs, path = resolve(location)
-    with fs.open_input_file(path) as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, use_threads=False)
+    done = 0  # batches handed out: a read tried again skips them (a file's batches always come in one order)
+    for attempt in itertools.count():
+        try:
+            with fs.open_input_file(path) as f:
+                batches = pq.ParquetFile(f).iter_batches(batch_size=batch_size, use_threads=False)
+                for batch in itertools.islice(batches, done, None):
+                    done += 1
+                    yield batch
+            return
+        except OSError as e:
+            _after_misread(e, attempt)
 
 
 def parquet_num_rows(location: Location) -> int | None:
@@ -306,9 +375,13 @@ def download_dir(src: Location, cache: Location | None = None) -> Path:
     if (target / COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    files = json.loads(marker)["files"]
+    need = sum(files.values())
+    if need > shutil.disk_usage(target.parent).free:  # fail before fetching gigabytes that cannot be kept
+        raise _no_space(target.parent, src, need)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        for rel, size in json.loads(marker)["files"].items():
+        for rel, size in files.items():
             data = read_bytes(join(src, *rel.split("/")))
             if len(data) != size:
                 raise StorageError(f"{join(src, rel)} has {len(data)} bytes, its upload recorded {size}")
@@ -320,9 +393,20 @@ def download_dir(src: Location, cache: Location | None = None) -> Path:
         except OSError:  # another process on this node finished the same download first
             if not (target / COMPLETE_MARKER).exists():
                 raise
+    except OSError as e:  # the disk filled up meanwhile (another writer on this node)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(target.parent, src, need) from e
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial copy is never renamed into place, so never reused
     return target
+
+
+def _no_space(folder: Path, src: Location, need: int) -> StorageError:
+    free = shutil.disk_usage(folder).free
+    return StorageError(f"no space left in {folder} to download {os.fspath(src)}: it needs {need / 2**20:.1f} MiB, "
+                        f"{free / 2**20:.1f} MiB are free; free some, or move the node cache to a larger disk "
+                        "(it lives in the system temp folder: set TMPDIR)")
 
 
 # ---------------------------------------------------------------------------------------------------- clusters

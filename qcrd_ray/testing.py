@@ -64,3 +64,139 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# S3's own error answers (status, code, message), as a misbehaving bucket sends them
+_S3_ERRORS = {"503": (503, "SlowDown", "Please reduce your request rate."),
+              "500": (500, "InternalError", "We encountered an internal error. Please try again.")}
+FAULT_MODES = ("503", "500", "reset", "hang", "slow")
+# hop-by-hop headers: they describe one connection, so the proxy sets its own on each side
+_HOP = ("connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade")
+
+
+class FaultProxy:
+    """A reverse HTTP proxy that misbehaves like a real object store, for tests and benchmarks: put in front of an
+    S3 server (clients use :meth:`uri`, whose ``endpoint_override`` is the proxy), it forwards every request or
+    fails a ``share`` of them, each with one of ``modes``:
+
+    - ``503``: S3's SlowDown (XML body); ``500``: InternalError;
+    - ``reset``: the connection closed without an answer (a TCP reset);
+    - ``hang``: no answer for ``delay_s``, then the connection closed, as a stuck server;
+    - ``slow``: the right answer, after ``delay_s`` (throttling).
+
+    Failures happen before the server sees the request. Which requests fail, and how, is drawn from a seeded RNG
+    in arrival order, so a given sequence of requests fails the same way every time. :meth:`configure` changes
+    the share, modes, seed and delay at runtime (one proxy serves several tests) and resets the counts
+    (``requests``; ``injected``, per mode)."""
+
+    def __init__(self, upstream: str, share: float = 0.0, modes=FAULT_MODES, seed: int = 0, delay_s: float = 0.5):
+        import threading
+        from http.server import ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.upstream = urlsplit(upstream if "://" in upstream else f"http://{upstream}")
+        self._lock = threading.Lock()
+        self.configure(share, modes, seed, delay_s)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(self))
+        self._server.daemon_threads = True
+        self.address = f"127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True).start()
+
+    def configure(self, share: float = 0.0, modes=FAULT_MODES, seed: int = 0, delay_s: float = 0.5) -> "FaultProxy":
+        import collections
+        import random
+
+        unknown = set(modes) - set(FAULT_MODES)
+        if unknown or not modes:
+            raise ValueError(f"fault modes must be among {FAULT_MODES}, got {modes}")
+        with self._lock:
+            self.share, self.modes, self.delay_s = share, tuple(modes), delay_s
+            self._rng = random.Random(seed)
+            self.requests, self.injected = 0, collections.Counter()
+        return self
+
+    def draw(self) -> str | None:
+        """The fault of the next request, or None to forward it."""
+        with self._lock:
+            self.requests += 1
+            if self._rng.random() >= self.share:
+                return None
+            mode = self._rng.choice(self.modes)
+            self.injected[mode] += 1
+            return mode
+
+    def uri(self, location: str) -> str:
+        """``location`` (``s3://bucket/...``) reached through this proxy."""
+        return f"{location}?endpoint_override={self.address}&scheme=http"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _proxy_handler(proxy: FaultProxy):
+    import http.client
+    import socket
+    import struct
+    import time
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                pass
+            return b"".join(chunks)
+
+        def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+            self.send_response(status)
+            for key, value in headers:
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _handle(self) -> None:
+            body = self._body()
+            mode = proxy.draw()
+            if mode in ("slow", "hang"):
+                time.sleep(proxy.delay_s)
+            if mode in ("reset", "hang"):
+                # linger 0: closing sends a reset, as a load balancer dropping the connection does
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                return
+            if mode in _S3_ERRORS:
+                status, code, message = _S3_ERRORS[mode]
+                xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}'
+                       f"</Message><RequestId>fault-{proxy.requests}</RequestId></Error>").encode()
+                self._answer(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(xml)))], xml)
+                return
+            up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
+                up.request(self.command, self.path, body, headers)
+                resp = up.getresponse()
+                data = resp.read()
+            finally:
+                up.close()
+            out = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP]
+            if self.command != "HEAD":  # a HEAD keeps the object's length; anything else: the body's
+                out = [(k, v) for k, v in out if k.lower() != "content-length"] + [("Content-Length", str(len(data)))]
+            self._answer(resp.status, out, data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    return Handler

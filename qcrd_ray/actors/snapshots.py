@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import warnings
 from typing import Iterable
 
@@ -161,6 +162,59 @@ class SnapshotStore:
 
     def rounds(self) -> list[int]:
         return sorted(self._ring)
+
+
+class SnapshotPublishError(RuntimeError):
+    pass
+
+
+# a publish the store failed (its storage down past its own retries) is sent again, up to this many tries in all,
+# after PUBLISH_BACKOFF_S, then twice that...: long enough for a bucket's short outage, short of Ray Train's restart
+PUBLISH_ATTEMPTS = 3
+PUBLISH_BACKOFF_S = 5.0
+
+
+class Publisher:
+    """Rank 0's publishes. :meth:`publish` returns at once: the weights are copied into the object store first
+    (training goes on changing them), the store persists them meanwhile. :meth:`confirm` waits for the store's
+    answer and sends a failed publish again, each failure logged with its round and reason; the last failure
+    raises :class:`SnapshotPublishError`, so training restarts from its checkpoint instead of the samplers
+    waiting for a snapshot that never comes. A store lost for good (restarts spent) is only reported: the
+    samplers' examples then get teacher negatives, as in :meth:`NegativePool.fetch`."""
+
+    def __init__(self, store, attempts: int = PUBLISH_ATTEMPTS, backoff_s: float = PUBLISH_BACKOFF_S):
+        self.store, self.attempts, self.backoff_s = store, attempts, backoff_s
+        self._pending: tuple | None = None  # (round, weights' ref, the call's ref)
+
+    def publish(self, round_index: int, state_dict: dict[str, torch.Tensor]) -> None:
+        self.confirm()
+        weights = ray.put(state_dict)  # one copy for every try
+        self._pending = (round_index, weights, self.store.publish.remote(round_index, weights))
+
+    def confirm(self) -> list[int] | None:
+        """The rounds the store holds once the last publish is in (None: nothing pending, or the store is lost)."""
+        if self._pending is None:
+            return None
+        round_index, weights, call = self._pending
+        self._pending = None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return ray.get(call)
+            except ray.exceptions.RayActorError as e:
+                log.warning("snapshot of round %d not published: the snapshot store is lost (%s)", round_index,
+                            type(e).__name__)
+                return None
+            except ray.exceptions.RayTaskError as e:
+                reason = f"{type(e.cause).__name__}: {e.cause}" if e.cause else str(e).splitlines()[0]
+                if attempt == self.attempts:
+                    log.error("snapshot of round %d not published after %d tries: %s", round_index, attempt, reason)
+                    raise SnapshotPublishError(f"snapshot of round {round_index} not published after {attempt} "
+                                               f"tries: {reason}") from e
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                log.warning("snapshot of round %d: publish try %d of %d failed (%s); again in %.0f s", round_index,
+                            attempt, self.attempts, reason, delay)
+                time.sleep(delay)
+                call = self.store.publish.remote(round_index, weights)
 
 
 def snapshot_store(name: str, j: int, neg_source: str = "lagged", location: str | None = None,

@@ -33,7 +33,7 @@ from qcrd_ray import students as student_lib
 from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses
 from qcrd_ray.qcrd.discriminator import Discriminator, pretrain_discriminator, refresh
-from qcrd_ray.actors.snapshots import cpu_state_dict
+from qcrd_ray.actors.snapshots import Publisher, cpu_state_dict
 from qcrd_ray.qcrd.step import DistillModel, accumulate, make_batch
 from qcrd_ray.runs import MethodLayout
 from qcrd_ray.train import checkpoint as ckpt
@@ -106,7 +106,12 @@ class RankZeroLog:
     An object store cannot append, so ``metrics.jsonl`` is rewritten whole (atomically) at most every
     ``_METRICS_UPLOAD_S`` while steps run (the driver's display follows it) and once at each round end *before*
     the round's checkpoint (:meth:`sync`), so a checkpoint never holds steps the file lacks. TensorBoard writes
-    into a node-local folder whose event files are uploaded at each round end."""
+    into a node-local folder whose event files are uploaded at each round end.
+
+    A write that fails (storage down past its own retries) does not fail training, which would spend one of
+    ``train.max_failures`` on a flaky bucket: it is logged, what it held stays in memory, and it is tried again
+    with the next write. Each output is rewritten whole from memory, so a retry carries everything since. Only
+    :meth:`close` raises, if storage is still failing at the end."""
 
     def __init__(self, layout: MethodLayout, resume_step: int, cfg=None):
         from torch.utils.tensorboard import SummaryWriter
@@ -117,23 +122,54 @@ class RankZeroLog:
         self.layout = layout
         previous = storage.read_text(layout.metrics) if storage.exists(layout.metrics) else ""
         self.lines = [json.dumps(m) for m in kept_metrics(previous, resume_step)]
+        self.negative_lines: list[dict] = []
         self.tb_dir = tempfile.mkdtemp(prefix="tensorboard-", dir=storage.cache_dir("train"))
         self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qcrd-rank0-log")
         self.pending: list[concurrent.futures.Future] = []
         self.last_upload = float("-inf")
+        self.writes = {"metrics.jsonl": self._write_metrics, "negatives.jsonl": self._write_negatives,
+                       "tensorboard": self._write_tensorboard}
+        self.unwritten: set[str] = set()  # outputs whose last write failed (changed on the writer thread only)
 
     def _submit(self, fn, *args) -> None:
         still = []
         for future in self.pending:
             if future.done():
-                future.result()  # a failed write fails the worker here rather than going unnoticed
+                future.result()  # a failed tracker call fails the worker here rather than going unnoticed
             else:
                 still.append(future)
         self.pending = still + [self.pool.submit(fn, *args)]
 
+    def _store(self, name: str) -> None:
+        """Write output ``name`` on the writer thread; a storage failure is logged and the output kept back."""
+        def attempt():
+            try:
+                self.writes[name]()
+            except OSError as e:  # pyarrow's storage errors, a full disk
+                if name not in self.unwritten:
+                    log.warning("rank 0 could not write %s (%s); kept in memory, tried again with the next write",
+                                name, e)
+                self.unwritten.add(name)
+            else:
+                if name in self.unwritten:
+                    self.unwritten.discard(name)
+                    log.info("rank 0 wrote %s again after a storage failure", name)
+        self._submit(attempt)
+
+    def _store_all(self, *names: str) -> None:
+        """Write ``names`` and every output a failure kept back."""
+        for name in sorted({*names, *self.unwritten}):
+            self._store(name)
+
+    def _idle(self) -> bool:
+        return all(future.done() for future in self.pending)
+
     def _write_metrics(self) -> None:
         storage.write_text(self.layout.metrics, "".join(line + "\n" for line in list(self.lines)))
+
+    def _write_negatives(self) -> None:
+        storage.write_jsonl(self.layout.negatives, self.negative_lines)
 
     def _write_tensorboard(self) -> None:
         self.tb.flush()
@@ -147,18 +183,21 @@ class RankZeroLog:
                 self.tb.add_scalar(key, value, metrics["step"])
         for tracker in self.trackers:  # on the writer thread: a tracker's network call never blocks a step
             self._submit(tracker.log, dict(metrics), metrics["step"])
-        if time.monotonic() - self.last_upload >= _METRICS_UPLOAD_S:
+        # idle only: while storage fails each write waits out its retries, and they must not pile up
+        if self._idle() and (self.unwritten or time.monotonic() - self.last_upload >= _METRICS_UPLOAD_S):
             self.last_upload = time.monotonic()
-            self._submit(self._write_metrics)
+            self._store_all("metrics.jsonl")
 
     def negatives(self, negatives: dict) -> None:
-        self._submit(storage.write_jsonl, self.layout.negatives, negative_records(negatives))
+        self.negative_lines = negative_records(negatives)
+        self._store("negatives.jsonl")
 
     def sync(self) -> None:
-        """Every line so far stored (blocks), and the TensorBoard files uploaded in the background."""
-        self._submit(self._write_metrics)
+        """Every line so far stored (blocks; a storage failure is only logged), and the TensorBoard files
+        uploaded in the background."""
+        self._store_all("metrics.jsonl")
         self.drain()
-        self._submit(self._write_tensorboard)
+        self._store("tensorboard")
 
     def drain(self) -> None:
         for future in self.pending:
@@ -166,14 +205,17 @@ class RankZeroLog:
         self.pending = []
 
     def close(self) -> None:
-        self._submit(self._write_metrics)
+        self.drain()
         self.tb.close()
-        self._submit(self._write_tensorboard)
+        self._store_all("metrics.jsonl", "tensorboard")
         for tracker in self.trackers:
             self._submit(tracker.close)
         self.drain()
         self.pool.shutdown()
         shutil.rmtree(self.tb_dir, ignore_errors=True)
+        if self.unwritten:  # storage failing for good: the run must not end with its record missing
+            raise storage.StorageError(f"rank 0 could not write {', '.join(sorted(self.unwritten))} to "
+                                       f"{self.layout.train}: storage still failing (see the warnings above)")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -234,12 +276,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
 
     # ---- negatives: publish the student this round starts from; the sampler works one round ahead
-    if rank == 0 and store is not None:
-        store.publish.remote(start_round, cpu_state_dict(core.student))
+    publisher = Publisher(store) if rank == 0 and store is not None else None
+    if publisher:
+        publisher.publish(start_round, cpu_state_dict(core.student))
     metrics_log = RankZeroLog(layout, global_step, cfg) if rank == 0 else None
     negatives, neg_wait, neg_missing = {}, 0.0, 0
     if pool is not None and start_round < tc.rounds:
         t0 = time.perf_counter()
+        if publisher:  # a publish that failed for good raises here, not as a sampler's wait for it
+            publisher.confirm()
         negatives = pool.fetch(start_round)
         neg_wait, neg_missing = time.perf_counter() - t0, pool.last_fetch_missing  # missing: teacher negatives
         if rank == 0:
@@ -282,6 +327,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         completed = round_index + 1
         round_s = time.perf_counter() - round_start
         neg_wait, neg_cut_off = 0.0, None
+        if publisher:  # the snapshot published at the last round end (it had the whole round to be stored)
+            publisher.confirm()
         if pool is not None and completed < tc.rounds:
             t0 = time.perf_counter()
             negatives = pool.fetch(completed)
@@ -309,8 +356,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 saved = ray.train.Checkpoint.from_directory(
                     str(ckpt.save(tmp, core.student, tokenizer, core.disc, state)))
             ray.train.report(round_metrics, checkpoint=saved, checkpoint_dir_name=ckpt.round_dir_name(completed))
-        if rank == 0 and store is not None and completed < tc.rounds:
-            store.publish.remote(completed, cpu_state_dict(core.student))  # after the checkpoint: see trainer.py
+        if publisher and completed < tc.rounds:
+            publisher.publish(completed, cpu_state_dict(core.student))  # after the checkpoint: see trainer.py
     if metrics_log:
         metrics_log.close()
 
