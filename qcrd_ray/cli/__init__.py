@@ -33,6 +33,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                              "included); by default they go to the log files only")
 
 
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """``--force`` of the commands that write a run and so hold its lease (``qcrd_ray.lease``)."""
+    parser.add_argument("--force", action="store_true",
+                        help="take the run over from another driver that still holds it (that driver stops at "
+                             "its next heartbeat); without it such a run is refused")
+
+
 def load_config_from_args(args: argparse.Namespace, config=None, **flags: str):
     """A command's config: defaults <- ``--config`` (or ``config``) <- ``--set`` <- the command's own flags.
 
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from qcrd_ray import console, storage
     from qcrd_ray.config import ConfigError
+    from qcrd_ray.lease import LeaseError
 
     module = importlib.import_module(f"qcrd_ray.cli.{COMMANDS[args.command][0]}")
     try:
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except storage.StorageError as e:
         print(f"qcrd {args.command}: {e}", file=sys.stderr)
         return 2
+    except LeaseError as e:  # another driver holds the run, or took it over from this one
+        print(f"qcrd {args.command}: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"qcrd {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
-from qcrd_ray.cli import add_config_arguments, load_config_from_args
+from qcrd_ray.cli import add_config_arguments, add_force_argument, load_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where predictions.jsonl and metrics.json go, a path or a URI (default: "
                         "RUN/<method>/eval/<split>-<mode> for a run, else nothing is written)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_force_argument(parser)
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from qcrd_ray import lease
     from qcrd_ray.evaluate import evaluate
     from qcrd_ray.runs import resolve_model
 
@@ -40,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config_from_args(args, base, data="data.data_dir", task="data.task")
     split = args.split or cfg.data.eval_split
     out = args.out or (resolved.method.eval(split, args.mode) if resolved.method is not None else None)
+    # the folder it writes is held (nothing is written without --out to a bare model directory)
+    holding = lease.held(out, "qcrd eval", force=args.force) if out else contextlib.nullcontext()
     try:
-        metrics = evaluate(resolved.model_dir, cfg, split, mode=args.mode, out_dir=out)
+        with holding:
+            metrics = evaluate(resolved.model_dir, cfg, split, mode=args.mode, out_dir=out)
     except (FileNotFoundError, ValueError) as e:  # an unknown split, an empty split
         print(f"qcrd eval: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qcrd_ray.cli import add_config_arguments, load_config_from_args
+from qcrd_ray.cli import add_config_arguments, add_force_argument, load_config_from_args
 from qcrd_ray.methods import METHODS
 
 
@@ -19,15 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS,
                         help="training method (default: train.method of the config)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    add_force_argument(parser)
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from qcrd_ray import lease
     from qcrd_ray.ray_utils import init_ray
     from qcrd_ray.train.trainer import run_training
 
     cfg = load_config_from_args(args, method="train.method")
-    init_ray(args.address)
-    summary = run_training(cfg, args.teacher, args.out)
+    with lease.held(args.out, "qcrd train", force=args.force):
+        init_ray(args.address)
+        summary = run_training(cfg, args.teacher, args.out)
     print(json.dumps(summary, indent=2))
     return 0
