@@ -14,6 +14,7 @@ import argparse
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -28,6 +29,7 @@ from qcrd_ray.data.schema import examples_table  # noqa: E402
 from qcrd_ray.data.tasks import get_task  # noqa: E402
 from qcrd_ray.students import load_student, save_student  # noqa: E402
 from qcrd_ray.teacher import pipeline  # noqa: E402
+from qcrd_ray.teacher.backends import get_backend  # noqa: E402
 from qcrd_ray.teacher.samples import expand_samples  # noqa: E402
 from qcrd_ray.teacher.shards import plan_shards  # noqa: E402
 
@@ -62,7 +64,8 @@ def plain_loop(cfg: Config, examples: list[dict], threads: int) -> tuple[float, 
     torch.set_num_threads(threads)
     task = get_task(cfg.data.task)
     timing = Timing()
-    worker = pipeline.TeacherWorker(cfg, task)  # the very backend + parse the pool actors run
+    backend = get_backend(cfg.teacher.backend)  # the very backend + parse the pool actors run
+    worker = backend.build.worker(cfg, partial(pipeline.parse_batch, parse=backend.parse, task=task))
     table = examples_table(examples)
     table = table.append_column("shard", pa.array([0] * table.num_rows, pa.int32()))
     rows = expand_samples(table, cfg.teacher.k, cfg.teacher.seed, pipeline.prompt_fn_for(cfg, task))

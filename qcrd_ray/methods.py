@@ -1,9 +1,12 @@
 """What each training method is: one frozen spec per method, the only place that says so.
 
 The method of a run is ``cfg.train.method``; every stage reads its spec through :func:`method_spec` instead of
-comparing method names. A spec says what the student learns (``targets``), whether D and student negatives are
-part of the method (each still subject to its ablation switch in ``cfg.loss``), how it is evaluated, and the DDP
-setting its step needs.
+comparing method names. A spec says whether the student learns the explain task at all, whether D and student
+negatives are part of the method (each still subject to its ablation switch in ``cfg.loss``), how it is evaluated,
+and the DDP setting its step needs. Its behaviour is registered under its name, one decorated function each (as
+verl's ``@register_policy_loss``): the explain targets it trains on (``@register_targets``, qcrd/targets.py) and how
+its step composes the loss (``@register_loss``, qcrd/step.py). A new method is a spec here plus those two functions
+(or existing ones registered under its name) and its test; config.py's ``train.method`` choices read ``METHODS``.
 """
 
 from __future__ import annotations
@@ -14,27 +17,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from qcrd_ray.config import Config
 
-# What the explain task learns (qcrd/targets.py builds the texts):
-LABEL_ONLY = "label"  # no explain task: L_pred alone
-ONE_RATIONALE = "one_rationale"  # one teacher rationale per example, plain CE (distilling step-by-step)
-CONTRASTIVE = "contrastive"  # every positive vs every negative, quality-weighted (QCRD Eq. 2-8)
-
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    targets: str  # LABEL_ONLY | ONE_RATIONALE | CONTRASTIVE
+    explains: bool  # the student is trained on the ``explain:`` task at all (else L_pred alone)
     uses_discriminator: bool  # D is part of the method; it exists when loss.quality_judge is also on
     uses_student_negatives: bool  # lagged-student negatives are part of the method (loss.negatives decides)
     eval_modes: tuple[str, ...]  # student modes worth evaluating: a label-only student has no explain task
     # DDP: a step may leave parameters without gradient (a batch without candidates skips D and the explain pass)
     find_unused_parameters: bool
     summary: str
-
-    @property
-    def explains(self) -> bool:
-        """Whether the student is trained on the ``explain:`` task at all."""
-        return self.targets != LABEL_ONLY
 
     def needs_discriminator(self, cfg: "Config") -> bool:
         return self.uses_discriminator and cfg.loss.quality_judge
@@ -43,13 +36,13 @@ class MethodSpec:
         return self.uses_student_negatives and cfg.loss.negatives in ("student", "both")
 
 
-FINETUNE = MethodSpec("finetune", LABEL_ONLY, uses_discriminator=False, uses_student_negatives=False,
+FINETUNE = MethodSpec("finetune", explains=False, uses_discriminator=False, uses_student_negatives=False,
                       eval_modes=("predict",), find_unused_parameters=False,
                       summary="label only: L_pred on `predict: x`")
-DSS = MethodSpec("dss", ONE_RATIONALE, uses_discriminator=False, uses_student_negatives=False,
+DSS = MethodSpec("dss", explains=True, uses_discriminator=False, uses_student_negatives=False,
                  eval_modes=("predict", "explain"), find_unused_parameters=False,
                  summary="distilling step-by-step: L_pred + loss.dss_lambda * CE of one teacher rationale")
-QCRD = MethodSpec("qcrd", CONTRASTIVE, uses_discriminator=True, uses_student_negatives=True,
+QCRD = MethodSpec("qcrd", explains=True, uses_discriminator=True, uses_student_negatives=True,
                   eval_modes=("predict", "explain"), find_unused_parameters=True,
                   summary="QCRD: L_pred + quality-weighted contrastive rationale loss + discriminator loss")
 

@@ -97,14 +97,14 @@ def _check_same_config(layout: RunLayout, cfg: Config) -> None:
 
 def check_runnable(cfg: Config, methods: tuple[str, ...]) -> None:
     """Everything that can be refused before a run starts: unknown methods, a teacher that cannot serve the task."""
-    from qcrd_ray.teacher.backends import check_serves
+    from qcrd_ray.teacher.backends import check_teacher
 
     for method in methods:
         try:
             method_spec(method)
         except ValueError as e:
             raise ConfigError(f"--methods: {e}") from None
-    check_serves(cfg.teacher.backend, cfg.data.task, cfg.data.answer_type)
+    check_teacher(cfg)
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | None = None,

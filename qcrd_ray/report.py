@@ -187,6 +187,36 @@ def accuracy_table(cfg: Config, results: Mapping[str, dict]) -> list[str]:
     return lines
 
 
+def _teacher_line(cfg: Config) -> str:
+    """The teacher in words: its backend (and model) at K and T, or each source of a mix with its share of K."""
+    from qcrd_ray.teacher.sources import resolve_sources
+
+    def one(t) -> str:
+        return f"`{t.backend}`{' (' + t.model + ')' if t.model else ''}"
+
+    if not cfg.teacher.sources:
+        return f"{one(cfg.teacher)}, K = {cfg.teacher.k} at T = {cfg.teacher.temperature}"
+    mix = ", ".join(f"{s.name} = {one(s.cfg.teacher)} at T = {s.cfg.teacher.temperature} ({len(s.indices)} of K)"
+                    for s in resolve_sources(cfg))
+    return f"a mix of sources, K = {cfg.teacher.k}: {mix}"
+
+
+def source_table(sources) -> list[str]:
+    """The teacher summary's per-source statistics (teacher.sources) as a Markdown table; [] for one teacher."""
+    if not sources:
+        return []
+    lines = ["Per teacher source (agreement over its answered samples; the positives credited to the source of the "
+             "first sample that wrote them):", "",
+             "| source | backend | samples / question | agreement with gold | agreement with majority | error rate "
+             "| share of positives |", "|---|---|---|---|---|---|---|"]
+    for s in sources:
+        lines.append(f"| {s.get('name', '-')} | {s.get('backend', '-')} | {s.get('samples_per_question', '-')} | "
+                     + " | ".join(f"{s[k]:.1%}" if isinstance(s.get(k), (int, float)) else "-"
+                                  for k in ("agreement_with_gold", "agreement_with_majority", "error_rate",
+                                            "positive_share")) + " |")
+    return lines + [""]
+
+
 def write_report(run: RunLayout | str | Path, cfg: Config, teacher_summary: Mapping,
                  results: Mapping[str, dict]) -> str:
     """Write RUN/report.md and RUN/figures/*.png (RUN a path or a URI); returns the report's location. Any
@@ -205,9 +235,7 @@ def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, resu
     from qcrd_ray.teacher.pipeline import iter_teacher_rows
 
     lines = [f"# QCRD run: {cfg.data.task}", ""]
-    lines += [f"Methods: {', '.join(results)}. Student: `{cfg.student.model}`. Teacher: `{cfg.teacher.backend}`"
-              f"{' (' + cfg.teacher.model + ')' if cfg.teacher.model else ''}, K = {cfg.teacher.k} at "
-              f"T = {cfg.teacher.temperature}.", ""]
+    lines += [f"Methods: {', '.join(results)}. Student: `{cfg.student.model}`. Teacher: {_teacher_line(cfg)}.", ""]
 
     lines += ["## Accuracy", ""] + accuracy_table(cfg, results) + [""]
 
@@ -224,6 +252,7 @@ def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, resu
     lines += ["| statistic | value |", "|---|---|"]
     lines += [f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in scalars.items()]
     lines.append("")
+    lines += source_table(teacher_summary.get("sources"))
     histogram = teacher_summary.get("agreement_histogram")
     agreement = plot_agreement(histogram if isinstance(histogram, Mapping) else {}, figures / "teacher-agreement.png")
     if agreement:

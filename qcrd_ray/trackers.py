@@ -8,7 +8,8 @@ sets ``train.experiment`` to its name and ``train.run_name`` to the trial's, so 
 under one experiment.
 
 TensorBoard is always written by ``RankZeroLog`` (the run's own record); mlflow and wandb are imported only when
-listed in ``train.trackers``.
+listed in ``train.trackers``. The trackers are a registry (`TRACKERS`, ``@register_tracker``), whose names are
+``train.trackers``' choices: this module imports nothing heavy at the top, since config.py reads it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,25 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
-from qcrd_ray import storage
-from qcrd_ray.config import Config
+if TYPE_CHECKING:
+    from qcrd_ray.config import Config
+
+# tracker name -> its class, ``cls(cfg, run_name, run_id or None, method_dir)`` with ``run_id``, ``log(metrics,
+# step)``, ``log_final(results)`` and ``close()``; None: written by the training loop itself (TensorBoard)
+TRACKERS: dict[str, type | None] = {"tensorboard": None}
+
+
+def register_tracker(name: str):
+    """Decorator: the class is the tracker ``name`` of ``train.trackers``."""
+
+    def register(cls):
+        TRACKERS[name] = cls
+        return cls
+
+    return register
+
 
 _SKIP = ("step", "time")  # the x axis and the wall clock are not series
 
@@ -29,10 +46,14 @@ def _series(metrics: dict) -> dict[str, float]:
 
 
 def _ids_file(method_dir: str) -> str:
+    from qcrd_ray import storage
+
     return storage.join(method_dir, "train", "trackers.json")
 
 
 def _read_ids(method_dir: str) -> dict:
+    from qcrd_ray import storage
+
     path = _ids_file(method_dir)
     return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
@@ -41,8 +62,9 @@ def _flat_params(cfg: Config) -> dict[str, str]:
     return {f"{s}.{k}": str(v)[:250] for s, section in cfg.to_dict().items() for k, v in section.items()}
 
 
+@register_tracker("mlflow")
 class MlflowTracker:
-    def __init__(self, cfg: Config, run_name: str, run_id: str | None):
+    def __init__(self, cfg: Config, run_name: str, run_id: str | None, method_dir: str):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=cfg.train.tracking_uri)
@@ -73,10 +95,12 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id)
 
 
+@register_tracker("wandb")
 class WandbTracker:
-    def __init__(self, cfg: Config, run_name: str, run_id: str | None, local_dir: str):
+    def __init__(self, cfg: Config, run_name: str, run_id: str | None, method_dir: str):
         import wandb
 
+        local_dir = _wandb_dir(method_dir)
         os.makedirs(local_dir, exist_ok=True)
         self.run = wandb.init(project=cfg.train.experiment, name=run_name, id=run_id, resume="allow",
                               mode=cfg.train.wandb_mode, dir=local_dir, config=cfg.to_dict(), reinit="create_new")
@@ -94,6 +118,8 @@ class WandbTracker:
 
 def _wandb_dir(method_dir: str) -> str:
     """W&B writes through the local filesystem: the run's own train folder, or a node cache for a URI run."""
+    from qcrd_ray import storage
+
     if storage.is_uri(method_dir):
         return os.path.join(storage.cache_dir("wandb"), storage.basename(method_dir))
     return os.path.join(method_dir, "train")
@@ -101,17 +127,16 @@ def _wandb_dir(method_dir: str) -> str:
 
 def open_trackers(cfg: Config, method_dir: str) -> list:
     """The configured trackers (other than TensorBoard) for this method's training, continuing its runs."""
-    wanted = [t for t in cfg.train.trackers if t != "tensorboard"]
+    from qcrd_ray import storage
+
+    wanted = [t for t in cfg.train.trackers if TRACKERS[t] is not None]
     if not wanted:
         return []
     ids = _read_ids(method_dir)
     name = cfg.train.run_name or storage.basename(os.path.dirname(method_dir.rstrip("/"))) + "/" + cfg.train.method
     out = []
     for kind in wanted:
-        if kind == "mlflow":
-            out.append(MlflowTracker(cfg, name, ids.get("mlflow")))
-        else:
-            out.append(WandbTracker(cfg, name, ids.get("wandb"), _wandb_dir(method_dir)))
+        out.append(TRACKERS[kind](cfg, name, ids.get(kind), method_dir))
     ids.update({kind: t.run_id for kind, t in zip(wanted, out)})
     storage.write_text(_ids_file(method_dir), json.dumps(ids))
     return out

@@ -41,7 +41,11 @@ class RequestGuard:
         if scope["type"] != "http" or settings is None:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
-        if settings.api_key_sha256 and scope.get("path") not in OPEN_PATHS:
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")  # an app under a route prefix (Serve's route_prefix) sees its own paths
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if settings.api_key_sha256 and path not in OPEN_PATHS:
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key_digest(token.strip()) or "",
                                                                       settings.api_key_sha256):

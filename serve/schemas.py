@@ -23,9 +23,9 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qcrd_ray.config import TASKS, ServeConfig
+from qcrd_ray.config import ServeConfig
 from qcrd_ray.data import prompts
-from qcrd_ray.data.tasks import TaskSpec
+from qcrd_ray.data.tasks import BUILTIN_TASKS, FieldError, TaskSpec, get_task, parse_choices
 
 MAX_TEMPERATURE = 2.0  # the OpenAI range; the student is useless well before it
 MAX_STOP_SEQUENCES = 4  # as in the OpenAI API
@@ -212,17 +212,20 @@ class PredictPlan:
     is_list: bool
 
 
+# the structured fields of the built-in tasks (PredictRequest has one attribute each), grouped as each task takes them
+FIELD_GROUPS = tuple(dict.fromkeys(spec.fields for spec in BUILTIN_TASKS.values() if spec.fields))
+
+
 def plan_predict(req: PredictRequest, limits: Limits, tasks: Sequence[str], default_task: str | None) -> PredictPlan:
     """Check a predict request against the limits and the known tasks; raise :class:`RequestError`."""
-    from qcrd_ray.data import loaders
-
     task = req.task or default_task
     if task is None:
         raise RequestError(422, "task: required (this model's training task is unknown)", "task")
     if task not in tasks:
         raise RequestError(422, f"task: unknown task {task!r}; choose one of {', '.join(tasks)}", "task")
+    spec = get_task(task)
 
-    structured = {k for k in ("question", "choices", "premise", "hypothesis") if getattr(req, k) is not None}
+    structured = {k for group in FIELD_GROUPS for k in group if getattr(req, k) is not None}
     if req.input is not None and structured:
         raise RequestError(422, f"give either input or {', '.join(sorted(structured))}, not both", "input")
     if req.input is not None:
@@ -232,20 +235,22 @@ def plan_predict(req: PredictRequest, limits: Limits, tasks: Sequence[str], defa
         _check_count(len(raw), "input", limits)
         texts = [_check_text(t, "input" if isinstance(req.input, str) else f"input[{i}]", limits)
                  for i, t in enumerate(raw)]
-        choices = [tuple(loaders.parse_choices(t)) if task == "cqa" else () for t in texts]
-    elif {"premise", "hypothesis"} & structured:
-        if task not in ("anli1", "esnli") or structured != {"premise", "hypothesis"}:
-            raise RequestError(422, "premise and hypothesis go together, and only for anli1/esnli", "premise")
-        _check_text(req.premise, "premise", limits)
-        _check_text(req.hypothesis, "hypothesis", limits)
-        texts, choices = [loaders.nli_input(req.premise, req.hypothesis)], [()]
+        choices = [tuple(parse_choices(t)) if spec.choices_in_input else () for t in texts]
     elif structured:
-        if task != "cqa" or structured != {"question", "choices"}:
-            raise RequestError(422, "question and choices go together, and only for cqa", "question")
-        _check_text(req.question, "question", limits)
-        if not 2 <= len(req.choices) <= 26 or not all(c.strip() for c in req.choices):
-            raise RequestError(422, "choices: give 2 to 26 non-empty choices", "choices")
-        texts, choices = [loaders.cqa_input(req.question, req.choices)], [tuple(req.choices)]
+        if structured != set(spec.fields):  # name the group the request touched that this task does not take
+            group = next(g for g in FIELD_GROUPS
+                         if set(g) & structured and not (g == spec.fields and set(g) <= structured))
+            owners = "/".join(t.name for t in BUILTIN_TASKS.values() if t.fields == group)
+            raise RequestError(422, f"{' and '.join(group)} go together, and only for {owners}", group[0])
+        values = [getattr(req, k) for k in spec.fields]
+        for name, value in zip(spec.fields, values):
+            if isinstance(value, str):
+                _check_text(value, name, limits)
+        try:
+            text, choice = spec.from_fields(*values)
+        except FieldError as e:
+            raise RequestError(422, str(e), e.field) from None
+        texts, choices = [text], [choice]
     else:
         raise RequestError(422, "input: required (or the task's structured fields)", "input")
     for i, text in enumerate(texts):  # the formatted text must fit too
@@ -751,5 +756,7 @@ def models_response(model_name: str, created: int) -> dict:
 
 
 def served_tasks(train_task: str | None) -> tuple[str, ...]:
-    """The tasks a request may name: the built-in ones plus the (possibly user-defined) training task."""
-    return TASKS + ((train_task,) if train_task and train_task not in TASKS else ())
+    """The tasks a request may name: the built-in ones (the task registry) plus the (possibly user-defined) training
+    task."""
+    builtin = tuple(BUILTIN_TASKS)
+    return builtin + ((train_task,) if train_task and train_task not in builtin else ())

@@ -23,7 +23,7 @@ def test_defaults_are_the_papers():
         ("train.rounds=0", "train.rounds: 0 is out of range; must be >= 1"),
         ("data.valid_fraction=0.9", "data.valid_fraction: 0.9 is out of range; must be <= 0.5"),
         ("teacher.temperature=-1", "teacher.temperature: -1.0 is out of range; must be >= 0.0"),
-        ("train.method=magic", "train.method: 'magic' is not allowed; choose one of qcrd, dss, finetune"),
+        ("train.method=magic", "train.method: 'magic' is not allowed; choose one of finetune, dss, qcrd"),
         ("loss.quality_judge=maybe", "loss.quality_judge: expected true/false"),
         ("data.columns=3", "data.columns: expected a mapping"),
         ("teacher.stop=[Q:]", "teacher.stop: expected a list of strings"),

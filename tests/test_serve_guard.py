@@ -63,6 +63,26 @@ def test_the_right_key_passes_and_healthz_needs_none():
     assert seen == [b"abc"]
 
 
+def test_healthz_is_open_under_a_route_prefix_too():
+    """Behind Serve's route_prefix the scope's path carries the prefix (root_path): /prefix/healthz is open."""
+    app, _ = guarded_app(GuardSettings(max_body_bytes=1000, api_key_sha256=key_digest("secret")))
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    for path, status in (("/keyed/healthz", 200), ("/keyed/echo", 401)):
+        sent.clear()
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "/keyed", "headers": [],
+                 "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("t", 80),
+                 "client": ("c", 1)}
+        asyncio.run(app(scope, receive, send))
+        assert sent[0]["status"] == status, path
+
+
 def test_a_body_over_the_cap_is_a_413_by_its_declared_length():
     app, seen = guarded_app(GuardSettings(max_body_bytes=100))
     resp = call(app, "POST", "/echo", content=b"x" * 101)

@@ -240,7 +240,6 @@ def test_generation_is_reproducible_and_streaming_gives_the_same_text(family_tok
 def test_a_prompt_that_exhausts_memory_alone_loses_only_its_own_output(family_tok, monkeypatch):
     """generate bisects a batch that runs out of memory: the poison prompt gets "" and is reported in ``failed``
     (the engine hands the sampler None for it), every other prompt gets the output it gets in a healthy batch."""
-    from qcrd_ray.config import SnapshotConfig
     from qcrd_ray.students.engines import HFEngine
 
     family_name, tok = family_tok

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from qcrd_ray.cli import add_config_arguments, load_config_from_args
+from qcrd_ray.cli import add_config_arguments, add_force_argument, load_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="split to generate for (default: data.train_split)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: part-*.parquet, summary.json, errors.jsonl, rejects.jsonl, config.yaml")
+    add_force_argument(parser)
     parser.epilog = (
         "Backends (teacher.backend): synthetic (rule-based, no model), recorded (the dataset's llm/ rationales, "
         "teacher.k=1), hf (teacher.model = local HF path), http (OpenAI-compatible teacher.base_url, key in "
@@ -26,17 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qcrd_ray import lease
     from qcrd_ray.data.loaders import DataError
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.teacher.summary import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from qcrd_ray.teacher.backends import check_serves
+    from qcrd_ray.teacher.backends import check_teacher
 
     cfg = load_config_from_args(args, data="data.data_dir", task="data.task")
-    check_serves(cfg.teacher.backend, cfg.data.task, cfg.data.answer_type)  # before Ray or any data is touched
+    check_teacher(cfg)  # every teacher source, before Ray or any data is touched
     try:
-        summary = run_teacher(cfg, args.out, split=args.split)
+        with lease.held(args.out, "qcrd teach", force=args.force):
+            summary = run_teacher(cfg, args.out, split=args.split)
     except DataError as e:
         print(f"qcrd teach: data error: {e}", file=sys.stderr)
         return 2

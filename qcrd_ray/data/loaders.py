@@ -8,6 +8,9 @@ Sources:
 - ``format: jsonl | parquet`` (user tasks): ``data_dir`` is a file (its train split) or a folder holding
   ``<split>.jsonl`` / ``<split>.parquet`` (or ``<task>_<split>.*``); ``data.columns`` maps our column names
   (id, input, label, choices, rationale/rationales) to the file's.
+- ``format: hf`` (user tasks): ``data_dir`` is a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder,
+  local data files (a file: its train split; a folder: split by file name, as ``load_dataset`` does), or a hub
+  name (online). Our ``valid`` is its ``validation`` (or ``valid``, ``dev``) split; ``data.columns`` as above.
 
 Where a dataset has no ``valid`` file (svamp and cqa in DSS), ``valid`` is ``valid_fraction`` of the train rows
 chosen with ``split_seed`` and ``train`` excludes them. Carved rows keep their train ids (``svamp-train-17``).
@@ -34,8 +37,8 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -43,7 +46,7 @@ from qcrd_ray.config import DataConfig
 from qcrd_ray.data import synthetic
 from qcrd_ray.data.answers import numeric_value
 from qcrd_ray.data.schema import examples_table
-from qcrd_ray.data.tasks import NLI_LABELS, TaskSpec, get_task
+from qcrd_ray.data.tasks import NLI_LABELS, TaskSpec, cqa_input, get_task, nli_input
 
 log = logging.getLogger(__name__)
 
@@ -120,27 +123,6 @@ def _numeric_label(label: str) -> str:
 
 def _svamp(raw: dict) -> dict:
     return {"input": _field(raw, "input"), "choices": [], "label": _numeric_label(_field(raw, "label"))}
-
-
-def cqa_input(question: str, choices: Sequence[str]) -> str:
-    """A multiple-choice question as the student sees it: the question, then ``Answer Choices:`` (a) … (e) …"""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    return question + "\nAnswer Choices:" + "".join(f"\n({letters[i]}) {c}" for i, c in enumerate(choices))
-
-
-_CHOICES_TAIL = re.compile(r"\nAnswer Choices:(.*)$", re.S)
-_CHOICE_ITEM = re.compile(r"\(([a-z])\)\s*(.*?)\s*(?=\([a-z]\)|$)", re.S)
-
-
-def parse_choices(text: str) -> list[str]:
-    """The choices of a :func:`cqa_input` text (also accepts them on one line); [] when it has none."""
-    tail = _CHOICES_TAIL.search(text)
-    return [m.group(2) for m in _CHOICE_ITEM.finditer(tail.group(1))] if tail else []
-
-
-def nli_input(premise: str, hypothesis: str) -> str:
-    """An NLI pair as the student sees it."""
-    return f"premise: {premise} hypothesis: {hypothesis}"
 
 
 def _checked_choices(choices: Any) -> list[str]:
@@ -352,6 +334,48 @@ def _user_path(cfg: DataConfig, split: str) -> tuple[Path, bool]:
     raise DataError(f"{cfg.task} {split}: none of {', '.join(str(p) for p in candidates)} exists")
 
 
+# format hf: our split -> the names a Hugging Face dataset may give it, in the order tried
+HF_SPLITS = {"train": ("train",), "valid": ("valid", "validation", "dev"), "test": ("test",)}
+# format hf, a single local data file: the datasets builder that reads it
+HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def _hf_dataset(location: str):
+    """The DatasetDict at ``location`` (see the module docstring); DataError when it cannot be read."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError("data.format hf needs the datasets package: pip install datasets") from e
+    root = Path(location)
+    try:
+        if root.is_dir() and any((root / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            found = datasets.load_from_disk(str(root))
+        elif root.is_file():
+            if root.suffix not in HF_BUILDERS:
+                raise DataError(f"data.data_dir={location}: format hf reads {', '.join(HF_BUILDERS)} files")
+            found = datasets.load_dataset(HF_BUILDERS[root.suffix], data_files={"train": str(root)})
+        else:  # a folder of data files, or a hub name
+            found = datasets.load_dataset(location)
+    except (OSError, ValueError) as e:  # datasets' not-found errors are FileNotFoundError
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"data.data_dir={location}: not a readable Hugging Face dataset ({type(e).__name__}: "
+                        f"{e})"[:500]) from e
+    return found if isinstance(found, datasets.DatasetDict) else datasets.DatasetDict({"train": found})
+
+
+def _hf_split(cfg: DataConfig, split: str) -> tuple[Any, str, bool]:
+    """(the dataset split to read, its name, whether valid is carved from it)."""
+    found = _hf_dataset(cfg.data_dir)
+    for name in HF_SPLITS.get(split, (split,)):
+        if name in found:
+            return found[name], name, False
+    if split == "valid" and "train" in found:
+        return found["train"], "train", True
+    raise DataError(f"{cfg.task} {split}: the dataset at {cfg.data_dir} has splits {', '.join(found)}, none of "
+                    f"{', '.join(HF_SPLITS.get(split, (split,)))}")
+
+
 LABEL_DISTRIBUTION_TOP = 20
 
 
@@ -374,15 +398,20 @@ def _label_distribution(spec: TaskSpec, rows: list[dict]) -> dict[str, int]:
     return top
 
 
-def _read_rows(cfg: DataConfig, spec: TaskSpec, split: str) -> tuple[list[dict], list[dict], Path, bool]:
+def _read_rows(cfg: DataConfig, spec: TaskSpec, split: str) -> tuple[list[dict], list[dict], PurePath, bool]:
     """Rows and rejects of one split read from files: ``(rows, rejects, source file, valid carved)``."""
     if cfg.format == "dss":
         if cfg.task not in _DSS_BUILDERS:
             raise DataError(f"format dss reads {', '.join(_DSS_BUILDERS)}; for task {cfg.task!r} use "
-                            f"data.format=jsonl or parquet with data.columns")
+                            f"data.format=jsonl, parquet or hf with data.columns")
         task_dir, source, carve_from = _dss_paths(cfg, split)
         carved, build = carve_from is not None, _DSS_BUILDERS[cfg.task]
         records = list(_jsonl_records(source))
+    elif cfg.format == "hf":
+        dataset, name, carved = _hf_split(cfg, split)
+        source = PurePosixPath(f"{cfg.data_dir}:{name}")  # a rejected row names the dataset and split it came from
+        build = _user_builder(spec, cfg.columns)
+        records = [(index, "", record) for index, record in enumerate(dataset.to_list())]
     else:
         source, carved = _user_path(cfg, split)
         build = _user_builder(spec, cfg.columns)
@@ -397,7 +426,7 @@ def _read_rows(cfg: DataConfig, spec: TaskSpec, split: str) -> tuple[list[dict],
     cots, bad_cots, rejects = {}, {}, []
     if cfg.format == "dss":
         cots, bad_cots, rejects = _load_cots(task_dir, source_split, COT_BATCH[cfg.task], len(records))
-    position = "index" if cfg.format == "parquet" else "line"
+    position = "index" if cfg.format in ("parquet", "hf") else "line"
     rows = []
     first_with_id: dict[str, int] = {}
     # Every row of the file, in file order, so "the first row with an id" does not depend on the split carved.
@@ -471,6 +500,8 @@ def _valid_is_carved(cfg: DataConfig) -> bool:
     try:
         if cfg.format == "dss":
             return _dss_paths(cfg, "valid")[2] is not None
+        if cfg.format == "hf":
+            return _hf_split(cfg, "valid")[2]
         return _user_path(cfg, "valid")[1]
     except DataError:
         return False

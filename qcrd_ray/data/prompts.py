@@ -101,11 +101,8 @@ _EXAMPLES = {
 
 
 def _kind(spec: TaskSpec, choices: Sequence[str]) -> str:
-    if spec.is_nli:
-        return "nli"
-    if spec.answer_type == "choice":
-        return "choice" if choices else "text"
-    return spec.answer_type
+    kind = spec.prompt or spec.answer_type  # the task's own worked example (NLI), else its answer type's
+    return "text" if kind == "choice" and not choices else kind
 
 
 def teacher_prompt(task: str | TaskSpec, row: Mapping) -> str:

@@ -1,12 +1,69 @@
-"""What kind of answer each task has, which decides how answers are parsed and scored."""
+"""The task registry (`BUILTIN_TASKS`): one `TaskSpec` per built-in task, the only place that says what a task is.
+
+A spec owns the task's answer type (how answers are parsed and scored), its fixed labels, the teacher prompt's
+worked example, and its input: the structured fields a serve request may send instead of the formatted text, how
+they become that text (as the loaders format the data), and whether the text lists its choices. The config's
+``data.task`` help, serve's task names and request checks, and the teacher prompt read it; a user task (``data.format:
+jsonl | parquet``) is a spec made by :func:`get_task`. Adding a built-in task is one `register_task` call (its DSS
+row builder in loaders.py if its data comes in the DSS layout) and its test. Pure and light: config.py reads it.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")  # DSS label ids 0, 1, 2
 
 ANSWER_TYPES = ("numeric", "choice", "text")
+
+
+class FieldError(ValueError):
+    """A structured input field a task cannot take: ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input formats (the loaders write the data so; serve formats structured requests the same way)
+
+
+def cqa_input(question: str, choices: Sequence[str]) -> str:
+    """A multiple-choice question as the student sees it: the question, then ``Answer Choices:`` (a) … (e) …"""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return question + "\nAnswer Choices:" + "".join(f"\n({letters[i]}) {c}" for i, c in enumerate(choices))
+
+
+_CHOICES_TAIL = re.compile(r"\nAnswer Choices:(.*)$", re.S)
+_CHOICE_ITEM = re.compile(r"\(([a-z])\)\s*(.*?)\s*(?=\([a-z]\)|$)", re.S)
+
+
+def parse_choices(text: str) -> list[str]:
+    """The choices of a :func:`cqa_input` text (also accepts them on one line); [] when it has none."""
+    tail = _CHOICES_TAIL.search(text)
+    return [m.group(2) for m in _CHOICE_ITEM.finditer(tail.group(1))] if tail else []
+
+
+def nli_input(premise: str, hypothesis: str) -> str:
+    """An NLI pair as the student sees it."""
+    return f"premise: {premise} hypothesis: {hypothesis}"
+
+
+def _cqa_fields(question: str, choices: list[str]) -> tuple[str, tuple[str, ...]]:
+    if not 2 <= len(choices) <= 26 or not all(c.strip() for c in choices):
+        raise FieldError("choices", "choices: give 2 to 26 non-empty choices")
+    return cqa_input(question, choices), tuple(choices)
+
+
+def _nli_fields(premise: str, hypothesis: str) -> tuple[str, tuple[str, ...]]:
+    return nli_input(premise, hypothesis), ()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the registry
 
 
 @dataclass(frozen=True)
@@ -17,19 +74,37 @@ class TaskSpec:
     name: str
     answer_type: str
     labels: tuple[str, ...] = ()
+    # the teacher prompt's instruction and worked example (data/prompts.py): numeric, choice, nli or text; "" = the
+    # answer type's (a choice task whose row has no choices gets text's)
+    prompt: str = ""
+    # the structured fields a request may send instead of the input text (serve), in order, and
+    # ``from_fields(*values) -> (input text, choices)``, which raises FieldError for values it cannot take
+    fields: tuple[str, ...] = ()
+    from_fields: Callable[..., tuple[str, tuple[str, ...]]] | None = None
+    choices_in_input: bool = False  # the input text lists the choices (parse_choices reads them back)
 
     @property
     def is_nli(self) -> bool:
         return self.labels == NLI_LABELS
 
 
-BUILTIN_TASKS = {
-    "synthetic": TaskSpec("synthetic", "numeric"),
-    "svamp": TaskSpec("svamp", "numeric"),
-    "cqa": TaskSpec("cqa", "choice"),
-    "anli1": TaskSpec("anli1", "choice", NLI_LABELS),
-    "esnli": TaskSpec("esnli", "choice", NLI_LABELS),
-}
+BUILTIN_TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add (or replace) a built-in task; returns it."""
+    BUILTIN_TASKS[spec.name] = spec
+    return spec
+
+
+register_task(TaskSpec("synthetic", "numeric"))
+register_task(TaskSpec("svamp", "numeric"))
+register_task(TaskSpec("cqa", "choice", fields=("question", "choices"), from_fields=_cqa_fields,
+                       choices_in_input=True))
+register_task(TaskSpec("anli1", "choice", NLI_LABELS, prompt="nli", fields=("premise", "hypothesis"),
+                       from_fields=_nli_fields))
+register_task(TaskSpec("esnli", "choice", NLI_LABELS, prompt="nli", fields=("premise", "hypothesis"),
+                       from_fields=_nli_fields))
 
 
 def get_task(name: str, answer_type: str = "auto") -> TaskSpec:

@@ -1,6 +1,8 @@
 """One training step of any method (no Ray): collate teacher rows, compute the losses.
 
-The method is ``cfg.train.method``; what it trains on, whether it has D, is its spec (qcrd_ray/methods.py).
+The method is ``cfg.train.method``; whether it has D is its spec (qcrd_ray/methods.py), what it trains on its
+registered targets (qcrd/targets.py) and how its loss is composed the function registered here under its name
+(``@register_loss``).
 ``make_batch`` turns TEACHER_SCHEMA rows (optionally with ``student_negatives`` and ``negative_round``) into padded
 tensors, with the explain targets of ``qcrd/targets.py``; ``DistillModel`` holds the student and, when the method
 needs one, the discriminator D, so one DDP wrapper syncs both; ``DistillModel(batch, alpha3)`` returns the step's
@@ -28,14 +30,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from qcrd_ray.config import Config
 from qcrd_ray.data import prompts
-from qcrd_ray.methods import LABEL_ONLY, ONE_RATIONALE, method_spec
+from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses as L
 from qcrd_ray.qcrd.discriminator import Discriminator, encode_pairs, precision_context
 from qcrd_ray.qcrd.targets import candidate_targets
@@ -235,7 +237,7 @@ class DistillModel(nn.Module):
         chosen = valid.nonzero().squeeze(1)[torch.randperm(n_valid, generator=self.d_generator)[:k].to(valid.device)]
         return torch.zeros_like(valid).index_fill(0, chosen, True)
 
-    def _scores(self, batch: Batch, states, grad_rows: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    def d_weight_scores(self, batch: Batch, states, grad_rows: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """``[M]`` D scores: with gradient on the candidates of ``grad_rows``, without gradient on the other
         candidates in ``need`` (their scores only weight the student's terms), 0 elsewhere."""
         grad = grad_rows[batch.cand_example]
@@ -266,105 +268,129 @@ class DistillModel(nn.Module):
             return self._forward(batch, alpha3)
 
     def _forward(self, batch: Batch, alpha3: float | None) -> StepOutput:
-        l_pred = self.label_loss(batch)
-        if self.spec.targets == LABEL_ONLY:
-            return StepOutput(l_pred, {"loss": l_pred.item(), "l_pred": l_pred.item(), "l_rationale": 0.0})
-        if self.spec.targets == ONE_RATIONALE:
-            return self._dss(batch, l_pred)
-        return self._qcrd(batch, l_pred, self.cfg.loss.alpha3 if alpha3 is None else alpha3)
+        return LOSSES[self.spec.name](self, batch, self.label_loss(batch),
+                                      self.cfg.loss.alpha3 if alpha3 is None else alpha3)
 
-    def _dss(self, batch: Batch, l_pred: torch.Tensor) -> StepOutput:
-        if batch.cand_labels.shape[0]:
-            states = self.encode_explain(batch)
-            l_rat = self.decode_losses(batch, states, torch.arange(batch.cand_labels.shape[0],
-                                                                   device=states.hidden.device)).mean()
-        else:
-            l_rat = l_pred * 0.0
-        loss = l_pred + self.cfg.loss.dss_lambda * l_rat
-        return StepOutput(loss, {"loss": loss.item(), "l_pred": l_pred.item(), "l_rationale": l_rat.item()})
-
-    def _qcrd(self, batch: Batch, l_pred: torch.Tensor, alpha3: float) -> StepOutput:
-        lc = self.cfg.loss
-        m = batch.cand_labels.shape[0]
-        device = l_pred.device
-        pos_mask = self.to_grid(batch, batch.cand_positive) if m else torch.zeros(batch.size, 0, dtype=torch.bool,
-                                                                               device=device)
-        neg_mask = self.to_grid(batch, ~batch.cand_positive) if m else pos_mask
-        mult = self.to_grid(batch, batch.cand_mult) if m else None
-        # loss.margin_reduction sum: δ against each candidate's sequence-sum CE, which needs its length |r|
-        n_tok = (self.to_grid(batch, (batch.cand_labels != L.IGNORE_INDEX).sum(dim=1).float())
-                 if m and lc.margin_reduction == "sum" else None)
-        zero = l_pred * 0.0
-        one_hot = lc.scheme in L.ONE_HOT_SCHEMES
-
-        def weights(grid):  # the scheme's weights; loss.negative_pick max_within_margin: the max still below δ
-            w_pos, w_neg = self._weights(grid, pos_mask, neg_mask, s_grid, mult)
-            if lc.negative_pick == "max_within_margin":
-                w_neg = L.candidate_weights(grid, neg_mask, lc.scheme, positive=False, multiplicity=mult,
-                                            within=~L.beyond_margin(grid, lc.delta, n_tok))
-            return w_pos, w_neg
-
-        use_d = self.disc is not None and m > 0
-        d_rows = self.d_sample(batch, pos_mask, neg_mask) if use_d else None
-        all_idx = torch.arange(m, device=device)
-        states = None
-        if m and not self.naive:
-            states = self.encode_explain(batch)
-        elif use_d and self.disc.shares_question_states:
-            with torch.no_grad():
-                states = self.encode_explain(batch)
-        # mean/wmean weight every candidate by its score, so D scores them all before the weights; one-hot schemes
-        # select on the losses alone, and only the selected candidates' scores are needed outside d_rows
-        s_flat = self._scores(batch, states, d_rows, all_idx >= 0) if (use_d and not one_hot) else None
-        s_grid = self.to_grid(batch, s_flat) if s_flat is not None else None
-        if m and self.naive:
-            loss_grid = self.to_grid(batch, self.naive_losses(batch))
-            w_pos, w_neg = weights(loss_grid)
-        elif m:
-            if one_hot:
-                w_pos, w_neg = weights(self.to_grid(batch, self.score_candidates(batch, states)))
-                which = all_idx[(w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0]
-            else:
-                which = all_idx
-            loss_grid = self.to_grid(batch, zero.expand(m).clone().index_put(
-                (which,), self.decode_losses(batch, states, which)))
-            if not one_hot:
-                w_pos, w_neg = weights(loss_grid)
-        else:
-            loss_grid = zero.expand(batch.size, 0)
-            w_pos = w_neg = loss_grid.detach()
-        if use_d and one_hot:
-            chosen = (w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0
-            s_grid = self.to_grid(batch, self._scores(batch, states, d_rows, chosen))
-        l_pos, s_pos = L.positive_term(loss_grid, w_pos, s_grid, lc.scheme)
-        l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta, lc.scheme, n_tok)
-        has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
-        l_cl = L.contrastive_loss(l_pos, l_neg, has_pos, has_neg, lc.beta)
-        l_d = (L.discriminator_loss(s_grid, pos_mask & d_rows[:, None], neg_mask & d_rows[:, None], mult)
-               if s_grid is not None else zero)
-        loss = L.total_loss(l_pred, l_cl, l_d, lc.alpha1, lc.alpha2, alpha3)
-
-        def mean_over(values, mask):
-            return (values * mask).sum().item() / max(int(mask.sum().item()), 1)
-
-        metrics = {
-            "loss": loss.item(), "l_pred": l_pred.item(), "l_cl": l_cl.item(), "l_d": l_d.item(),
-            "l_pos": mean_over(l_pos.detach(), has_pos), "l_neg": mean_over(l_neg.detach(), has_neg),
-            "s_pos": mean_over(s_pos, has_pos), "s_neg": mean_over(s_neg, has_neg),
-            "alpha3": alpha3, "n_positives": int((mult * pos_mask).sum()) if m else 0,
-            "n_negatives": int((mult * neg_mask).sum()) if m else 0, "n_candidates_scored": m,
-            "examples_without_positive": int((~has_pos).sum()),
-            "neg_beyond_margin_share": L.beyond_margin_share(loss_grid, w_neg, has_neg, lc.delta, n_tok).item(),
-        }
-        return StepOutput(loss, metrics)
-
-    def _weights(self, loss_grid, pos_mask, neg_mask, s_grid, mult):
+    def weights(self, loss_grid, pos_mask, neg_mask, s_grid, mult):
+        """The scheme's (loss.scheme) per-candidate weights of the positives and of the negatives."""
         scheme = self.cfg.loss.scheme
         w_pos = L.candidate_weights(loss_grid, pos_mask, scheme, positive=True, scores=s_grid,
                                     generator=self.generator, multiplicity=mult)
         w_neg = L.candidate_weights(loss_grid, neg_mask, scheme, positive=False, scores=s_grid,
                                     generator=self.generator, multiplicity=mult)
         return w_pos, w_neg
+
+
+# method name -> how its step composes the loss: fn(model, batch, l_pred, alpha3) -> StepOutput
+LOSSES: dict[str, Callable[[DistillModel, Batch, torch.Tensor, float], StepOutput]] = {}
+
+
+def register_loss(method: str):
+    """Decorator: ``fn(model, batch, l_pred, alpha3) -> StepOutput`` is ``method``'s loss, given its label loss."""
+
+    def register(fn):
+        LOSSES[method] = fn
+        return fn
+
+    return register
+
+
+@register_loss("finetune")
+def finetune_loss(model: DistillModel, batch: Batch, l_pred: torch.Tensor, alpha3: float) -> StepOutput:
+    """L_pred alone."""
+    return StepOutput(l_pred, {"loss": l_pred.item(), "l_pred": l_pred.item(), "l_rationale": 0.0})
+
+
+@register_loss("dss")
+def dss_loss(model: DistillModel, batch: Batch, l_pred: torch.Tensor, alpha3: float) -> StepOutput:
+    """Distilling step-by-step: L_pred + loss.dss_lambda · CE of the one rationale of each example."""
+    if batch.cand_labels.shape[0]:
+        states = model.encode_explain(batch)
+        l_rat = model.decode_losses(batch, states, torch.arange(batch.cand_labels.shape[0],
+                                                               device=states.hidden.device)).mean()
+    else:
+        l_rat = l_pred * 0.0
+    loss = l_pred + model.cfg.loss.dss_lambda * l_rat
+    return StepOutput(loss, {"loss": loss.item(), "l_pred": l_pred.item(), "l_rationale": l_rat.item()})
+
+
+@register_loss("qcrd")
+def qcrd_loss(model: DistillModel, batch: Batch, l_pred: torch.Tensor, alpha3: float) -> StepOutput:
+    """QCRD (Eq. 8): α1·L_pred + α2·L_cl + α3·L_D over the batch's candidates (see the module docstring for the
+    fast path and the cost options)."""
+    lc = model.cfg.loss
+    m = batch.cand_labels.shape[0]
+    device = l_pred.device
+    pos_mask = (model.to_grid(batch, batch.cand_positive) if m
+                else torch.zeros(batch.size, 0, dtype=torch.bool, device=device))
+    neg_mask = model.to_grid(batch, ~batch.cand_positive) if m else pos_mask
+    mult = model.to_grid(batch, batch.cand_mult) if m else None
+    # loss.margin_reduction sum: δ against each candidate's sequence-sum CE, which needs its length |r|
+    n_tok = (model.to_grid(batch, (batch.cand_labels != L.IGNORE_INDEX).sum(dim=1).float())
+             if m and lc.margin_reduction == "sum" else None)
+    zero = l_pred * 0.0
+    one_hot = lc.scheme in L.ONE_HOT_SCHEMES
+
+    def weights(grid):  # the scheme's weights; loss.negative_pick max_within_margin: the max still below δ
+        w_pos, w_neg = model.weights(grid, pos_mask, neg_mask, s_grid, mult)
+        if lc.negative_pick == "max_within_margin":
+            w_neg = L.candidate_weights(grid, neg_mask, lc.scheme, positive=False, multiplicity=mult,
+                                        within=~L.beyond_margin(grid, lc.delta, n_tok))
+        return w_pos, w_neg
+
+    use_d = model.disc is not None and m > 0
+    d_rows = model.d_sample(batch, pos_mask, neg_mask) if use_d else None
+    all_idx = torch.arange(m, device=device)
+    states = None
+    if m and not model.naive:
+        states = model.encode_explain(batch)
+    elif use_d and model.disc.shares_question_states:
+        with torch.no_grad():
+            states = model.encode_explain(batch)
+    # mean/wmean weight every candidate by its score, so D scores them all before the weights; one-hot schemes
+    # select on the losses alone, and only the selected candidates' scores are needed outside d_rows
+    s_flat = model.d_weight_scores(batch, states, d_rows, all_idx >= 0) if (use_d and not one_hot) else None
+    s_grid = model.to_grid(batch, s_flat) if s_flat is not None else None
+    if m and model.naive:
+        loss_grid = model.to_grid(batch, model.naive_losses(batch))
+        w_pos, w_neg = weights(loss_grid)
+    elif m:
+        if one_hot:
+            w_pos, w_neg = weights(model.to_grid(batch, model.score_candidates(batch, states)))
+            which = all_idx[(w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0]
+        else:
+            which = all_idx
+        loss_grid = model.to_grid(batch, zero.expand(m).clone().index_put(
+            (which,), model.decode_losses(batch, states, which)))
+        if not one_hot:
+            w_pos, w_neg = weights(loss_grid)
+    else:
+        loss_grid = zero.expand(batch.size, 0)
+        w_pos = w_neg = loss_grid.detach()
+    if use_d and one_hot:
+        chosen = (w_pos + w_neg)[batch.cand_example, batch.cand_slot] > 0
+        s_grid = model.to_grid(batch, model.d_weight_scores(batch, states, d_rows, chosen))
+    l_pos, s_pos = L.positive_term(loss_grid, w_pos, s_grid, lc.scheme)
+    l_neg, s_neg = L.negative_term(loss_grid, w_neg, s_grid, lc.delta, lc.scheme, n_tok)
+    has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
+    l_cl = L.contrastive_loss(l_pos, l_neg, has_pos, has_neg, lc.beta)
+    l_d = (L.discriminator_loss(s_grid, pos_mask & d_rows[:, None], neg_mask & d_rows[:, None], mult)
+           if s_grid is not None else zero)
+    loss = L.total_loss(l_pred, l_cl, l_d, lc.alpha1, lc.alpha2, alpha3)
+
+    def mean_over(values, mask):
+        return (values * mask).sum().item() / max(int(mask.sum().item()), 1)
+
+    metrics = {
+        "loss": loss.item(), "l_pred": l_pred.item(), "l_cl": l_cl.item(), "l_d": l_d.item(),
+        "l_pos": mean_over(l_pos.detach(), has_pos), "l_neg": mean_over(l_neg.detach(), has_neg),
+        "s_pos": mean_over(s_pos, has_pos), "s_neg": mean_over(s_neg, has_neg),
+        "alpha3": alpha3, "n_positives": int((mult * pos_mask).sum()) if m else 0,
+        "n_negatives": int((mult * neg_mask).sum()) if m else 0, "n_candidates_scored": m,
+        "examples_without_positive": int((~has_pos).sum()),
+        "neg_beyond_margin_share": L.beyond_margin_share(loss_grid, w_neg, has_neg, lc.delta, n_tok).item(),
+    }
+    return StepOutput(loss, metrics)
 
 
 def accumulate(model: nn.Module, micro_batches: Sequence[Batch], alpha3: float | None = None) -> dict:

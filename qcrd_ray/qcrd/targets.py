@@ -15,18 +15,31 @@ A teacher row stores rationale texts without their answers (teacher/consistency.
   ``loss.dss_rationale: gold`` (clean-DSS, the headroom control) the first sample whose answer is the gold label,
   else none.
 
-Which of these a method trains on is its spec's ``targets`` (qcrd_ray/methods.py); the ``loss.positives`` /
-``loss.negatives`` ablation switches select among QCRD's.
+Which of these a method trains on is the function registered under its name (``@register_targets``, one per
+method of qcrd_ray/methods.py); the ``loss.positives`` / ``loss.negatives`` ablation switches select among QCRD's.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from qcrd_ray.config import Config
 from qcrd_ray.data import answers, prompts
 from qcrd_ray.data.tasks import TaskSpec, get_task
-from qcrd_ray.methods import CONTRASTIVE, LABEL_ONLY, ONE_RATIONALE, method_spec
+from qcrd_ray.methods import method_spec
+
+# method name -> its explain targets of one teacher row under a config: (positives, negatives)
+TARGETS: dict[str, Callable[[Mapping, Config], tuple[list[str], list[str]]]] = {}
+
+
+def register_targets(method: str):
+    """Decorator: ``fn(row, cfg) -> (positives, negatives)`` is the explain targets of ``method``."""
+
+    def register(fn):
+        TARGETS[method] = fn
+        return fn
+
+    return register
 
 
 def sample_answers(row: Mapping) -> dict[str, str]:
@@ -70,16 +83,23 @@ def one_rationale(row: Mapping, rule: str = "first", task: str | TaskSpec | None
     return None
 
 
-def candidate_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
-    """The explain targets ``(positives, negatives)`` of one row under ``cfg.train.method`` and the ED/NK
-    switches (``loss.positives``, ``loss.negatives``)."""
-    kind = method_spec(cfg).targets
-    if kind == LABEL_ONLY:
-        return [], []
-    if kind == ONE_RATIONALE:
-        target = one_rationale(row, cfg.loss.dss_rationale, get_task(cfg.data.task, cfg.data.answer_type))
-        return ([target] if target else []), []
-    assert kind == CONTRASTIVE, kind
+@register_targets("finetune")
+def no_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
+    """Label only: no explain task."""
+    return [], []
+
+
+@register_targets("dss")
+def dss_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
+    """One rationale per example (:func:`one_rationale` under ``loss.dss_rationale``), no negatives."""
+    target = one_rationale(row, cfg.loss.dss_rationale, get_task(cfg.data.task, cfg.data.answer_type))
+    return ([target] if target else []), []
+
+
+@register_targets("qcrd")
+def qcrd_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
+    """Every teacher positive against the negatives the NK switch keeps (``loss.positives: single``: the first
+    positive alone)."""
     pos, teacher_neg = teacher_targets(row)
     if cfg.loss.positives == "single":
         pos = pos[:1]
@@ -89,6 +109,12 @@ def candidate_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
     if cfg.loss.negatives in ("student", "both"):
         neg += student_negatives(row)
     return pos, neg
+
+
+def candidate_targets(row: Mapping, cfg: Config) -> tuple[list[str], list[str]]:
+    """The explain targets ``(positives, negatives)`` of one row under ``cfg.train.method`` and the ED/NK
+    switches (``loss.positives``, ``loss.negatives``)."""
+    return TARGETS[method_spec(cfg).name](row, cfg)
 
 
 def tokenizer_texts(rows: Iterable[Mapping]) -> list[str]:

@@ -1,16 +1,18 @@
-"""The teacher stage on Ray Data: examples -> K sample rows each -> teacher actor pool -> parse -> group by
+"""The teacher stage on Ray Data: examples -> K sample rows each -> teacher backend -> parse -> group by
 example -> self-consistency -> Parquet shards, resumable.
 
-    ray.data.from_items(input block numbers)             # the split itself is one object-store table
-      .map_batches(_expand_blocks)                       # K rows per example, own index and seed
-      .map_batches(TeacherWorker, compute=ActorPoolStrategy(min_actors, max_actors),
-                   batch_size, num_cpus, num_gpus)       # backend text/error, then parse (vLLM: its processor)
-      .iter_batches()  -> ShardCollector on the driver   # a shard is written the moment its samples are in
+    per teacher source (one, unless teacher.sources mixes several; teacher/sources.py):
+      ray.data.from_items(input block numbers)           # the split itself is one object-store table
+        .map_batches(_expand_blocks)                     # the source's sample rows: own index and seed
+        -> its registry entry's build(ds, cfg, parse)    # text/error, then parse (an actor pool; vLLM: its processor)
+    union of the sources
+      .iter_batches()  -> ShardCollector on the driver   # a shard is written the moment its K samples are in
 
 Grouping happens on the driver per shard rather than with a Dataset groupby: a groupby is a barrier over the
 whole split, while per-shard grouping streams, so finished shards reach disk (and survive a crash) while the
 rest is still being generated. Every file goes through ``qcrd_ray.storage``, so the output folder is a local path
-or a URI (``s3://bucket/run/teacher``) alike, and only the driver writes to it.
+or a URI (``s3://bucket/run/teacher``) alike, and only the driver writes to it. Nothing here names a backend: what
+one needs and how it runs is its entry in `teacher.backends.BACKENDS`.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from qcrd_ray.data import prompts
 from qcrd_ray.data.loaders import load_split
 from qcrd_ray.data.schema import examples_table
 from qcrd_ray.data.tasks import TaskSpec, get_task
-from qcrd_ray.teacher.backends import backend_class
+from qcrd_ray.teacher.backends import get_backend
 from qcrd_ray.teacher.samples import expand_samples, parse_samples
 from qcrd_ray.teacher.shards import Shard, ShardCollector, check_manifest, kept_shards, manifest, plan_shards
+from qcrd_ray.teacher.sources import Source, resolve_sources
 from qcrd_ray.teacher.summary import summarize
 
 log = logging.getLogger(__name__)
 
-# CPUs of the light per-row steps (duplication, vLLM output parsing), so they never starve the teacher pool
+# CPUs of the light per-row step (duplication), so it never starves the teacher pool
 LIGHT_NUM_CPUS = 0.25
 # what the driver needs from a sample row (the prompt and the recorded rationales stay on the workers)
 RESULT_COLUMNS = ["shard", "id", "sample_index", "text", "error", "rationale", "answer", "status"]
@@ -47,25 +50,14 @@ RESULT_COLUMNS = ["shard", "id", "sample_index", "text", "error", "rationale", "
 MAX_INPUT_BLOCKS = 200
 
 
-def parser_for(backend: str) -> Callable:
-    return prompts.parse_recorded_cot if backend == "recorded" else prompts.parse_teacher_output
-
-
-class TeacherWorker:
-    """One actor of the teacher pool: the backend (its model or HTTP client loaded once), then the parse."""
-
-    def __init__(self, cfg: Config, task: TaskSpec):
-        self.backend = backend_class(cfg.teacher.backend)(cfg)
-        self.parse = parser_for(cfg.teacher.backend)
-        self.task = task
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return parse_samples(self.backend(batch), self.parse, self.task).select(RESULT_COLUMNS)
+def parse_batch(batch: pa.Table, parse: Callable, task: TaskSpec) -> pa.Table:
+    """A backend's text/error batch -> the parsed sample rows the driver needs (RESULT_COLUMNS)."""
+    return parse_samples(batch, parse, task).select(RESULT_COLUMNS)
 
 
 def prompt_fn_for(cfg: Config, task: TaskSpec) -> Callable | None:
-    needs_prompt = cfg.teacher.backend == "vllm" or backend_class(cfg.teacher.backend).needs_prompt
-    return partial(prompts.teacher_prompt, task) if needs_prompt else None
+    """The few-shot prompt of a sample row, where ``cfg.teacher.backend`` needs one."""
+    return partial(prompts.teacher_prompt, task) if get_backend(cfg.teacher.backend).needs_prompt else None
 
 
 def input_blocks(shards: list[Shard], batch_size: int, k: int) -> list[tuple[int, int, int]]:
@@ -77,35 +69,33 @@ def input_blocks(shards: list[Shard], batch_size: int, k: int) -> list[tuple[int
 
 
 def _expand_blocks(
-    batch: pa.Table, examples: list, bounds: list[tuple[int, int, int]], k: int, teacher_seed: int, prompt_fn
+    batch: pa.Table, examples: list, bounds: list[tuple[int, int, int]], indices: tuple[int, ...], teacher_seed: int,
+    prompt_fn, rationales: bool,
 ) -> pa.Table:
-    """The sample rows of the input blocks numbered in ``batch["item"]``, cut on the worker from the split's table
-    (``examples``: its object ref, in a list so Ray passes the ref and does not resolve it)."""
+    """The sample rows (sample ``indices`` of each example) of the input blocks numbered in ``batch["item"]``, cut on
+    the worker from the split's table (``examples``: its object ref, in a list so Ray passes the ref and does not
+    resolve it). ``rationales``: keep the recorded rationales column (only the backend replaying them gets it)."""
     import ray
 
     table = ray.get(examples[0])
+    if not rationales and "rationales" in table.column_names:
+        table = table.drop_columns(["rationales"])
     parts = []
     for index in batch.column("item").to_pylist():
         shard, start, stop = bounds[index]
         block = table.slice(start, stop - start)
         block = block.append_column("shard", pa.array([shard] * block.num_rows, pa.int32()))
-        parts.append(expand_samples(block, k, teacher_seed, prompt_fn))
+        parts.append(expand_samples(block, len(indices), teacher_seed, prompt_fn, indices))
     return pa.concat_tables(parts)
 
 
-def build_dataset(cfg: Config, task: TaskSpec, examples: pa.Table | list[dict], shards: list[Shard]):
-    """The lazy Ray Data pipeline producing parsed sample rows (RESULT_COLUMNS) of the given shards
-    (``examples``: the split, an EXAMPLE_SCHEMA table or its rows)."""
+def _source_dataset(source: Source, task: TaskSpec, examples_ref, shards: list[Shard]):
+    """One source's parsed sample rows of the given shards: its own input blocks and sample rows, then its
+    backend's ``build``."""
     import ray
 
-    t = cfg.teacher
-    # The split goes to the object store once, as one table; the input blocks are numbers that the workers turn
-    # into examples. (One driver-made block per few examples, ray.data.from_arrow, cost the driver ~50 KB each,
-    # so its memory grew with the split.)
-    table = examples if isinstance(examples, pa.Table) else examples_table(examples)
-    if t.backend != "recorded":  # recorded rationales travel only to the backend that replays them
-        table = table.drop_columns(["rationales"])
-    bounds = input_blocks(shards, t.batch_size, t.k)
+    t = source.cfg.teacher
+    bounds = input_blocks(shards, t.batch_size, len(source.indices))
     # ≤ MAX_INPUT_BLOCKS tiny driver-made blocks, not ray.data.range: its read tasks ask for a whole CPU, which a
     # busy cluster may never free once the teacher actors hold theirs (two sweep trials teaching at once hung so)
     ds = ray.data.from_items(list(range(len(bounds))), override_num_blocks=len(bounds))
@@ -113,36 +103,28 @@ def build_dataset(cfg: Config, task: TaskSpec, examples: pa.Table | list[dict], 
         _expand_blocks,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"examples": [ray.put(table)], "bounds": bounds, "k": t.k, "teacher_seed": t.seed,
-                   "prompt_fn": prompt_fn_for(cfg, task)},
+        fn_kwargs={"examples": [examples_ref], "bounds": bounds, "indices": source.indices, "teacher_seed": t.seed,
+                   "prompt_fn": prompt_fn_for(source.cfg, task), "rationales": source.backend.needs_rationales},
         num_cpus=LIGHT_NUM_CPUS,
     )
-    if t.backend == "vllm":
-        from qcrd_ray.teacher.backends import vllm
+    return source.backend.build(ds, source.cfg, partial(parse_batch, parse=source.backend.parse, task=task))
 
-        sample_columns = ["shard", "id", "sample_index", "seed", "choices"]
-        ds = vllm.apply(ds, cfg, sample_columns)
-        return ds.map_batches(
-            lambda b: parse_samples(b, parser_for("vllm"), task).select(RESULT_COLUMNS),
-            batch_format="pyarrow",
-            num_cpus=LIGHT_NUM_CPUS,
-        )
-    return ds.map_batches(
-        TeacherWorker,
-        fn_constructor_kwargs={"cfg": cfg, "task": task},
-        batch_size=t.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
-        num_cpus=t.num_cpus,
-        num_gpus=t.num_gpus,
-        # A killed actor is restarted and the tasks it held are resubmitted to the pool. Outputs are a pure
-        # function of (id, sample seed), so a sample that a retried task delivers twice is the same sample: the
-        # ShardCollector keys samples by (id, sample index) and keeps each once. Bounded, so an actor that keeps
-        # dying (OOM loading the model) fails the run.
-        # (Ray 2.60 takes these only as remote args; it warns that form goes in 2.64, with no replacement yet.)
-        max_restarts=t.max_restarts,
-        max_task_retries=-1 if t.max_restarts else 0,
-    )
+
+def build_dataset(cfg: Config, task: TaskSpec, examples: pa.Table | list[dict], shards: list[Shard]):
+    """The lazy Ray Data pipeline producing parsed sample rows (RESULT_COLUMNS) of the given shards
+    (``examples``: the split, an EXAMPLE_SCHEMA table or its rows): each source's, in one stream."""
+    import ray
+
+    sources = resolve_sources(cfg)
+    # The split goes to the object store once, as one table; the input blocks are numbers that the workers turn
+    # into examples. (One driver-made block per few examples, ray.data.from_arrow, cost the driver ~50 KB each,
+    # so its memory grew with the split.)
+    table = examples if isinstance(examples, pa.Table) else examples_table(examples)
+    if not any(s.backend.needs_rationales for s in sources):
+        table = table.drop_columns(["rationales"])
+    ref = ray.put(table)
+    datasets = [_source_dataset(source, task, ref, shards) for source in sources]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
 def _generate(cfg: Config, task: TaskSpec, examples: pa.Table, todo: list[Shard], on_shard) -> None:
@@ -236,21 +218,24 @@ def run_teacher(
                     shard.index, storage.basename(shard.path), shard.size)
     done = {s.index for s in kept}
     todo = [s for s in shards if s.index not in done]
+    sources = resolve_sources(cfg)
     log.info(
         "teacher %s on %s/%s: %d examples x K=%d in %d shards (%d already done), %d rejected rows",
-        cfg.teacher.backend, cfg.data.task, split, examples.num_rows, cfg.teacher.k, len(shards),
-        len(shards) - len(todo), rejected,
+        " + ".join(f"{s.name} ({len(s.indices)})" if cfg.teacher.sources else s.name for s in sources),
+        cfg.data.task, split, examples.num_rows, cfg.teacher.k, len(shards), len(shards) - len(todo), rejected,
     )
     if todo:
         _generate(cfg, task, examples, todo, on_shard)
     del examples, ids
 
     with storage.open_write(storage.join(out, "errors.jsonl")) as errors:
-        stats = summarize(_write_errors(iter_teacher_rows(out), errors))
+        # per-source statistics only where teacher.sources names the sources
+        by_source = (sources, task) if cfg.teacher.sources else None
+        stats = summarize(_write_errors(iter_teacher_rows(out), errors), by_source)
     summary = {
         "task": cfg.data.task,
         "split": split,
-        "backend": cfg.teacher.backend,
+        "backend": ", ".join(dict.fromkeys(s.backend.name for s in sources)),
         "k": cfg.teacher.k,
         "positive_rule": cfg.self_consistency.positive_rule,
         "shards": len(shards),
@@ -261,4 +246,4 @@ def run_teacher(
     return summary
 
 
-__all__ = ["run_teacher", "build_dataset", "iter_teacher_rows", "TeacherWorker"]
+__all__ = ["run_teacher", "build_dataset", "iter_teacher_rows"]

@@ -20,17 +20,21 @@ def sample_seed(teacher_seed: int, example_id: str, index: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def expand_samples(batch: pa.Table, k: int, teacher_seed: int, prompt_fn=None) -> pa.Table:
-    """Repeat each example row ``k`` times (rows of one example stay adjacent, indices 0..k-1) and add
-    ``sample_index``, ``seed`` and ``prompt`` (``prompt_fn(row)``, or "" where the backend needs none)."""
-    n = batch.num_rows
-    out = batch.take(pa.array([i for i in range(n) for _ in range(k)], pa.int64()))
+def expand_samples(batch: pa.Table, k: int, teacher_seed: int, prompt_fn=None, indices=None) -> pa.Table:
+    """Repeat each example row once per sample index (rows of one example stay adjacent) and add ``sample_index``,
+    ``source_index`` (the sample's place among ``indices``), ``seed`` and ``prompt`` (``prompt_fn(row)``, or ""
+    where the backend needs none). ``indices``: the sample indices to make, default 0..k-1 (a teacher source makes
+    only its own; see `teacher.sources`)."""
+    indices = list(range(k)) if indices is None else list(indices)
+    n, m = batch.num_rows, len(indices)
+    out = batch.take(pa.array([i for i in range(n) for _ in range(m)], pa.int64()))
     ids = batch.column("id").to_pylist()
     prompts = [prompt_fn(row) for row in batch.to_pylist()] if prompt_fn else [""] * n
     return (
-        out.append_column("sample_index", pa.array([j for _ in range(n) for j in range(k)], pa.int32()))
-        .append_column("seed", pa.array([sample_seed(teacher_seed, i, j) for i in ids for j in range(k)], pa.int64()))
-        .append_column("prompt", pa.array([p for p in prompts for _ in range(k)], pa.string()))
+        out.append_column("sample_index", pa.array([j for _ in range(n) for j in indices], pa.int32()))
+        .append_column("source_index", pa.array([j for _ in range(n) for j in range(m)], pa.int32()))
+        .append_column("seed", pa.array([sample_seed(teacher_seed, i, j) for i in ids for j in indices], pa.int64()))
+        .append_column("prompt", pa.array([p for p in prompts for _ in range(m)], pa.string()))
     )
 
 

@@ -20,10 +20,15 @@ from qcrd_ray import storage
 from qcrd_ray.config import Config, ConfigError
 from qcrd_ray.data.schema import TEACHER_SCHEMA
 from qcrd_ray.teacher.consistency import teacher_row
+from qcrd_ray.teacher.sources import resolve_sources
 
 MANIFEST = "manifest.json"
 # teacher settings that change what is generated (pool sizes and batch sizes do not)
 OUTPUT_KEYS = ("backend", "model", "k", "temperature", "max_tokens", "stop", "seed", "api", "shard_rows")
+# a mix of sources (teacher.sources) also pins each source's own: its samples and the settings that make them
+# (a single teacher's manifest is as it always was, so its folders made before sources existed still resume)
+SOURCE_OUTPUT_KEYS = ("backend", "model", "temperature", "max_tokens", "stop", "seed", "api", "base_url", "noise",
+                      "hard_share")
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,17 @@ def plan_shards(n_examples: int, shard_rows: int, out_dir: storage.Location) -> 
 
 
 def manifest(cfg: Config, split: str, ids: Sequence[str]) -> dict:
+    teacher = {key: _plain(getattr(cfg.teacher, key)) for key in OUTPUT_KEYS}
+    if cfg.teacher.sources:
+        teacher["sources"] = [{"name": s.name, "weight": s.weight, "samples": list(s.indices),
+                               **{key: _plain(getattr(s.cfg.teacher, key)) for key in SOURCE_OUTPUT_KEYS}}
+                              for s in resolve_sources(cfg)]
     return {
         "task": cfg.data.task,
         "split": split,
         "examples": len(ids),
         "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        "teacher": {key: _plain(getattr(cfg.teacher, key)) for key in OUTPUT_KEYS},
+        "teacher": teacher,
         "positive_rule": cfg.self_consistency.positive_rule,
     }
 
@@ -72,7 +82,8 @@ def check_manifest(out_dir: storage.Location, current: dict) -> None:
     diff = [k for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]
     if "teacher" in diff:
         pt, ct = previous.get("teacher", {}), current["teacher"]
-        diff = [d for d in diff if d != "teacher"] + [f"teacher.{k}" for k in OUTPUT_KEYS if pt.get(k) != ct.get(k)]
+        diff = [d for d in diff if d != "teacher"] + [f"teacher.{k}" for k in (*OUTPUT_KEYS, "sources")
+                                                      if pt.get(k) != ct.get(k)]
     raise ConfigError(
         f"{out_dir} holds teacher output of a different run ({', '.join(diff)} differ); "
         "use a new --out folder, or delete this one to start over"

@@ -1,14 +1,17 @@
-"""The teacher backend interface.
+"""The interface of the actor-pool teacher backends, and their pool.
 
-A backend is a Ray Data callable class: constructed once per actor with the run's config, then called on
-batches of *sample rows* (one row per example and sample index; see `teacher.samples`). It returns the batch
-with two more columns: ``text`` (the raw teacher output, "" when there is none) and ``error`` (why there is no
-output, "" when there is one). A backend never raises for one bad row or request: it records the reason
-(a row that crashes the backend is found by bisection and recorded too; see ``TeacherBackend.__call__``).
+Such a backend is a Ray Data callable class: constructed once per actor with the run's config (its teacher
+section: the source's settings, see `teacher.sources`), then called on batches of *sample rows* (one row per
+example and sample index; see `teacher.samples`). It returns the batch with two more columns: ``text`` (the raw
+teacher output, "" when there is none) and ``error`` (why there is no output, "" when there is one). A backend never
+raises for one bad row or request: it records the reason (a row that crashes the backend is found by bisection and
+recorded too; see ``TeacherBackend.__call__``). What a backend serves, needs and how its output is parsed is its
+registry entry's (`teacher.backends.BACKENDS`), not the class's.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,19 +31,13 @@ class Completion:
 
 
 class TeacherBackend(ABC):
-    # "teacher" = `<Explanation>: … <Answer>: …` output (prompts.parse_teacher_output);
-    # "recorded" = a PaLM CoT string with a few-shot tail (prompts.parse_recorded_cot)
-    output_format = "teacher"
-    # whether the sample rows need the few-shot `prompt` column (rule-based and replay backends do not)
-    needs_prompt = True
-
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
     @abstractmethod
     def complete(self, rows: list[dict]) -> list[Completion]:
-        """One completion per sample row, in order. Row keys: the example columns, ``sample_index``, ``seed``,
-        ``prompt``."""
+        """One completion per sample row, in order. Row keys: the example columns, ``sample_index``,
+        ``source_index`` (the sample's place among this source's samples of the question), ``seed``, ``prompt``."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The batch with ``text`` and ``error``. A batch on which the backend raises (a crash, not a failed request,
@@ -64,3 +61,38 @@ class TeacherBackend(ABC):
         return batch.append_column("text", pa.array([c.text for c in completions], pa.string())).append_column(
             "error", pa.array([c.error for c in completions], pa.string())
         )
+
+
+class TeacherWorker:
+    """One actor of a backend's pool: the backend (its model or HTTP client loaded once), then ``then`` (the parse)
+    in the same stage, so a sample row crosses no extra stage."""
+
+    def __init__(self, cfg: Config, module: str, cls: str, then):
+        self.backend = getattr(importlib.import_module(module), cls)(cfg)
+        self.then = then
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.then(self.backend(batch))
+
+
+def actor_pool_stage(ds, cfg: Config, module: str, cls: str, then):
+    """``ds`` (sample rows) through an autoscaling pool of ``module.cls`` actors sized by ``cfg.teacher``."""
+    import ray
+
+    t = cfg.teacher
+    return ds.map_batches(
+        TeacherWorker,
+        fn_constructor_kwargs={"cfg": cfg, "module": module, "cls": cls, "then": then},
+        batch_size=t.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
+        num_cpus=t.num_cpus,
+        num_gpus=t.num_gpus,
+        # A killed actor is restarted and the tasks it held are resubmitted to the pool. Outputs are a pure
+        # function of (id, sample seed), so a sample that a retried task delivers twice is the same sample: the
+        # ShardCollector keys samples by (id, sample index) and keeps each once. Bounded, so an actor that keeps
+        # dying (OOM loading the model) fails the run.
+        # (Ray 2.60 takes these only as remote args; it warns that form goes in 2.64, with no replacement yet.)
+        max_restarts=t.max_restarts,
+        max_task_retries=-1 if t.max_restarts else 0,
+    )

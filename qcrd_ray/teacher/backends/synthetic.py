@@ -183,8 +183,6 @@ def synthetic_v2_sample(question: str, seed: int, temperature: float, noise: flo
 
 
 class SyntheticBackend(TeacherBackend):
-    needs_prompt = False
-
     def complete(self, rows: list[dict]) -> list[Completion]:
         out = []
         for row in rows:

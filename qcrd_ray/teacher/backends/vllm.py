@@ -73,8 +73,13 @@ def output_columns(batch: pa.Table, sample_columns: list[str]) -> pa.Table:
     )
 
 
-def apply(ds, cfg: Config, sample_columns: list[str]):
-    """The Dataset of sample rows -> the same rows with ``text`` and ``error``."""
+# what the parse after the processor needs of a sample row (the processor carries every column through)
+SAMPLE_COLUMNS = ["shard", "id", "sample_index", "seed", "choices"]
+
+
+def build(ds, cfg: Config, then):
+    """The registry entry's ``build``: the Dataset of sample rows -> the same rows with ``text`` and ``error``, then
+    ``then`` (the parse), in one light stage after the processor."""
     from ray.data.llm import build_processor
 
     processor = build_processor(
@@ -83,5 +88,6 @@ def apply(ds, cfg: Config, sample_columns: list[str]):
         preprocess_map_kwargs={"num_cpus": cfg.teacher.num_cpus},
     )
     return processor(ds).map_batches(
-        output_columns, batch_format="pyarrow", fn_kwargs={"sample_columns": sample_columns}, num_cpus=cfg.teacher.num_cpus
+        lambda batch: then(output_columns(batch, SAMPLE_COLUMNS)), batch_format="pyarrow",
+        num_cpus=cfg.teacher.num_cpus,
     )
