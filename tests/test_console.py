@@ -109,6 +109,7 @@ def test_a_rerun_appends_under_its_own_header_and_library_debug_stays_out(tmp_pa
     for attempt in ("first", "second"):
         with console.session(out=io.StringIO(), err=io.StringIO()):
             console.log_to_file(tmp_path / "logs")
+            console.adopt_library_loggers(("ray.data",))  # as ray_utils does: Ray Data's loggers may not propagate
             logging.getLogger("qcrd_ray.test_console").debug("%s run: our own debug line", attempt)
             logging.getLogger("ray.data._internal.execution.streaming_executor").debug("DataContext(target_max=...)")
             logging.getLogger("ray.data").info("%s run: Ray Data's info line", attempt)

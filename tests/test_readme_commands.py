@@ -40,6 +40,7 @@ TINY = [
     "--set", "discriminator.pretrain_steps=2", "--set", "discriminator.refresh_steps=1",
     "--set", "student.max_target_len=32", "--set", "student.tiny_d_model=32", "--set", "student.tiny_d_ff=64",
     "--set", "student.tiny_layers=1", "--set", "student.tiny_vocab_size=400",
+    "--set", "train.num_workers=1",  # one rank: DDP is tested elsewhere; here the commands are under test
 ]
 
 
