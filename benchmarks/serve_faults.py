@@ -39,7 +39,7 @@ def client(url: str, stop: threading.Event, log: list, lock: threading.Lock) -> 
         while not stop.is_set():
             sent = time.monotonic()
             try:
-                status = http.post(f"{url}/v1/predict", json={"input": QUESTION}).status_code
+                status = http.post(f"{url}/v1/predict", json={"task": "synthetic", "input": QUESTION}).status_code
             except httpx.HTTPError as e:
                 status = type(e).__name__
             with lock:
@@ -66,7 +66,7 @@ def main() -> None:
     if model is None:
         model = str(workdir / "model")
         train_tiny_student(model)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True)  # the state API finds the replica PIDs
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = Config().replace(serve={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.5, "max_new_tokens": 24})
