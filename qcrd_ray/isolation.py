@@ -22,26 +22,20 @@ def isolate_failures(run: Callable[[list[T]], Sequence[R]], items: Sequence[T], 
     each half run again, so only an item that fails on its own gets an exception for a result: its last one, after
     ``attempts`` tries alone. One call when all is well; about 2·log2(n) more per failing item."""
     items = list(items)
-    try:
-        results = list(run(items))
-    except catch as e:
-        if len(items) == 1:
-            for attempt in range(2, attempts + 1):
-                try:
-                    results = list(run(items))
-                except catch as again:
-                    e = again
-                    log.warning("item failed alone (attempt %d of %d): %s: %s", attempt, attempts,
-                                type(e).__name__, e)
-                    continue
-                if len(results) != 1:
-                    raise ResultCountError(f"1 item gave {len(results)} results")
-                return results
-            return [e]
-    else:
+    tries = attempts if len(items) == 1 else 1  # a batch is bisected at its first failure, a lone item retried
+    for attempt in range(1, tries + 1):
+        try:
+            results = list(run(items))
+        except catch as e:
+            error = e
+            if attempt > 1:
+                log.warning("item failed alone (attempt %d of %d): %s: %s", attempt, tries, type(e).__name__, e)
+            continue
         if len(results) != len(items):  # a broken contract, not a bad item: bisecting would hide it
             raise ResultCountError(f"{len(items)} items gave {len(results)} results")
         return results
+    if len(items) == 1:
+        return [error]
     mid = len(items) // 2
     return (isolate_failures(run, items[:mid], attempts=attempts, catch=catch)
             + isolate_failures(run, items[mid:], attempts=attempts, catch=catch))
