@@ -129,7 +129,7 @@ def main() -> None:
 def _checkpoint_bytes(location: str) -> int:
     from qcrd_ray import storage
 
-    return sum(json.loads(storage.read_text(storage.join(location, storage.COMPLETE_MARKER)))["files"].values())
+    return sum(storage.read_json(storage.join(location, storage.COMPLETE_MARKER))["files"].values())
 
 
 if __name__ == "__main__":

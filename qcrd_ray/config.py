@@ -376,7 +376,7 @@ class Config:
 
     def replace(self, **sections: Mapping[str, Any]) -> "Config":
         """A copy with some keys of some sections changed, validated: ``cfg.replace(train={"rounds": 2})``."""
-        return from_dict(_merge(self.to_dict(), sections))
+        return from_dict(merge(self.to_dict(), sections))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -391,11 +391,13 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _merge(base: dict, update: Mapping) -> dict:
+def merge(base: dict, update: Mapping) -> dict:
+    """A copy of the raw config ``base`` with ``update``'s keys set, nested mappings merged key by key (a sweep's
+    ``base`` over the config file it names)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -532,20 +534,28 @@ def _check_cross_field(cfg: Config) -> None:
     resolve_sources(cfg)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str, expected: str = "section.key=value (e.g. train.rounds=3)",
+                   least: int = 2) -> tuple[list[str], Any]:
     """``"train.rounds=3"`` → ``(["train", "rounds"], 3)``, ``"student.lora.r=8"`` → ``(["student", "lora", "r"],
-    8)``; the value is parsed as YAML (``3``, ``0.5``, ``[a, b]``)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
-    path, _, value = text.partition("=")
+    8)``; the value is parsed as YAML (``3``, ``0.5``, ``[a, b]``). ``expected`` and ``least`` (keys in the path)
+    let ``qcrd sweep --set`` parse its own paths (``max_concurrent_trials=2``) the same way."""
+    path, sep, value = text.partition("=")
     keys = path.strip().split(".")
-    if len(keys) < 2 or not all(keys):
-        raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. train.rounds=3)")
+    if not sep or len(keys) < least or not all(keys):
+        raise ConfigError(f"--set {text!r}: expected {expected}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return keys, parsed
+
+
+def apply_overrides(raw: Mapping, overrides: list[str] | tuple[str, ...]) -> dict:
+    """A copy of the raw config ``raw`` with each ``section.key=value`` of ``--set`` applied (not yet validated)."""
+    out = dict(raw)
+    for text in overrides:
+        out = set_path(out, *parse_override(text))
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -561,9 +571,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-    for text in overrides:
-        raw = set_path(raw, *parse_override(text))
-    return from_dict(raw)
+    return from_dict(apply_overrides(raw, overrides))
 
 
 def set_path(raw: Mapping, keys: list[str], value: Any) -> dict:

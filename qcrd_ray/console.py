@@ -12,7 +12,6 @@ Stage code reports through :func:`progress` / :func:`summary` and works the same
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -393,9 +392,7 @@ def read_metrics(location) -> list[dict]:
     """Rank 0's metrics lines (``RUN/<method>/train/metrics.jsonl``; a path or a URI), [] before the first."""
     from qcrd_ray import storage
 
-    if not storage.exists(location):
-        return []
-    return [json.loads(line) for line in storage.read_text(location).splitlines() if line.strip()]
+    return storage.read_jsonl(location)
 
 
 class TrainingFollower:

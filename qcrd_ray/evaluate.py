@@ -93,3 +93,14 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
         storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     console.summary(f"{label}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(records)}, {metrics['unparsed']} unparsed)")
     return metrics
+
+
+def evaluate_once(model_dir, cfg: Config, split: str, mode: str, out_dir) -> dict:
+    """The metrics in ``out_dir``, else :func:`evaluate` writing them there. ``metrics.json`` is written last, so
+    its presence means an earlier evaluation finished: a rerun `qcrd run`, a continued sweep and
+    ``--rescore-valid`` skip it (docs/design.md, "Stage entrypoints")."""
+    metrics = storage.read_json(storage.join(out_dir, "metrics.json"))
+    if metrics is None:
+        log.info("eval %s (%s) → %s", split, mode, out_dir)
+        metrics = evaluate(model_dir, cfg, split, mode=mode, out_dir=out_dir)
+    return metrics

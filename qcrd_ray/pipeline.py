@@ -14,12 +14,10 @@ import contextlib
 import logging
 from pathlib import Path
 
-import yaml
-
 from qcrd_ray import storage
-from qcrd_ray.config import Config, ConfigError, from_dict
+from qcrd_ray.config import Config, ConfigError
 from qcrd_ray.methods import method_spec
-from qcrd_ray.runs import RunLayout
+from qcrd_ray.runs import RunLayout, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ def _check_same_config(layout: RunLayout, cfg: Config) -> None:
     if not storage.exists(layout.config):
         storage.write_text(layout.config, cfg.to_yaml())
         return
-    old = from_dict(yaml.safe_load(storage.read_text(layout.config))).to_dict()
+    old = load_run_config(layout.config).to_dict()
     new = cfg.to_dict()
     # The method list and the tracker names are properties of the invocation, not of the stored outputs: a run
     # directory copied into another sweep (which names its tracker runs after itself) is the same run.
@@ -112,9 +110,9 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
     """Run every stage that has no complete output yet; returns {"teacher": summary, "methods": {...}}.
     Raises ConfigError before anything starts, StageError naming the stage that failed."""
     from qcrd_ray import trackers
-    from qcrd_ray.evaluate import evaluate
+    from qcrd_ray.evaluate import evaluate_once
     from qcrd_ray.ray_utils import init_ray
-    from qcrd_ray.report import read_json, write_report
+    from qcrd_ray.report import write_report
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.train.trainer import run_training
 
@@ -124,7 +122,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
     _check_same_config(layout, cfg)
     init_ray(address)
 
-    teacher = read_json(layout.teacher_summary)
+    teacher = storage.read_json(layout.teacher_summary)
     with _stage("teach"):
         if teacher is None:
             log.info("stage teach → %s", layout.teacher)
@@ -147,13 +145,9 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
                 log.info("stage train (%s): reusing %s", method, where.model)
         evals = {}
         for mode in method_spec(method).eval_modes:
-            out = where.eval(cfg.data.eval_split, mode)
-            metrics = read_json(storage.join(out, "metrics.json"))
-            if metrics is None:
-                log.info("stage eval (%s, %s) → %s", method, mode, out)
-                with _stage(f"eval {method} {mode}"):
-                    metrics = evaluate(where.model, mcfg, cfg.data.eval_split, mode=mode, out_dir=out)
-            evals[mode] = metrics
+            with _stage(f"eval {method} {mode}"):
+                evals[mode] = evaluate_once(where.model, mcfg, cfg.data.eval_split, mode,
+                                            where.eval(cfg.data.eval_split, mode))
         trackers.log_results(mcfg, where.root, {f"{cfg.data.eval_split}_{m}": e["accuracy"] for m, e in evals.items()})
         results[method] = {"dir": where.root, "eval": evals}
     with _stage("report"):

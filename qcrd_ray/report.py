@@ -11,19 +11,16 @@ again from a finished run's outputs alone (``qcrd report --out RUN``).
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import yaml
-
 from qcrd_ray import storage
-from qcrd_ray.config import Config, from_dict
+from qcrd_ray.config import Config
 from qcrd_ray.methods import METHODS, method_spec
-from qcrd_ray.runs import MethodLayout, RunLayout
+from qcrd_ray.runs import MethodLayout, RunLayout, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +33,6 @@ PAPER_RESULTS = {
 }
 LOSS_TERMS = ("loss", "l_pred", "l_rationale", "l_cl", "l_pos", "l_neg", "l_d", "s_pos", "s_neg")
 MAX_SCORED = 256  # rationales of each kind scored by D for the distribution plot
-
-
-def read_jsonl(location: storage.Location) -> list[dict]:
-    if not storage.exists(location):
-        return []
-    rows = []
-    for line in storage.read_text(location).splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by an interrupted write; the rest of the file is still good
-    return rows
 
 
 def _plt():
@@ -240,7 +225,7 @@ def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, resu
     lines += ["## Accuracy", ""] + accuracy_table(cfg, results) + [""]
 
     lines += ["## Data and rejects", ""]
-    rejects = read_jsonl(storage.join(layout.teacher, "rejects.jsonl"))
+    rejects = storage.read_jsonl(storage.join(layout.teacher, "rejects.jsonl"))
     lines.append(f"Examples taught: {teacher_summary.get('examples', '-')}; rejected rows: {len(rejects)}.")
     if rejects:
         reasons = Counter(str(r.get("reason", "?")).split(":")[0] for r in rejects)
@@ -262,12 +247,12 @@ def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, resu
     for method, r in results.items():
         where = MethodLayout(str(r["dir"]))
         lines += [f"## Training: {method}", ""]
-        metrics = read_jsonl(where.metrics)
+        metrics = storage.read_jsonl(where.metrics)
         curves = plot_training_curves(metrics, figures / f"{method}-training.png", f"{method}: loss terms")
         lines += [f"![{method} training curves](figures/{curves.name})" if curves else "No training metrics.", ""]
         if method_spec(method).uses_discriminator:
             try:
-                negatives = read_jsonl(where.negatives)
+                negatives = storage.read_jsonl(where.negatives)
                 scores = discriminator_scores(where, cfg, teacher_rows, negatives)
             except Exception as e:  # the report must not fail a finished run
                 log.warning("discriminator scores skipped: %s", e)
@@ -282,10 +267,6 @@ def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, resu
     return lines
 
 
-def read_json(location: storage.Location) -> dict | None:
-    return json.loads(storage.read_text(location)) if storage.exists(location) else None
-
-
 def run_results(layout: RunLayout, cfg: Config) -> dict[str, dict]:
     """Each trained method of a run with its evaluations on ``data.eval_split`` (what :func:`write_report`
     takes), read from the run's outputs: a method counts once its exported model is complete."""
@@ -294,7 +275,7 @@ def run_results(layout: RunLayout, cfg: Config) -> dict[str, dict]:
         where = layout.method(method)
         if not storage.is_complete(where.model):
             continue
-        evals = {mode: read_json(storage.join(where.eval(cfg.data.eval_split, mode), "metrics.json"))
+        evals = {mode: storage.read_json(storage.join(where.eval(cfg.data.eval_split, mode), "metrics.json"))
                  for mode in method_spec(method).eval_modes}
         results[method] = {"dir": where.root, "eval": {m: v for m, v in evals.items() if v is not None}}
     return results
@@ -306,8 +287,8 @@ def rebuild_report(run: storage.Location) -> str:
     layout = RunLayout.at(str(run))
     if not storage.is_file(layout.config):
         raise FileNotFoundError(f"{run}: not a run directory (no {layout.config}); pass the --out of a `qcrd run`")
-    cfg = from_dict(yaml.safe_load(storage.read_text(layout.config)) or {})
-    teacher = read_json(layout.teacher_summary)
+    cfg = load_run_config(layout.config)
+    teacher = storage.read_json(layout.teacher_summary)
     if teacher is None:
         raise FileNotFoundError(f"{run}: the teacher stage has not finished (no {layout.teacher_summary})")
     results = run_results(layout, cfg)

@@ -197,8 +197,9 @@ def _is_file(path: str) -> bool:
     return storage.is_file(path)
 
 
-def _load_config(location: str) -> Config:
-    """A run's config.yaml, from a local path or a URI."""
+def load_run_config(location: storage.Location) -> Config:
+    """The config a run was made with (``RUN/config.yaml``, ``RUN/<method>/train/config.yaml``), from a local path
+    or a URI, validated; every reader of a run's config goes through here (docs/design.md, "Run directory")."""
     try:
         raw = yaml.safe_load(storage.read_text(location)) or {}
     except yaml.YAMLError as e:
@@ -218,11 +219,11 @@ def _method_dir(root: str) -> ResolvedModel:
     method = MethodLayout(root)
     parent = RunLayout(_dirname(root))
     if method.name in METHODS and _is_file(parent.config):  # RUN/<method> of a `qcrd run`
-        cfg = _load_config(parent.config).replace(train={"method": method.name})
+        cfg = load_run_config(parent.config).replace(train={"method": method.name})
         return ResolvedModel(method.model, cfg, method, parent)
     for config in (method.train_config, join(root, "config.yaml")):
         if _is_file(config):
-            return ResolvedModel(method.model, _load_config(config), method, None)
+            return ResolvedModel(method.model, load_run_config(config), method, None)
     return ResolvedModel(method.model, None, method, None)
 
 
@@ -257,7 +258,7 @@ def _find_model(path: str) -> ResolvedModel:
     run = RunLayout(root)
     if _is_file(run.config):
         trained = _trained_methods(run)
-        cfg = _load_config(run.config)
+        cfg = load_run_config(run.config)
         if cfg.train.method in trained:
             return _method_dir(run.method(cfg.train.method).root)
         if len(trained) == 1:

@@ -209,6 +209,25 @@ def write_jsonl(location: Location, records) -> None:
     write_text(location, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def read_json(location: Location):
+    """The JSON document at ``location``; None when there is none (a stage that has not written it yet)."""
+    return json.loads(read_text(location)) if exists(location) else None
+
+
+def read_jsonl(location: Location) -> list:
+    """The records of a JSON-lines file; [] when there is none. A line cut by an interrupted write is skipped:
+    the lines before it are still good."""
+    if not exists(location):
+        return []
+    records = []
+    for line in read_text(location).splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 @contextlib.contextmanager
 def open_write(location: Location) -> Iterator[BinaryIO]:
     """A binary file to write ``location``'s new content into, piece by piece, so the content is never whole in
@@ -467,7 +486,8 @@ def is_multi_node() -> bool:
 
 __all__ = [
     "COMPLETE_MARKER", "StorageError", "is_uri", "join", "basename", "resolve", "exists", "is_file", "read_bytes",
-    "read_text", "write_bytes", "write_text", "write_json", "write_jsonl", "open_write", "jsonl_line", "write_jsonl_stream",
+    "read_text", "write_bytes", "write_text", "write_json", "write_jsonl", "read_json", "read_jsonl", "open_write",
+    "jsonl_line", "write_jsonl_stream",
     "write_parquet", "read_parquet", "iter_parquet_batches",
     "list_files", "delete", "delete_dir", "remove_partial_writes", "upload_dir", "is_complete", "cache_dir",
     "download_dir", "train_storage", "mount_fstype", "check_shared", "is_multi_node",

@@ -54,8 +54,7 @@ def _ids_file(method_dir: str) -> str:
 def _read_ids(method_dir: str) -> dict:
     from qcrd_ray import storage
 
-    path = _ids_file(method_dir)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    return storage.read_json(_ids_file(method_dir)) or {}
 
 
 def _flat_params(cfg: Config) -> dict[str, str]:

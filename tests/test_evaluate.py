@@ -9,7 +9,7 @@ import pytest
 from qcrd_ray.cli import main
 from qcrd_ray.config import from_dict
 from qcrd_ray.data.synthetic import make_split
-from qcrd_ray.evaluate import evaluate, score_output
+from qcrd_ray.evaluate import evaluate, evaluate_once, score_output
 from qcrd_ray.students import load_student, save_student
 
 
@@ -55,6 +55,15 @@ def test_evaluate_writes_one_prediction_per_example_and_consistent_metrics(saved
     assert metrics["accuracy"] == pytest.approx(metrics["correct"] / 12)
     assert {"input", "gold", "prediction", "rationale", "correct", "output"} <= set(records[0])
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+
+def test_evaluate_once_keeps_a_finished_evaluation(saved_student, tmp_path):
+    """What `qcrd run`, a sweep and --rescore-valid call: metrics.json (written last) means done."""
+    cfg, run = saved_student
+    first = evaluate_once(run, cfg, "test", "predict", tmp_path)
+    written = (tmp_path / "metrics.json").stat().st_mtime_ns
+    assert evaluate_once(run, cfg, "test", "predict", tmp_path) == first
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns == written
 
 
 def test_cli_eval_json_on_a_run_directory(saved_student, capsys):

@@ -224,6 +224,22 @@ def test_resolve_model_finds_the_run_and_its_method_from_any_entry_point(tmp_pat
         resolve_model(str(tmp_path / "nothing"))
 
 
+def test_a_runs_config_is_read_one_way_validated(tmp_path):
+    """runs.load_run_config: what resolve_model, `qcrd run`'s same-config check, `qcrd report` and --rescore-valid
+    read; a file that is not a config is refused naming it."""
+    from qcrd_ray.config import ConfigError
+    from qcrd_ray.runs import RunLayout, load_run_config
+
+    run = RunLayout(str(_fake_run(tmp_path / "run")))
+    assert load_run_config(run.config).data.task == "svamp"
+    bad = tmp_path / "bad.yaml"
+    for text, message in (("[1, 2]", "expected a mapping"), ("a: [", "not valid YAML"),
+                          ("train: {rounds: -1}", "train.rounds")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(str(bad))
+
+
 def test_resolve_model_refuses_a_run_with_several_methods_and_no_default(tmp_path):
     from qcrd_ray.runs import resolve_model
 

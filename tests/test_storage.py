@@ -35,6 +35,15 @@ def test_paths_and_uris_join_and_resolve():
     assert storage.train_storage("runs/x") == (os.path.abspath("runs/x"), None)
 
 
+def test_json_readers_give_none_or_nothing_for_a_missing_file_and_skip_a_cut_line(location):
+    doc, lines = storage.join(location, "metrics.json"), storage.join(location, "metrics.jsonl")
+    assert storage.read_json(doc) is None and storage.read_jsonl(lines) == []
+    storage.write_json(doc, {"accuracy": 0.5})
+    storage.write_text(lines, '{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')  # a writer killed mid-line
+    assert storage.read_json(doc) == {"accuracy": 0.5}
+    assert storage.read_jsonl(lines) == [{"step": 1}, {"step": 2}]
+
+
 def test_read_write_list_delete(location):
     a = storage.join(location, "a.json")
     assert not storage.exists(a) and storage.list_files(location) == []

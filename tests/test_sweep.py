@@ -20,9 +20,11 @@ import pytest
 import yaml
 
 from qcrd_ray.config import ConfigError
-from qcrd_ray.sweep import (cell_table, difference_series, grid_points, load_sweep, mean_sd, paired_difference,
-                            pairs_for_half_width, pooled_rows, rescore_valid, summary_table, teacher_key, trial_config,
-                            trial_name)
+from qcrd_ray.sweep.output import summary_table
+from qcrd_ray.sweep.rescore import rescore_valid
+from qcrd_ray.sweep.spec import grid_points, load_sweep, teacher_key, trial_config, trial_name
+from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_sd, paired_difference, pairs_for_half_width,
+                                  pooled_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,7 +293,7 @@ def test_every_committed_sweep_file_expands_to_valid_trial_configs(path):
 
 
 def test_a_finished_trial_line_gives_its_scores_time_and_the_count():
-    from qcrd_ray.sweep_console import trial_line
+    from qcrd_ray.sweep.tune import trial_line
 
     row = {"trial": "variant=spec_d,seed=1", "wall_s": 902.2, "valid_predict": 0.54, "test_predict": 0.46,
            "valid_explain": 0.34}
@@ -302,7 +304,7 @@ def test_a_finished_trial_line_gives_its_scores_time_and_the_count():
 
 def test_tune_prints_go_to_the_log_as_whole_lines_and_stay_on_the_console_when_verbose(caplog):
     from qcrd_ray import console
-    from qcrd_ray.sweep_console import tune_prints_to_log
+    from qcrd_ray.sweep.tune import tune_prints_to_log
 
     out = io.StringIO()
     with console.session(out=out, err=io.StringIO()), caplog.at_level(logging.INFO, logger="ray.tune"):

@@ -67,7 +67,7 @@ def test_no_tracker_is_imported_unless_configured(tmp_path):
     code = ("import sys; from qcrd_ray.config import from_dict; from qcrd_ray.trackers import open_trackers, "
             f"log_results; assert open_trackers(from_dict({{}}), {str(tmp_path)!r}) == []; "
             f"log_results(from_dict({{}}), {str(tmp_path)!r}, {{'test_predict': 0.5}}); "
-            "import qcrd_ray.train.loop, qcrd_ray.sweep; "
+            "import qcrd_ray.train.loop, qcrd_ray.sweep.tune; "
             "print(sorted(m for m in ('mlflow', 'wandb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -55,13 +55,10 @@ def load_config_from_args(args: argparse.Namespace, config=None, **flags: str):
         value = getattr(args, arg, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    from qcrd_ray.config import Config, parse_override, set_path
+    from qcrd_ray.config import Config, apply_overrides
 
     if isinstance(config, Config):  # a trained model's own config (qcrd_ray.runs): the overrides apply on top
-        sections: dict = {}
-        for text in overrides:
-            sections = set_path(sections, *parse_override(text))
-        return config.replace(**sections)
+        return config.replace(**apply_overrides({}, overrides))
     return load_config(config if config is not None else args.config, overrides)
 
 

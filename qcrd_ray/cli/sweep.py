@@ -26,10 +26,12 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from qcrd_ray import console
-    from qcrd_ray.sweep import load_sweep, rescore_valid, run_sweep, trial_count
+    from qcrd_ray.sweep.spec import load_sweep, trial_count
 
     spec = load_sweep(args.config, args.overrides)  # refused here, before Ray starts
     if args.rescore_valid is not None:
+        from qcrd_ray.sweep.rescore import rescore_valid
+
         rows = rescore_valid(spec, os.path.abspath(args.out), args.rescore_valid)
         name = f"rescored-valid-{args.rescore_valid}.md"
         print(open(os.path.join(args.out, name)).read())
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     log_file = console.log_to_file(os.path.join(os.path.abspath(args.out), "logs"))
     print(f"sweep {spec.name}: {trial_count(spec)} trials → {args.out}")
     try:
+        from qcrd_ray.sweep.tune import run_sweep
+
         rows = run_sweep(spec, args.out, address=args.address)
     except RuntimeError as e:
         print(f"qcrd sweep: {e}", file=sys.stderr)

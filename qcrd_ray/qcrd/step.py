@@ -78,7 +78,22 @@ class Batch:
 @dataclass
 class StepOutput:
     loss: torch.Tensor
-    metrics: dict
+    # the step's metrics as detached 0-dim tensors (or Python numbers): reading one waits for the device, so the
+    # train loop reads them once per train.log_every, after the all-reduce, as nanoGPT calls .item()
+    tensors: dict
+
+    @property
+    def metrics(self) -> dict:
+        """The metrics as Python floats, read now (one device sync): for a one-off read such as a test's."""
+        return metric_values(self.tensors)
+
+
+def metric_values(metrics: dict) -> dict:
+    """``metrics`` with its tensors read as Python floats in one device sync (float64: exactly the float32 value, as
+    ``.item()`` gave it)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].detach().double() for k in keys]).tolist() if keys else []
+    return {**metrics, **dict(zip(keys, values))}
 
 
 def make_batch(rows: Sequence[Mapping], tokenizer, cfg: Config, family: StudentFamily | None = None) -> Batch:
@@ -298,7 +313,7 @@ def register_loss(method: str):
 @register_loss("finetune")
 def finetune_loss(model: DistillModel, batch: Batch, l_pred: torch.Tensor, alpha3: float) -> StepOutput:
     """L_pred alone."""
-    return StepOutput(l_pred, {"loss": l_pred.item(), "l_pred": l_pred.item(), "l_rationale": 0.0})
+    return StepOutput(l_pred, {"loss": l_pred.detach(), "l_pred": l_pred.detach(), "l_rationale": 0.0})
 
 
 @register_loss("dss")
@@ -311,7 +326,7 @@ def dss_loss(model: DistillModel, batch: Batch, l_pred: torch.Tensor, alpha3: fl
     else:
         l_rat = l_pred * 0.0
     loss = l_pred + model.cfg.loss.dss_lambda * l_rat
-    return StepOutput(loss, {"loss": loss.item(), "l_pred": l_pred.item(), "l_rationale": l_rat.item()})
+    return StepOutput(loss, {"loss": loss.detach(), "l_pred": l_pred.detach(), "l_rationale": l_rat.detach()})
 
 
 @register_loss("qcrd")
@@ -378,17 +393,18 @@ def qcrd_loss(model: DistillModel, batch: Batch, l_pred: torch.Tensor, alpha3: f
            if s_grid is not None else zero)
     loss = L.total_loss(l_pred, l_cl, l_d, lc.alpha1, lc.alpha2, alpha3)
 
-    def mean_over(values, mask):
-        return (values * mask).sum().item() / max(int(mask.sum().item()), 1)
+    def mean_over(values, mask):  # in float64: the float32 sum over a count, as Python divided them before
+        return (values * mask).sum().double() / mask.sum().clamp(min=1).double()
 
+    # tensors, read once per log_every (StepOutput); a count is truncated as int() did
     metrics = {
-        "loss": loss.item(), "l_pred": l_pred.item(), "l_cl": l_cl.item(), "l_d": l_d.item(),
+        "loss": loss.detach(), "l_pred": l_pred.detach(), "l_cl": l_cl.detach(), "l_d": l_d.detach(),
         "l_pos": mean_over(l_pos.detach(), has_pos), "l_neg": mean_over(l_neg.detach(), has_neg),
-        "s_pos": mean_over(s_pos, has_pos), "s_neg": mean_over(s_neg, has_neg),
-        "alpha3": alpha3, "n_positives": int((mult * pos_mask).sum()) if m else 0,
-        "n_negatives": int((mult * neg_mask).sum()) if m else 0, "n_candidates_scored": m,
-        "examples_without_positive": int((~has_pos).sum()),
-        "neg_beyond_margin_share": L.beyond_margin_share(loss_grid, w_neg, has_neg, lc.delta, n_tok).item(),
+        "s_pos": mean_over(s_pos.detach(), has_pos), "s_neg": mean_over(s_neg.detach(), has_neg),
+        "alpha3": alpha3, "n_positives": (mult * pos_mask).sum().double().trunc() if m else 0,
+        "n_negatives": (mult * neg_mask).sum().double().trunc() if m else 0, "n_candidates_scored": m,
+        "examples_without_positive": (~has_pos).sum(),
+        "neg_beyond_margin_share": L.beyond_margin_share(loss_grid, w_neg, has_neg, lc.delta, n_tok).detach(),
     }
     return StepOutput(loss, metrics)
 
@@ -396,16 +412,19 @@ def qcrd_loss(model: DistillModel, batch: Batch, l_pred: torch.Tensor, alpha3: f
 def accumulate(model: nn.Module, micro_batches: Sequence[Batch], alpha3: float | None = None) -> dict:
     """Forward + backward of each micro-batch with its loss scaled by ``1 / len(micro_batches)``, so the gradient
     is that of the mean over micro-batches (one batch of their union when they are equal-sized); under DDP the
-    gradients are all-reduced only on the last (``no_sync`` before). Returns the micro-batches' mean metrics."""
+    gradients are all-reduced only on the last (``no_sync`` before). Returns the micro-batches' mean metrics, as
+    float64 tensors (Python numbers stay numbers): nothing here waits for the device (``metric_values`` reads
+    them)."""
     n = len(micro_batches)
     if not n:
         raise ValueError("accumulate: no micro-batch")
-    totals: dict[str, float] = {}
+    totals: dict = {}
     for i, batch in enumerate(micro_batches):
         sync_off = model.no_sync() if (i < n - 1 and hasattr(model, "no_sync")) else nullcontext()
         with sync_off:
             out = model(batch, alpha3)
             (out.loss / n).backward()
-        for key, value in out.metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value) / n
+        for key, value in out.tensors.items():
+            value = value.double() if isinstance(value, torch.Tensor) else float(value)
+            totals[key] = totals.get(key, 0.0) + value / n
     return totals

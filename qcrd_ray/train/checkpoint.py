@@ -86,8 +86,8 @@ def load_state(location: storage.Location) -> TrainerState:
 def is_complete(location: storage.Location) -> bool:
     """Whether every file the checkpoint's listing names is in place with its size."""
     try:
-        listing = json.loads(storage.read_bytes(storage.join(location, storage.COMPLETE_MARKER)))["files"]
-    except (FileNotFoundError, ValueError, KeyError):
+        listing = (storage.read_json(storage.join(location, storage.COMPLETE_MARKER)) or {})["files"]
+    except (FileNotFoundError, ValueError, KeyError):  # no marker (or it went meanwhile), or one cut short
         return False
     fs, _ = storage.resolve(location)
     paths = [storage.resolve(storage.join(location, *rel.split("/")))[1] for rel in listing]

@@ -73,9 +73,11 @@ def with_negatives(rows: list[dict], negatives: dict) -> list[dict]:
     return out
 
 
-def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
+def _all_reduce_mean(values: dict, device) -> dict[str, float]:
+    """The ranks' mean of each metric (tensors or numbers), read as Python floats: the one device sync of a logged
+    step (accumulate keeps them as tensors)."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device) for k in keys])
     dist.all_reduce(t)
     return dict(zip(keys, (t / dist.get_world_size()).tolist()))
 

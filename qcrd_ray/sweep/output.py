@@ -1,0 +1,158 @@
+"""What a sweep writes from its finished trials' rows: results.csv / results.md (one row per trial), summary.md
+(per cell: mean ± sd and the paired difference to the baseline by seed with a 95 % t interval, pooled over the
+plotted key's levels too), best.yaml (the best cell on valid), accuracy.png and differences.png (each method's
+paired difference to the baseline against the plotted key: with a clean-DSS arm, the headroom H = clean-DSS −
+DSS next to QCRD − DSS). docs/design.md, "Sweeps" and "Summaries pool noise levels and plot differences"."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import yaml
+
+from qcrd_ray.sweep.spec import METRICS, SPLITS, SweepSpec, axes, row_keys, trial_config
+from qcrd_ray.sweep.stats import cell_table, difference_series, mean_sd, pairs_for_half_width, pooled_rows
+
+# the smallest difference a summary says how many seeds it would take to resolve: the paper's gains over DSS are
+# 0.2-3.5 points, and the quality study's target is +2
+RESOLVE = 0.02
+
+
+def percent(v) -> str:
+    """An accuracy fraction as a percentage with one decimal; missing → "-"."""
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in columns} for r in rows)
+
+
+def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
+    """results.csv/.md, summary.md, best.yaml, accuracy.png and differences.png from the finished trials' rows."""
+    rows = sorted(rows, key=lambda r: r["trial"])
+    columns = row_keys(spec)
+    write_csv(os.path.join(out, "results.csv"), columns, rows)
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(percent(r.get(c)) if c.endswith(METRICS) or c == "teacher_accuracy" else str(r.get(c))
+                             for c in columns) + " |" for r in rows]
+    Path(out, "results.md").write_text("\n".join(md) + "\n")
+
+    keys = axes(spec)
+    summary = [f"# Sweep {spec.name}: {len(rows)} trials\n", summary_legend(spec)]
+    for split in SPLITS:
+        for mode in METRICS:
+            summary += summary_table(spec, rows, f"{split}_{mode}", f"{split} {mode}")
+    Path(out, "summary.md").write_text("\n".join(summary) + "\n")
+
+    valid = cell_table(rows, keys, spec.pair_by, spec.baseline, f"valid_{spec.metric}", spec.compare_on)
+    if valid:
+        best = max(valid, key=lambda line: line["mean"])
+        cell = {k: best[k] for k in keys if k != spec.pair_by}
+        Path(out, "best.yaml").write_text(yaml.safe_dump(
+            {"chosen_on": f"valid {spec.metric} accuracy", "valid_mean": best["mean"], "cell": cell,
+             "config": trial_config(spec, cell).to_dict()}, sort_keys=False))
+    plot_accuracy(spec, rows, os.path.join(out, "accuracy.png"))
+    plot_differences(spec, rows, f"test_{spec.metric}", f"test {spec.metric}", os.path.join(out, "differences.png"))
+
+
+def summary_legend(spec: SweepSpec) -> str:
+    return (f"Accuracy (%) per cell, mean ± sd over `{spec.pair_by}`; Δ = paired difference to "
+            f"`{spec.compare_on} = {spec.baseline}` (by `{spec.pair_by}`) with its 95 % t interval and the sd of "
+            f"the differences; \"pairs for ±{100 * RESOLVE:g}\" = the {spec.pair_by} values a 95 % interval that "
+            f"narrow would need at that sd.\n")
+
+
+def summary_table(spec: SweepSpec, rows: list[dict], column: str, title: str) -> list[str]:
+    """summary.md's section for one accuracy ``column`` (markdown lines; none when no row has it)."""
+    keys = axes(spec)
+    pooled = pooled_rows(rows, spec.plot_x, spec.pair_by) if spec.plot_x in spec.grid else []
+    table = cell_table(rows + pooled, keys, spec.pair_by, spec.baseline, column, spec.compare_on)
+    if not table:
+        return []
+    cell_keys = [k for k in keys if k != spec.pair_by]
+    lines = [f"\n## {title}\n", "| " + " | ".join(cell_keys) + f" | n | mean ± sd | Δ vs {spec.baseline} "
+             f"[95 % CI] | sd of Δ | pairs for ±{100 * RESOLVE:g} |", "|" + "---|" * (len(cell_keys) + 5)]
+    for line in table:
+        d = line.get("diff")
+        delta = "-" if not d or d["mean"] is None else (
+            f"{100 * d['mean']:+.1f}" + (f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+                                         if d["lo"] is not None else "") + f" (n={d['n']})")
+        spread = "- | -"
+        if d and d.get("sd") is not None:
+            need = pairs_for_half_width(d["sd"], RESOLVE)
+            spread = f"{100 * d['sd']:.1f} | {need if need else '> 10000'}"
+        lines.append("| " + " | ".join(str(line[k]) for k in cell_keys) +
+                     f" | {line['n']} | {100 * line['mean']:.1f} ± {100 * line['sd']:.1f} | {delta} | {spread} |")
+    return lines
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(spec: SweepSpec, rows: list[dict], path: str) -> None:
+    """Test accuracy against ``plot_x``, one line per method with its sd band (predict solid, explain dashed)."""
+    if spec.plot_x not in spec.grid or not rows:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    line_key = spec.compare_on
+    methods = sorted({r.get(line_key, "?") for r in rows}, key=str)
+    for i, method in enumerate(methods):
+        for mode, style in (("predict", "-"), ("explain", "--")):
+            xs, means, sds = [], [], []
+            for x in spec.grid[spec.plot_x]:
+                vals = [r[f"test_{mode}"] for r in rows if r.get(spec.plot_x) == x
+                        and r.get(line_key, "?") == method and r.get(f"test_{mode}") is not None]
+                if vals:
+                    mean, sd = mean_sd(vals)
+                    xs.append(x), means.append(100 * mean), sds.append(100 * sd)
+            if xs:
+                ax.errorbar(xs, means, yerr=sds, fmt=style + "o", color=f"C{i}", capsize=3,
+                            label=f"{method} ({mode})")
+    ax.set_xlabel(spec.plot_x)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"sweep {spec.name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_differences(spec: SweepSpec, rows: list[dict], column: str, title: str, path: str) -> None:
+    """Each method's paired difference to the baseline (points, 95 % t intervals) against ``plot_x``, side by
+    side at each level: with a clean-DSS arm, H = clean-DSS − DSS next to QCRD − DSS."""
+    if spec.plot_x not in spec.grid or not rows:
+        return
+    series = difference_series(rows, axes(spec), spec.pair_by, spec.baseline, column, spec.compare_on, spec.plot_x)
+    if not series:
+        return
+    plt = _plt()
+    levels = list(spec.grid[spec.plot_x])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / len(series)
+    for i, (label, points) in enumerate(sorted(series.items())):
+        xs = [levels.index(p["x"]) - 0.4 + width * (i + 0.5) for p in points]
+        means = [100 * p["mean"] for p in points]
+        errs = [[100 * (p["mean"] - p["lo"]) if p["lo"] is not None else 0 for p in points],
+                [100 * (p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in points]]
+        ax.errorbar(xs, means, yerr=errs, fmt="o", color=f"C{i}", capsize=3, label=f"{label} − {spec.baseline}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(levels)), [str(v) for v in levels])
+    ax.set_xlabel(spec.plot_x)
+    ax.set_ylabel(f"Δ vs {spec.baseline}, points (95 % CI)")
+    ax.set_title(f"sweep {spec.name}: {title}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

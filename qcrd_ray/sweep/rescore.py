@@ -1,0 +1,62 @@
+"""``qcrd sweep --rescore-valid N``: a sweep's finished trials scored again (predict) on N fresh valid problems of
+the synthetic task, without Ray (docs/design.md, "Sweeps")."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import yaml
+
+from qcrd_ray.config import ConfigError
+from qcrd_ray.sweep.output import plot_differences, summary_legend, summary_table, write_csv
+from qcrd_ray.sweep.spec import SweepSpec, axes
+
+
+def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
+    """Every finished trial of the sweep in ``out`` (the rows of its results.csv) scored again in predict mode on
+    ``eval_size`` fresh valid problems of the synthetic task; writes ``rescored-valid-<N>.csv`` and ``.md`` (the
+    summary's tables for the new column beside the sweep's own valid predict) and returns the rows.
+
+    Why: a testbed's 150-problem eval splits carry ±4 points of binomial noise per accuracy, as much as the effects
+    in question; this separates that noise from the seed-to-seed spread of training. The problems are the valid
+    split of the same task with ``data.synthetic_eval_size = eval_size``: the task's problem stream is test, valid,
+    train, so they are disjoint from the trial's training and test problems when eval_size ≥ 2 × its eval size +
+    its train size (checked). Scores are kept in each trial (``<method>/eval/valid<N>-predict``): a rerun scores
+    only trials it has not scored."""
+    from qcrd_ray.evaluate import evaluate_once
+    from qcrd_ray.runs import MethodLayout, RunLayout, load_run_config
+
+    results = os.path.join(out, "results.csv")
+    if not os.path.exists(results):
+        raise ConfigError(f"{out}: no results.csv (run the sweep first; every run of it writes one)")
+    column = f"valid{eval_size}_predict"
+    rows = []
+    with open(results, newline="") as f:
+        finished = [{k: yaml.safe_load(v) if v != "" else None for k, v in r.items()} for r in csv.DictReader(f)]
+    for row in finished:
+        run_dir = os.path.join(out, "trials", str(row["trial"]))
+        cfg = load_run_config(RunLayout(run_dir).config)
+        d = cfg.data
+        if d.data_dir is not None or d.task != "synthetic":
+            raise ConfigError(f"{row['trial']}: --rescore-valid needs the synthetic task (its eval splits have a "
+                              f"size to choose); this trial reads {d.data_dir or d.task}")
+        least = 2 * d.synthetic_eval_size + d.synthetic_train_size
+        if eval_size < least:
+            raise ConfigError(f"--rescore-valid {eval_size}: the problems would overlap the trials' training "
+                              f"problems; use at least {least} (2 × eval size + train size)")
+        where = MethodLayout.at(os.path.join(run_dir, cfg.train.method))
+        metrics = evaluate_once(where.model, cfg.replace(data={"synthetic_eval_size": eval_size}), "valid",
+                                "predict", where.eval(f"valid{eval_size}", "predict"))
+        rows.append({**row, column: metrics["accuracy"]})
+    write_csv(os.path.join(out, f"rescored-valid-{eval_size}.csv"), ["trial", *axes(spec), "valid_predict", column],
+              rows)
+    lines = [f"# Sweep {spec.name}: valid predict on {eval_size} problems, {len(rows)} trials\n",
+             summary_legend(spec)]
+    lines += summary_table(spec, rows, "valid_predict", "valid predict (the sweep's own valid split)")
+    lines += summary_table(spec, rows, column, f"valid predict, {eval_size} fresh problems")
+    Path(out, f"rescored-valid-{eval_size}.md").write_text("\n".join(lines) + "\n")
+    plot_differences(spec, rows, column, f"valid predict, {eval_size} fresh problems",
+                     os.path.join(out, f"rescored-valid-{eval_size}.png"))
+    return rows

@@ -1,0 +1,172 @@
+"""The sweep file, pure: parsing with ``--set``, validation, grid expansion, trial names, trial configs and the
+teacher-sharing key (docs/design.md, "Sweeps").
+
+A sweep file (sweeps/*.yaml) holds a base config (``base``, optionally over a ``config`` file), a ``grid`` of
+``section.key: [values]`` (every combination is a trial), optionally ``random`` keys drawn ``num_samples`` times
+per grid point (``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{choice: [...]}``) and ``variants``
+(named override sets: one more axis). Every key and value a trial may get is checked as config when the file is
+loaded, so a typo fails before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qcrd_ray.config import Config, ConfigError, from_dict, merge, parse_override, set_path
+
+SPLITS = ("valid", "test")  # valid chooses, test reports
+RANDOM_KINDS = ("uniform", "loguniform", "choice")
+METRICS = ("predict", "explain")
+_DOTTED_FIELDS = ("grid", "random", "variants")  # their keys are "section.key" strings, not nested sections
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: dict = field(default_factory=dict)  # config sections, as in a qcrd config file
+    grid: dict = field(default_factory=dict)  # "section.key" -> list of values
+    random: dict = field(default_factory=dict)  # "section.key" -> {uniform|loguniform|choice: ...}
+    # named sets of "section.key: value" (an ablation's rows): one more grid axis, "variant"
+    variants: dict = field(default_factory=dict)
+    num_samples: int = 1  # random draws per grid point
+    metric: str = "predict"  # the valid accuracy that picks the best cell
+    compare_on: str = "train.method"  # the grid key whose baseline value the paired differences are taken to
+    baseline: str = "dss"
+    pair_by: str = "train.seed"  # the key whose values pair trials of two methods
+    plot_x: str = "teacher.noise"  # x axis of accuracy.png (a grid key)
+    max_concurrent_trials: int = 1
+    # the trial driver's own CPU (Tune refuses an empty request); Train's workers ask for theirs (train.*)
+    trial_cpus: float = 0.01
+
+
+def _set(raw: dict, dotted: str, value) -> dict:
+    return set_path(raw, dotted.split("."), value)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``qcrd sweep --set``: ``grid.teacher.noise=[0.3]`` (a grid, random or variants entry: the field, then the
+    config key), ``base.train.rounds=4`` (a base config value), ``max_concurrent_trials=2`` (a sweep field).
+    Parsed as ``--set`` of the other commands (``config.parse_override``: values are YAML)."""
+    for text in overrides:
+        keys, value = parse_override(text, "field[.section.key]=value (e.g. grid.teacher.noise=[0.3])", least=1)
+        head, rest = keys[0], keys[1:]
+        if head in _DOTTED_FIELDS and rest:
+            keys = [head, ".".join(rest)]
+        elif head == "base" and len(rest) < 2:
+            raise ConfigError(f"--set {text!r}: expected base.section.key=value")
+        elif head != "base" and rest:
+            raise ConfigError(f"--set {text!r}: only base, grid, random and variants take a key after the field")
+        raw = set_path(raw, keys, value)
+    return raw
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """A sweep file (with ``--set`` overrides), validated: every key and every value it may give a trial is
+    checked as config now, so a typo fails before anything runs, naming the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    base_overrides = [o for o in overrides if o.strip().startswith("base.")]
+    raw = apply_overrides(raw, [o for o in overrides if o not in base_overrides])
+    allowed = {f for f in SweepSpec.__dataclass_fields__}
+    unknown = sorted(set(raw) - allowed - {"config"})
+    if unknown:
+        raise ConfigError(f"{p}: unknown sweep key {unknown[0]!r}; allowed: {', '.join(sorted(allowed | {'config'}))}")
+    base = raw.get("base") or {}
+    if raw.get("config"):  # a config file the base overrides, relative to the sweep file
+        base_file = (p.parent / raw["config"]).resolve()
+        if not base_file.is_file():
+            raise ConfigError(f"{p}: config {raw['config']!r} not found (looked for {base_file})")
+        base = merge(yaml.safe_load(base_file.read_text()) or {}, base)
+    base = apply_overrides({"base": base}, base_overrides)["base"]  # over the config file's values too
+    spec = SweepSpec(**{**{k: v for k, v in raw.items() if k != "config"}, "base": base,
+                        "name": raw.get("name") or p.stem})
+    for name, overrides in spec.variants.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{p}: variants.{name}: expected a mapping of section.key: value")
+        for key, value in overrides.items():
+            if not isinstance(key, str) or key.count(".") != 1:
+                raise ConfigError(f"{p}: variants.{name}: key {key!r}: expected section.key")
+            from_dict(_set(base, key, value))
+    if spec.variants and spec.compare_on not in axes(spec):  # without variants: no method axis, no differences
+        raise ConfigError(f"{p}: compare_on {spec.compare_on!r} is not a grid key (nor 'variant')")
+    for key, values in {**spec.grid, **spec.random}.items():
+        if not isinstance(key, str) or key.count(".") != 1:
+            raise ConfigError(f"{p}: sweep key {key!r}: expected section.key (e.g. teacher.noise)")
+    for key, values in spec.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{p}: grid.{key}: expected a non-empty list of values")
+        for value in values:
+            from_dict(_set(base, key, value))  # raises ConfigError naming section.key
+    for key, dist in spec.random.items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in RANDOM_KINDS:
+            raise ConfigError(f"{p}: random.{key}: expected one of {{{', '.join(RANDOM_KINDS)}: ...}}")
+        kind, args = next(iter(dist.items()))
+        for value in (args if kind == "choice" else args[:2]):
+            from_dict(_set(base, key, value))
+    if spec.metric not in METRICS:
+        raise ConfigError(f"{p}: metric {spec.metric!r}: choose one of {', '.join(METRICS)}")
+    if spec.num_samples < 1 or spec.max_concurrent_trials < 1:
+        raise ConfigError(f"{p}: num_samples and max_concurrent_trials must be >= 1")
+    return spec
+
+
+def search_grid(spec: SweepSpec) -> dict:
+    """The grid search's keys and values: "variant" (the variants' names, when there are any), then the grid."""
+    return {"variant": list(spec.variants), **spec.grid} if spec.variants else dict(spec.grid)
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """How many trials the sweep runs: every grid point, ``num_samples`` times."""
+    return len(grid_points(spec)) * spec.num_samples
+
+
+def axes(spec: SweepSpec) -> list[str]:
+    """The keys a trial's row is labelled with: "variant" (when there are variants), the grid, random keys."""
+    return list(search_grid(spec)) + list(spec.random)
+
+
+def row_keys(spec: SweepSpec) -> list[str]:
+    """A trial's row (results.csv's columns): its name, axes, teacher accuracy, time and accuracy per split and
+    mode."""
+    return ["trial", *axes(spec), "teacher_accuracy", "wall_s"] + [f"{s}_{m}" for s in SPLITS for m in METRICS]
+
+
+def grid_points(spec: SweepSpec) -> list[dict]:
+    """Every combination of the grid's values (variants first), in file order (the last key varies fastest)."""
+    keys = search_grid(spec)
+    return [dict(zip(keys, values)) for values in itertools.product(*keys.values())]
+
+
+def trial_name(point: dict) -> str:
+    """A stable directory name for a trial: ``method=qcrd,noise=0.3,seed=1`` (the key's last part; a sampled
+    float is rounded). A restored or rerun trial finds its own run directory by it."""
+    parts = []
+    for key, value in point.items():
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key.split('.')[-1]}={text}".replace("/", "_").replace(" ", ""))
+    return ",".join(parts) or "base"
+
+
+def trial_config(spec: SweepSpec, point: dict) -> Config:
+    raw = spec.base
+    for key, value in point.items():
+        for k, v in (spec.variants[value].items() if key == "variant" else [(key, value)]):
+            raw = _set(raw, k, v)
+    raw = _set(raw, "train.experiment", spec.name)
+    return from_dict(_set(raw, "train.run_name", trial_name(point)))
+
+
+def teacher_key(cfg: Config) -> str:
+    """Trials with the same key can share a teacher output: everything the teacher stage reads."""
+    d = cfg.to_dict()
+    data = {k: v for k, v in d["data"].items() if k != "eval_split"}
+    text = json.dumps([data, d["teacher"], d["self_consistency"]], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
