@@ -25,13 +25,10 @@ import yaml
 
 from qcrd_ray.data.synthetic import MIN_MAX_OPERAND
 from qcrd_ray.data.tasks import BUILTIN_TASKS
+from qcrd_ray.errors import ConfigError
 from qcrd_ray.methods import SPECS
 from qcrd_ray.teacher.backends import BACKENDS
 from qcrd_ray.trackers import TRACKERS
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
 
 
 def _field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:

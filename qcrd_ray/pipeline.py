@@ -95,7 +95,7 @@ def _check_same_config(layout: RunLayout, cfg: Config) -> None:
 
 def check_runnable(cfg: Config, methods: tuple[str, ...]) -> None:
     """Everything that can be refused before a run starts: unknown methods, a teacher that cannot serve the task."""
-    from qcrd_ray.teacher.backends import check_teacher
+    from qcrd_ray.teacher.sources import check_teacher
 
     for method in methods:
         try:

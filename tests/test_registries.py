@@ -12,8 +12,8 @@ from qcrd_ray.config import Config, ConfigError, describe, load_config
 from qcrd_ray.data import prompts
 from qcrd_ray.data.tasks import BUILTIN_TASKS, TaskSpec, get_task, register_task
 from qcrd_ray.methods import METHODS
-from qcrd_ray.teacher.backends import BACKENDS, ActorPool, Backend, backends_for, check_teacher
-from qcrd_ray.teacher.sources import resolve_sources
+from qcrd_ray.teacher.backends import BACKENDS, ActorPool, Backend, backends_for
+from qcrd_ray.teacher.sources import check_teacher, resolve_sources
 
 
 def test_config_loads_the_registries_without_a_backend_or_tracker_implementation():

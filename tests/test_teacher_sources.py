@@ -10,12 +10,12 @@ import pytest
 
 from qcrd_ray.config import Config, ConfigError, load_config
 from qcrd_ray.data.tasks import get_task
-from qcrd_ray.teacher.backends import BACKENDS, check_teacher
+from qcrd_ray.teacher.backends import BACKENDS
 from qcrd_ray.teacher.backends.synthetic import synthetic_output
 from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher
 from qcrd_ray.teacher.samples import sample_seed
 from qcrd_ray.teacher.shards import check_manifest, manifest
-from qcrd_ray.teacher.sources import resolve_sources, sample_counts
+from qcrd_ray.teacher.sources import check_teacher, resolve_sources, sample_counts
 from qcrd_ray.teacher.summary import format_table, summarize
 
 TWO_NOISES = [{"name": "clean", "noise": 0.05}, {"name": "noisy", "noise": 0.6, "weight": 1}]

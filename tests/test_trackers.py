@@ -127,6 +127,11 @@ def test_wandb_offline_writes_its_run_files(tmp_path, monkeypatch):
             tracker.log(line, line["step"])
         tracker.close()
     log_results(cfg, method_dir, {"test_predict": 0.375})
+    # finish() returns before wandb's service process has written the last records (it does at exit, which is
+    # where a driver's runs end); teardown waits for the service, as the exit would
+    import wandb
+
+    wandb.teardown()
     run_id = json.loads((tmp_path / "run" / "qcrd" / "train" / "trackers.json").read_text())["wandb"]
     # offline-run-<second>-<id>, with "-1", "-2"... when a session of the same id started in the same second
     runs = sorted((tmp_path / "run" / "qcrd" / "train" / "wandb").glob(f"offline-run-*-{run_id}*"))

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from qcrd_ray.teacher.summary import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from qcrd_ray.teacher.backends import check_teacher
+    from qcrd_ray.teacher.sources import check_teacher
 
     cfg = load_config_from_args(args, data="data.data_dir", task="data.task")
     check_teacher(cfg)  # every teacher source, before Ray or any data is touched

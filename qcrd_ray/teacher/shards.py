@@ -10,7 +10,6 @@ a rerun with other data or other teacher settings fails loudly instead of mixing
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -73,10 +72,10 @@ def _plain(value):
 def check_manifest(out_dir: storage.Location, current: dict) -> None:
     """Write the manifest of a new output folder, or check that an existing one matches this run."""
     path = storage.join(out_dir, MANIFEST)
-    if not storage.exists(path):
+    previous = storage.read_json(path)
+    if previous is None:
         storage.write_json(path, current)
         return
-    previous = json.loads(storage.read_text(path))
     if previous == current:
         return
     diff = [k for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]

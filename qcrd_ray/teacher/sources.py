@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qcrd_ray.teacher.backends import Backend, get_backend
+from qcrd_ray.errors import ConfigError
+from qcrd_ray.teacher.backends import Backend, check_serves, get_backend
 
 if TYPE_CHECKING:
     from qcrd_ray.config import Config
@@ -59,7 +60,6 @@ def sample_counts(k: int, weights: list[float]) -> list[int]:
 
 def resolve_sources(cfg: "Config") -> list[Source]:
     """The sources of ``cfg`` with their settings and sample indices; ConfigError for an entry that cannot be."""
-    from qcrd_ray.config import ConfigError
 
     t = cfg.teacher
     if not t.sources:
@@ -119,3 +119,11 @@ def resolve_sources(cfg: "Config") -> list[Source]:
 def source_of_index(sources: list[Source]) -> dict[int, str]:
     """sample index -> the name of the source that draws it."""
     return {i: s.name for s in sources for i in s.indices}
+
+
+def check_teacher(cfg) -> None:
+    """`check_serves` for every teacher source of ``cfg`` (one, unless teacher.sources lists several)."""
+    several = bool(cfg.teacher.sources)
+    for i, source in enumerate(resolve_sources(cfg)):
+        where = f"teacher.sources[{i}].backend" if several else "teacher.backend"
+        check_serves(source.backend.name, cfg.data.task, cfg.data.answer_type, where)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from qcrd_ray.data import prompts
+from qcrd_ray.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,6 @@ def backends_for(answer_type: str) -> list[str]:
 
 def check_serves(backend: str, task: str, answer_type: str = "auto", where: str = "teacher.backend") -> None:
     """ConfigError, naming the backends that can, when ``backend`` cannot teach ``task``."""
-    from qcrd_ray.config import ConfigError
     from qcrd_ray.data.tasks import get_task
 
     spec, entry = get_task(task, answer_type), get_backend(backend)
@@ -116,12 +116,3 @@ def check_serves(backend: str, task: str, answer_type: str = "auto", where: str 
             f"{', '.join(entry.serves or ())} tasks); set {where} to one of "
             f"{', '.join(backends_for(spec.answer_type))}")
 
-
-def check_teacher(cfg) -> None:
-    """`check_serves` for every teacher source of ``cfg`` (one, unless teacher.sources lists several)."""
-    from qcrd_ray.teacher.sources import resolve_sources
-
-    several = bool(cfg.teacher.sources)
-    for i, source in enumerate(resolve_sources(cfg)):
-        where = f"teacher.sources[{i}].backend" if several else "teacher.backend"
-        check_serves(source.backend.name, cfg.data.task, cfg.data.answer_type, where)

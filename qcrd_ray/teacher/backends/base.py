@@ -15,11 +15,14 @@ import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from qcrd_ray.config import Config
 from qcrd_ray.isolation import ResultCountError, isolate_failures
+
+if TYPE_CHECKING:  # annotations only: the config imports the backend registry
+    from qcrd_ray.config import Config
 
 log = logging.getLogger(__name__)
 

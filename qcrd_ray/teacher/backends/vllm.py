@@ -9,9 +9,12 @@ max_tokens, stop), and ``should_continue_on_error`` turns a failed row into an `
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
-from qcrd_ray.config import Config, TeacherConfig
+if TYPE_CHECKING:  # annotations only: the config imports the backend registry
+    from qcrd_ray.config import Config, TeacherConfig
 
 
 def sampling_params(t: TeacherConfig, seed: int) -> dict:
