@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from qcrd_ray.data.formats import FORMATS, user_formats
 from qcrd_ray.data.synthetic import MIN_MAX_OPERAND
 from qcrd_ray.data.tasks import BUILTIN_TASKS
 from qcrd_ray.errors import ConfigError
@@ -57,11 +58,10 @@ class DataConfig:
                    "JSONL/Parquet file (its train split) or folder of splits, or (data.format hf) a Hugging Face "
                    "dataset: a save_to_disk folder, data files or a hub name; null = the built-in synthetic task")
     task: str = _field("synthetic", help=f"task name: one of {', '.join(BUILTIN_TASKS)}, or a user task's name when "
-                                         "data.format is jsonl, parquet or hf")
-    format: str = _choice("dss", "dss", "jsonl", "parquet", "hf",
-                          help="how data.data_dir is read: dss (the DSS layout of svamp, cqa, anli1, esnli), "
-                               "or jsonl / parquet / hf (a user task, columns mapped by data.columns; hf: the "
-                               "datasets package, its validation split as valid)")
+                                         f"data.format is {user_formats()}")
+    format: str = _registry_choice("dss", FORMATS, help="how data.data_dir is read (the format registry, "
+                                   "qcrd_ray/data/formats.py): " + "; ".join(f"{f.name} ({f.help})"
+                                                                            for f in FORMATS.values()))
     columns: dict = _field(factory=dict, help="user tasks: our column (id, input, label, choices, rationale or "
                                               "rationales) -> the file's column; a column not listed keeps our name")
     answer_type: str = _choice("auto", "auto", "numeric", "choice", "text",

@@ -273,8 +273,11 @@ def test_synthetic_is_the_default_and_other_tasks_need_data():
     assert load_split(DataConfig(synthetic_eval_size=7), "valid").summary["rows"] == 7
     with pytest.raises(DataError, match="data_dir"):
         load_split(DataConfig(task="svamp"), "train")
-    with pytest.raises(DataError, match="format dss"):
+    with pytest.raises(DataError, match=r"format dss reads svamp, cqa, anli1, esnli; for task 'mine' use "
+                                        r"data.format=jsonl, parquet or hf with data.columns"):
         load_split(DataConfig(data_dir="/tmp", task="mine"), "train")
+    with pytest.raises(DataError, match="data.format 'xml' is not a format; choose one of dss, jsonl, parquet, hf"):
+        load_split(DataConfig(data_dir="/tmp", task="mine", format="xml"), "train")  # built without validation
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

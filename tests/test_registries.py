@@ -1,5 +1,5 @@
-"""One owner per axis (issue 23): teacher backends, tasks, methods and trackers are registry entries that the
-config's choices and validation, the pipelines and serve read, so adding one is one entry plus its test."""
+"""One owner per axis (issue 23): teacher backends, tasks, data formats, methods and trackers are registry entries
+that the config's choices and validation, the pipelines and serve read, so adding one is one entry plus its test."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from qcrd_ray.config import Config, ConfigError, describe, load_config
 from qcrd_ray.data import prompts
+from qcrd_ray.data.formats import FORMATS, Files, Format
 from qcrd_ray.data.tasks import BUILTIN_TASKS, TaskSpec, get_task, register_task
 from qcrd_ray.methods import METHODS
 from qcrd_ray.teacher.backends import BACKENDS, ActorPool, Backend, backends_for
@@ -26,6 +27,8 @@ def test_config_loads_the_registries_without_a_backend_or_tracker_implementation
 def test_config_choices_are_the_registries():
     assert describe("teacher.backend").allowed == " | ".join(BACKENDS)
     assert describe("train.method").allowed == " | ".join(METHODS)
+    assert describe("data.format").allowed == " | ".join(FORMATS) == "dss | jsonl | parquet | hf"
+    assert all(f"{f.name} ({f.help})" in describe("data.format").help for f in FORMATS.values())
     assert all(name in describe("data.task").help for name in BUILTIN_TASKS)
     assert backends_for("numeric") == list(BACKENDS) and "synthetic" not in backends_for("choice")
 
@@ -62,6 +65,35 @@ def test_a_new_task_is_one_entry(monkeypatch):
 
     assert served_tasks("mine") == (*BUILTIN_TASKS, "mine") and "boolq" in served_tasks(None)
     assert register_task(spec) is BUILTIN_TASKS["boolq"]
+
+
+def test_a_new_format_is_one_entry(monkeypatch, tmp_path):
+    import csv
+
+    from qcrd_ray.data.loaders import load_split
+
+    def read_csv(located):  # (line, raw, record) for every row; line 1 is the header
+        with open(located.source, newline="", encoding="utf-8") as f:
+            yield from ((number, "", row) for number, row in enumerate(csv.DictReader(f), 2))
+
+    with pytest.raises(ConfigError, match="data.format: 'csv' is not allowed; choose one of dss, jsonl, parquet, hf"):
+        load_config(overrides=["data.format=csv"])
+    monkeypatch.setitem(FORMATS, "csv", Format("csv", "a user task: a CSV file or folder of splits, columns mapped "
+                                               "by data.columns", Files((".csv",)), read_csv))
+    assert describe("data.format").allowed.endswith(" | hf | csv")
+    (tmp_path / "train.csv").write_text("q,gold,why\n" + "".join(f"Is {i} even?,{'no' if i % 2 else 'yes'},{i} mod 2 "
+                                                                 f"is {i % 2}\n" for i in range(9)) + "Is 9 even?,,\n")
+    (tmp_path / "test.csv").write_text("q,gold,why\nIs 10 even?,yes,10 mod 2 is 0\n")
+    cfg = load_config(overrides=["data.format=csv", "data.task=parity", f"data.data_dir={tmp_path}",
+                                 "data.columns={input: q, label: gold, rationale: why}", "data.valid_fraction=0.2"])
+    train, valid, test = (load_split(cfg.data, split) for split in ("train", "valid", "test"))
+    # valid: 2 of train.csv's 10 rows (one of them is bad), train the other 8, test its own file
+    assert (len(train.rows) + len(valid.rows), len(valid.rows) + len(valid.rejects), len(test.rows)) == (9, 2, 1)
+    assert valid.summary["valid_carved_from_train"] and not test.summary["valid_carved_from_train"]
+    assert (test.rows[0]["input"], test.rows[0]["label"], test.rows[0]["rationales"]) == (
+        "Is 10 even?", "yes", ["10 mod 2 is 0"])
+    bad = [r for split in (train, valid) for r in split.rejects]  # the row without a label, in whichever it fell
+    assert [(r["line"], r["source"], r["kind"]) for r in bad] == [(11, "train.csv", "bad_field")]
 
 
 def test_every_method_registers_its_targets_and_its_loss():

@@ -5,7 +5,7 @@ worked example, and its input: the structured fields a serve request may send in
 they become that text (as the loaders format the data), and whether the text lists its choices. The config's
 ``data.task`` help, serve's task names and request checks, and the teacher prompt read it; a user task (``data.format:
 jsonl | parquet``) is a spec made by :func:`get_task`. Adding a built-in task is one `register_task` call (its DSS
-row builder in loaders.py if its data comes in the DSS layout) and its test. Pure and light: config.py reads it.
+row builder in the dss entry of formats.py if its data comes in the DSS layout) and its test. Pure and light: config.py reads it.
 """
 
 from __future__ import annotations
