@@ -128,6 +128,22 @@ def _route_raylet_messages(ray_worker, quiet: bool) -> None:
 
 
 _workers_log = logging.getLogger(console.WORKER_LOGGER)
+_autoscaler_in_status = False
+
+
+def _autoscaler_status(line: str) -> bool:
+    """Whether an autoscaler line belongs to its periodic status report: the same ~25-line table every 5 s,
+    which buried everything else in the workers log. Its other lines (nodes launched or lost) are kept; the
+    status is a line away with ``ray status``."""
+    global _autoscaler_in_status
+    if line.rstrip().endswith(" --"):  # the empty log record that opens the report
+        return True
+    if "Autoscaler status:" in line:
+        _autoscaler_in_status = True
+    elif "The autoscaler took" in line:
+        _autoscaler_in_status = "complete the update iteration" not in line and _autoscaler_in_status
+        return True
+    return _autoscaler_in_status
 
 
 def _log_worker_lines(data: dict) -> None:
@@ -139,6 +155,8 @@ def _log_worker_lines(data: dict) -> None:
         who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}, ip={data.get('ip')})"
     stream = "err" if data.get("is_err") else "out"
     for line in data.get("lines", []):
+        if data.get("pid") == "autoscaler" and _autoscaler_status(line):
+            continue
         _workers_log.info("%s %s: %s", who, stream, line)
         if line.startswith(console.NOTICE_TAG):  # a recovery the user must see (console.notice)
             console.summary(line[len(console.NOTICE_TAG):] + f" [ip {data.get('ip')}]")

@@ -132,3 +132,33 @@ def test_a_recovery_notice_from_any_worker_reaches_the_console_in_one_line(capsy
             logging.getLogger(console.WORKER_LOGGER).removeHandler(handler)
     assert out.getvalue().splitlines() == [printed[0][len(console.NOTICE_TAG):] + " [ip 10.0.0.7]"]
     assert len(records) == 2  # both lines are in workers.log
+
+
+AUTOSCALER_REPORT = """\
+2026-12-06 09:34:46,853	INFO autoscaler.py:147 -- The autoscaler took 0.0 seconds to fetch the list of non-terminated nodes.
+2026-12-06 09:34:46,853	INFO autoscaler.py:408 --
+======== Autoscaler status: 2026-12-06 09:34:46.853738 ========
+Node status
+---------------------------------------------------------------
+Active:
+ 1 node_07eedc27c55671a17e5b93c8161a7c26beb93a93a10fa7d701d15592
+Resources
+ 0.75/2.0 CPU
+Pending Demands:
+ (no resource demands)
+2026-12-06 09:34:46,857	INFO autoscaler.py:469 -- The autoscaler took 0.004 seconds to complete the update iteration.""".splitlines()
+
+
+def test_the_autoscalers_periodic_status_stays_out_of_the_workers_log_its_events_do_not(caplog):
+    """Every 5 s the autoscaler printed the same ~25-line table, which buried the workers' lines in workers.log.
+    Whatever batches Ray's log monitor cuts the report into, none of it is logged; a launch event is."""
+    from qcrd_ray import console, ray_utils
+
+    event = "Adding 1 node(s) of type worker."
+    lines = [*AUTOSCALER_REPORT, event, *AUTOSCALER_REPORT]
+    with caplog.at_level("INFO", logger=console.WORKER_LOGGER):
+        for start in range(0, len(lines), 4):  # batches that cut the report anywhere
+            ray_utils._log_worker_lines({"pid": "autoscaler", "ip": "10.0.0.1", "lines": lines[start:start + 4]})
+        ray_utils._log_worker_lines({"pid": 5, "ip": "10.0.0.1", "actor_name": "W", "lines": ["Active:"]})
+    logged = [r.getMessage() for r in caplog.records if r.name == console.WORKER_LOGGER]
+    assert logged == [f"(worker pid=autoscaler, ip=10.0.0.1) out: {event}", "(W pid=5, ip=10.0.0.1) out: Active:"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,19 +84,22 @@ def actor_pool_stage(ds, cfg: Config, module: str, cls: str, then):
     import ray
 
     t = cfg.teacher
-    return ds.map_batches(
-        TeacherWorker,
-        fn_constructor_kwargs={"cfg": cfg, "module": module, "cls": cls, "then": then},
-        batch_size=t.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
-        num_cpus=t.num_cpus,
-        num_gpus=t.num_gpus,
-        # A killed actor is restarted and the tasks it held are resubmitted to the pool. Outputs are a pure
-        # function of (id, sample seed), so a sample that a retried task delivers twice is the same sample: the
-        # ShardCollector keys samples by (id, sample index) and keeps each once. Bounded, so an actor that keeps
-        # dying (OOM loading the model) fails the run.
-        # (Ray 2.60 takes these only as remote args; it warns that form goes in 2.64, with no replacement yet.)
-        max_restarts=t.max_restarts,
-        max_task_retries=-1 if t.max_restarts else 0,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts/max_task_retries only as remote args, and warns on every run's console that
+        # this form goes in 2.64, with no replacement yet: nothing a user could act on
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return ds.map_batches(
+            TeacherWorker,
+            fn_constructor_kwargs={"cfg": cfg, "module": module, "cls": cls, "then": then},
+            batch_size=t.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
+            num_cpus=t.num_cpus,
+            num_gpus=t.num_gpus,
+            # A killed actor is restarted and the tasks it held are resubmitted to the pool. Outputs are a pure
+            # function of (id, sample seed), so a sample that a retried task delivers twice is the same sample:
+            # the ShardCollector keys samples by (id, sample index) and keeps each once. Bounded, so an actor
+            # that keeps dying (OOM loading the model) fails the run.
+            max_restarts=t.max_restarts,
+            max_task_retries=-1 if t.max_restarts else 0,
+        )
