@@ -144,12 +144,15 @@ def _assert_same_as_uninterrupted(whole, whole_summary, other, summary) -> None:
     rounds = [json.loads(line)["completed_rounds"] for line in (other / "train" / "metrics.jsonl").open()
               if "completed_rounds" in line]
     assert rounds == [1, 2, 3, 4]
-    # Same optimizer state, data order, RNG and snapshots after the restart => the same final weights.
+    # Same optimizer state, data order, RNG and snapshots after the restart => the same final weights, student and
+    # D, to the bit (one machine, the same kernels and thread counts)
     a = load_file(str(whole / "model" / "model.safetensors"))
     b = load_file(str(other / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
+    d_a = torch.load(whole / "model" / ckpt.DISC_FILE, weights_only=True)
+    d_b = torch.load(other / "model" / ckpt.DISC_FILE, weights_only=True)
+    assert d_a.keys() == d_b.keys() and [name for name in d_a if not torch.equal(d_a[name], d_b[name])] == []
     opt_a = ckpt.load_state(whole / "train" / "checkpoints" / "round_0004").optimizer
     opt_b = ckpt.load_state(other / "train" / "checkpoints" / "round_0004").optimizer
     assert [s["step"] for s in opt_a["state"].values()] == [s["step"] for s in opt_b["state"].values()]
@@ -172,3 +175,22 @@ def test_a_killed_train_worker_is_restarted_from_the_checkpoint_in_the_same_call
     # multi-node test kills the driver mid-training and reruns it, tests/test_multinode.py.)
     assert run_training(cfg, teacher_dir, out)["steps"] == 16
     assert killer.started_workers() == 4
+
+
+def test_a_run_stopped_by_a_kill_once_its_failures_are_spent_resumes_when_rerun(
+        uninterrupted, teacher_dir, tmp_path):
+    import ray.train
+
+    whole, whole_summary = uninterrupted
+    out = tmp_path / "spent"
+    _same_initial_student(whole, out)
+    cfg = small_config(train={**RESUME_CFG["train"], "max_failures": 0})
+
+    with WorkerKiller(MethodLayout.at(str(out))) as killer, pytest.raises(ray.train.TrainingFailedError):
+        run_training(cfg, teacher_dir, out)
+    assert killer.killed is not None and killer.started_workers() == 2  # no restart: none was left
+    assert not storage.is_complete(str(out / "model"))
+    # the same call again (what rerunning the command does) resumes from round 1's checkpoint
+    summary = run_training(cfg, teacher_dir, out)
+    assert killer.started_workers() == 4
+    _assert_same_as_uninterrupted(whole, whole_summary, out, summary)
