@@ -139,9 +139,9 @@ def test_a_run_on_s3_keeps_everything_in_the_bucket_and_resumes_after_its_driver
     # would add a minute for the S3 round trip alone, which the byte-exact checkpoint listing already covers.)
     assert not figures["model_complete_at_kill"] and 1 <= figures["rounds_at_kill"] < ROUNDS
     # the node holding a train worker was removed mid-training: Ray Train restarted the worker group on the
-    # remaining node (two 0.25-CPU workers fit on one), within the same driver, and the console said so
-    # (Ray Train calls a UserCallback's after_exception only for errors its poll of the workers returns, and a
-    # lost node ends the group another way: the console has Ray's line naming the dead node, not ours)
+    # remaining node (two 0.25-CPU workers fit on one), within the same driver. The console names the dead node in
+    # Ray's line, not in our notice: Ray Train calls a UserCallback's after_exception only for errors its poll of
+    # the workers returns, and a lost node ends the group another way
     assert figures["started_workers"] == 4  # the group of two, then the group of two that replaced it
     assert "has been marked dead" in figures["first_console"], figures["first_console"][-3000:]
     assert list(scratch.iterdir()) == []  # nothing of the run on the driver's disk

@@ -60,7 +60,6 @@ def sample_counts(k: int, weights: list[float]) -> list[int]:
 
 def resolve_sources(cfg: "Config") -> list[Source]:
     """The sources of ``cfg`` with their settings and sample indices; ConfigError for an entry that cannot be."""
-
     t = cfg.teacher
     if not t.sources:
         entry = get_backend(t.backend)
@@ -121,7 +120,7 @@ def source_of_index(sources: list[Source]) -> dict[int, str]:
     return {i: s.name for s in sources for i in s.indices}
 
 
-def check_teacher(cfg) -> None:
+def check_teacher(cfg: "Config") -> None:
     """`check_serves` for every teacher source of ``cfg`` (one, unless teacher.sources lists several)."""
     several = bool(cfg.teacher.sources)
     for i, source in enumerate(resolve_sources(cfg)):
