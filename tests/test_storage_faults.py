@@ -23,6 +23,7 @@ from qcrd_ray.testing import FaultProxy
 # A hung request is cut after 1 s here (production: storage.S3_REQUEST_TIMEOUT_S), and a store that always fails
 # gets 3 tries, so the tests take seconds; the retry strategy (AWS standard) and its backoff are production's.
 TIMEOUT_S, FEW_ATTEMPTS = 1.0, 3
+PRODUCTION_TIMEOUT_S = storage.S3_REQUEST_TIMEOUT_S
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +142,14 @@ def test_an_upload_cut_by_an_outage_is_not_complete_even_over_a_complete_one(s3_
     dest = proxy.uri(storage.join(direct, "model"))
     proxy.configure(share=0.0)
     model = _model_dir(tmp_path)
-    # The complete upload goes straight to the store at production timeouts. Under this file's 1 s timeout, on a
-    # loaded machine, the client abandons a slow PUT of the marker and retries it, and the abandoned one can still
-    # land (the store has its body) after the re-upload below removed the marker: a late write this test is not
-    # about (docs/design.md, "What clusters do").
-    monkeypatch.setattr(storage, "S3_REQUEST_TIMEOUT_S", 20.0)
+    # Production timeouts for this whole test: the outage below answers 503 at once, so the 1 s cut is not needed,
+    # and on a loaded machine it cuts slow requests that must succeed here. An abandoned PUT of the first marker can
+    # land after the re-upload removed it, and a DELETE of the marker that times out on every try is an OSError
+    # that the raises below would take for the outage (docs/design.md, "What clusters do").
+    monkeypatch.setattr(storage, "S3_REQUEST_TIMEOUT_S", PRODUCTION_TIMEOUT_S)
     storage._filesystem.cache_clear()
     storage.upload_dir(model, storage.join(direct, "model"))
     assert storage.is_complete(storage.join(direct, "model"))
-    monkeypatch.setattr(storage, "S3_REQUEST_TIMEOUT_S", TIMEOUT_S)
-    storage._filesystem.cache_clear()
 
     write_bytes = storage.write_bytes
 
@@ -159,7 +158,7 @@ def test_an_upload_cut_by_an_outage_is_not_complete_even_over_a_complete_one(s3_
         proxy.configure(share=1.0, modes=("503",))
 
     monkeypatch.setattr(storage, "write_bytes", store_goes_down_after_one_file)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="503"):
         storage.upload_dir(model, dest)  # a re-upload: the old marker goes first, the new one never comes
     assert not storage.is_complete(storage.join(direct, "model"))
     with pytest.raises(storage.StorageError, match="incomplete"):
