@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +41,99 @@ def shared_data() -> Path:
 # tests start on this machine (a `ray start` head, the multi-node cluster)
 LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, configure_logging=False,
                  runtime_env=worker_runtime_env())
+
+
+# The tiny `qcrd run` the end-to-end tests share (tests/test_pipeline.py, test_console.py, test_reproducibility.py).
+# Every step logged: the run has 8 steps, fewer than the default log_every.
+SMALL = [
+    "--set", "data.synthetic_train_size=64", "--set", "data.synthetic_eval_size=24",
+    "--set", "teacher.k=3", "--set", "teacher.shard_rows=32",
+    "--set", "train.rounds=2", "--set", "train.round_steps=4", "--set", "train.batch_size=4",
+    "--set", "snapshots.j=1", "--set", "snapshots.max_new_tokens=24",
+    "--set", "discriminator.pretrain_steps=10", "--set", "discriminator.refresh_steps=2",
+    "--set", "student.max_target_len=64", "--set", "train.log_every=1",
+]
+SHARED_METHODS = ("dss", "qcrd")
+QCRD_RUN_TIMEOUT_S = 800.0  # a bound, not a duration: ~1 min on a quiet 2-core machine, ~9 min under a load of 30
+
+
+def qcrd_run_args(out) -> list[str]:
+    """The shared run's arguments (after the program name) into run folder ``out``."""
+    return ["run", "--out", str(out), "--methods", ",".join(SHARED_METHODS), *SMALL]
+
+
+def start_qcrd(args: list[str], stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """`qcrd ARGS` as a user (or a cluster job) runs it: its own process, session and process group, its own local
+    Ray (RAY_ADDRESS dropped: a Ray this process started must not be joined), every worker's lines reaching the
+    driver (and so its log). End it with :func:`kill_session`."""
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-c", "import sys; from qcrd_ray.cli import main; sys.exit(main())",
+                             *args], stdout=stdout, stderr=stderr, text=True, env=env, start_new_session=True)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def kill_session(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGKILL the process group of ``proc`` (started by :func:`start_qcrd`: the driver, GCS, raylet, dashboard),
+    then every process left in its session: Ray's workers each lead a process group of their own, and one that
+    outlived its raylet for a moment could still write into the run folder. Waits until none is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended, and everything in its group with it
+        pass
+    deadline = time.monotonic() + timeout_s
+    while members := [pid for pid in _session_members(proc.pid) if pid != proc.pid]:
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of session {proc.pid} survive SIGKILL: {members}")
+        time.sleep(0.1)
+    proc.wait(timeout=timeout_s)
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    out: Path  # the run folder
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def printed(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory) -> SharedRun:
+    """`qcrd run --out OUT --methods dss,qcrd SMALL`, run once per session as a subprocess (:func:`start_qcrd`),
+    its stdout and stderr pipes captured. The end-to-end tests read it; none may change what it wrote, only add
+    to it (an eval of another split, a rerun's log lines)."""
+    out = tmp_path_factory.mktemp("shared-run") / "run"
+    proc = start_qcrd(qcrd_run_args(out))
+    try:
+        stdout, stderr = proc.communicate(timeout=QCRD_RUN_TIMEOUT_S)
+    finally:
+        kill_session(proc)
+    run = SharedRun(out, proc.returncode, stdout, stderr)
+    assert run.returncode == 0, run.printed[-6000:]
+    return run
 
 
 def _uses(session, fixture: str) -> bool:

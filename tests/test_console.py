@@ -6,10 +6,7 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -180,33 +177,22 @@ def test_training_follower_shows_round_ends_when_rounds_are_shorter_than_log_eve
     assert "round 1/3 done" in line and "starting" not in line
 
 
-SMALL = [
-    "--set", "data.synthetic_train_size=64", "--set", "data.synthetic_eval_size=24",
-    "--set", "teacher.k=3", "--set", "teacher.shard_rows=32",
-    "--set", "train.rounds=2", "--set", "train.round_steps=4", "--set", "train.batch_size=4",
-    "--set", "snapshots.j=1", "--set", "snapshots.max_new_tokens=24",
-    "--set", "discriminator.pretrain_steps=10", "--set", "discriminator.refresh_steps=2",
-    "--set", "student.max_target_len=64", "--set", "train.log_every=1",
-]
-
-
 @pytest.mark.slow
-def test_qcrd_run_prints_a_short_readable_console_and_keeps_the_logs(tmp_path):
-    """The command as a user (or a cluster job) runs it: its own process and Ray, stdout a pipe."""
-    out = tmp_path / "run"
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}  # every worker's lines reach the driver (and so the log)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from qcrd_ray.cli import main; sys.exit(main())", "run", "--out", str(out), *SMALL],
-                          capture_output=True, text=True, env=env, timeout=600)
-    printed = proc.stdout + proc.stderr
-    assert proc.returncode == 0, printed
+def test_qcrd_run_prints_a_short_readable_console_and_keeps_the_logs(shared_run):
+    """The command as a user (or a cluster job) runs it: its own process and Ray, stdout a pipe (conftest's
+    shared_run: `qcrd run --methods dss,qcrd`)."""
+    printed = shared_run.printed
     lines = printed.splitlines()
     assert len(lines) < 40, printed
     assert "TrainingReport(" not in printed and "Loading weights" not in printed and "\r" not in printed
     summaries = [line for line in lines if ": " in line and line.split(":")[0] in
-                 ("teach", "train qcrd", "eval test (predict)", "eval test (explain)")]
-    assert [s.split(":")[0] for s in summaries] == ["teach", "train qcrd", "eval test (predict)",
-                                                    "eval test (explain)"], printed
-    assert "accuracy" in summaries[2] and "rounds in" in summaries[1]
-    logs = Path(out) / "logs"
+                 ("teach", "train dss", "train qcrd", "eval test (predict)", "eval test (explain)")]
+    assert [s.split(":")[0] for s in summaries] == ["teach",
+                                                    "train dss", "eval test (predict)", "eval test (explain)",
+                                                    "train qcrd", "eval test (predict)", "eval test (explain)"], printed
+    for train, predict in ((summaries[1], summaries[2]), (summaries[4], summaries[5])):
+        assert "rounds in" in train and "accuracy" in predict
+    assert "s_pos" in summaries[4] and "s_pos" not in summaries[1]  # D's scores: qcrd's, dss has no D
+    logs = shared_run.out / "logs"
     assert "teach: 192 samples" in (logs / "qcrd.log").read_text()
     assert "TrainingReport(" in (logs / "workers.log").read_text()  # Ray Train's own output is kept, off-screen

@@ -22,14 +22,19 @@ from qcrd_ray.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
+# The whole pipeline at its smallest: the job, the cluster and the bucket are the point here, not the method (qcrd
+# itself runs end to end in test_pipeline.py): `finetune` has no samplers and no discriminator, and one round of
+# two steps of a one-layer student.
 SMALL_RUN = [
-    "--set", "data.synthetic_train_size=48", "--set", "data.synthetic_eval_size=16",
-    "--set", "teacher.k=3", "--set", "teacher.shard_rows=24",
-    "--set", "train.rounds=2", "--set", "train.round_steps=3", "--set", "train.num_workers=1",
-    "--set", "snapshots.j=1", "--set", "snapshots.max_new_tokens=16",
-    "--set", "discriminator.pretrain_steps=5", "--set", "discriminator.refresh_steps=2",
-    "--set", "student.max_target_len=48",
+    "--methods", "finetune",
+    "--set", "data.synthetic_train_size=16", "--set", "data.synthetic_eval_size=8",
+    "--set", "teacher.k=2", "--set", "teacher.shard_rows=16",
+    "--set", "train.rounds=1", "--set", "train.round_steps=2", "--set", "train.batch_size=4",
+    "--set", "train.num_workers=1",
+    "--set", "student.max_target_len=32", "--set", "student.tiny_d_model=32", "--set", "student.tiny_d_ff=64",
+    "--set", "student.tiny_layers=1", "--set", "student.tiny_vocab_size=400",
 ]
+POLL_S = 0.2  # how often a test asks a job's status (jobs_submit.wait's default, 1 s, is for people)
 
 
 
@@ -41,7 +46,10 @@ def _head(env: dict[str, str]):
     # every port of our own: the agent's default (52365) is taken by any other head on this machine
     port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env,
+           # On SIGTERM, `ray start --block` first drains its node, for up to this long (default 30 s): the wait
+           # Kubernetes needs for Serve's proxies. These heads serve nothing: stop at once.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     with open(Path(temp_dir) / "start.log", "wb") as log:
         head = subprocess.Popen(
@@ -53,12 +61,21 @@ def _head(env: dict[str, str]):
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:  # a token-auth head's `ray start --block` can sit a minute on SIGTERM; nothing of it is kept
-            head.wait(timeout=10)
+        if head.poll() is not None:  # it stopped on its own (a process of the head died): say why, for the report
+            print(f"the head had stopped (exit {head.returncode}):\n"
+                  + (Path(temp_dir) / "start.log").read_text(errors="replace")[-6000:], file=sys.stderr)
+        # SIGTERM to `ray start` alone: it stops its processes in order, the raylet (and with it the jobs' workers)
+        # before the GCS. (SIGTERM to the whole group killed the GCS first, and the raylet and `ray start`, still
+        # trying to reach it, had to be killed after a timeout.) What it leaves, the dashboard's forked modules, is
+        # killed with the group; nothing of the head is kept.
+        head.terminate()
+        try:
+            head.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=60)
+        head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -71,29 +88,32 @@ def ray_head(s3_server):
 
 
 def test_pipeline_job_writes_the_run_to_s3(ray_head, s3_server):
-    """The cluster way: a job on a real head with its --out a bucket URI; the whole run lands in the bucket and
-    the job's log ends with the serve command for that URI."""
-    from qcrd_ray import storage
+    """The cluster way: a job on a real head with its --out a bucket URI; the whole run lands in the bucket, the
+    run's lease is gone with the job, and the job's log ends with the serve command for that URI."""
+    from qcrd_ray import lease, storage
 
     uri = storage.join(s3_server, "job-run")
     job_id = jobs_submit.submit(
         ray_head, [sys.executable, "-m", "jobs.pipeline", "--out", uri, *SMALL_RUN], working_dir=str(ROOT),
         env={"TOKENIZERS_PARALLELISM": "false"},
     )
-    status = jobs_submit.wait(ray_head, job_id, timeout_s=600)
+    status = jobs_submit.wait(ray_head, job_id, timeout_s=600, poll_s=POLL_S)
     logs = jobs_submit._client(ray_head).get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
     assert jobs_submit.exit_code(status) == 0
-    metrics = json.loads(storage.read_text(storage.join(uri, "qcrd", "eval", "test-predict", "metrics.json")))
-    assert metrics["n"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0
-    assert storage.exists(storage.join(uri, "report.md")) and storage.is_complete(storage.join(uri, "qcrd", "model"))
-    assert "report:" in logs and f"qcrd serve --model {uri}/qcrd" in logs
+    metrics = json.loads(storage.read_text(storage.join(uri, "finetune", "eval", "test-predict", "metrics.json")))
+    assert metrics["n"] == 8 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert storage.exists(storage.join(uri, "report.md"))
+    assert storage.is_complete(storage.join(uri, "finetune", "model"))
+    assert storage.is_file(storage.join(uri, "logs", "qcrd.log"))  # uploaded from the job's node
+    assert not storage.exists(storage.join(uri, lease.LEASE_FILE))
+    assert "report:" in logs and f"qcrd serve --model {uri}/finetune" in logs
 
 
 def test_failed_job_gives_a_nonzero_exit_code(ray_head, tmp_path):
     job_id = jobs_submit.submit(ray_head, [sys.executable, "-m", "jobs.pipeline", "--set", "train.rounds=0"],
                                 working_dir=str(ROOT))
-    status = jobs_submit.wait(ray_head, job_id, timeout_s=300)
+    status = jobs_submit.wait(ray_head, job_id, timeout_s=300, poll_s=POLL_S)
     assert status == "FAILED"
     assert jobs_submit.exit_code(status) == 1
     assert "train.rounds" in jobs_submit._client(ray_head).get_job_logs(job_id)
@@ -192,7 +212,7 @@ def test_submit_sends_the_token_a_token_cluster_requires(token_head, tmp_path, m
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     job_id = jobs_submit.submit(address, entrypoint, working_dir=str(work))
-    assert jobs_submit.wait(address, job_id, timeout_s=120) == "SUCCEEDED"
+    assert jobs_submit.wait(address, job_id, timeout_s=120, poll_s=POLL_S) == "SUCCEEDED"
     assert "hello from the job" in jobs_submit._client(address).get_job_logs(job_id)
 
     # the CLI end to end, the token from ~/.ray/auth_token (where `ray get-auth-token --generate` puts it)

@@ -1,5 +1,5 @@
 """One driver per run (issue 22 item 1): the run lease's decisions (pure), the lease on a folder in this process,
-and real `qcrd run` drivers racing for one run on a local path and on S3."""
+and real drivers racing for one location: `qcrd run` on a local path, `qcrd teach` on S3."""
 
 from __future__ import annotations
 
@@ -150,15 +150,39 @@ def test_of_two_drivers_taking_a_free_lease_at_once_exactly_one_gets_it(tmp_path
 
 QCRD = str(Path(sys.executable).parent / "qcrd")
 # the smallest run that goes through every stage: a few rows, one round of two steps of a one-layer student
-TINY_RUN = [
-    "--methods", "finetune", "--set", "data.synthetic_train_size=16", "--set", "data.synthetic_eval_size=4",
+TINY = [
+    "--set", "data.synthetic_train_size=16", "--set", "data.synthetic_eval_size=4",
     "--set", "teacher.k=2", "--set", "teacher.shard_rows=16", "--set", "train.rounds=1",
     "--set", "train.round_steps=2", "--set", "train.batch_size=4", "--set", "train.num_workers=1",
     "--set", "student.max_target_len=32", "--set", "student.tiny_d_model=32", "--set", "student.tiny_d_ff=64",
     "--set", "student.tiny_layers=1", "--set", "student.tiny_vocab_size=400",
 ]
+ARGS = {"run": ["--methods", "finetune", *TINY], "teach": TINY}
 WAIT_S = 600.0  # a bound, not a duration: a loaded 2-core machine starts Ray slowly
 REFUSED_WITHIN_S = 60.0  # the second driver reads the lease and leaves, before Ray or any stage starts
+HEARTBEAT_S = 0.5  # the first driver's heartbeat: a takeover stops it within this, not within lease.HEARTBEAT_S
+
+# The first driver: the real CLI (qcrd_ray.cli.main, what the `qcrd` script runs) with two test hooks on the
+# lease it takes. Once it holds the lease it waits, heartbeating, until the gate file exists: the window in which
+# the test runs a second driver is opened and closed on purpose, whatever the machine's speed. And it heartbeats
+# every HEARTBEAT_S (the Lease's timings are arguments for this), still going stale only after the default.
+DRIVER = f"""
+import contextlib, os, sys, time
+from qcrd_ray import lease
+from qcrd_ray.cli import main
+
+held, gate = lease.held, sys.argv[1]
+
+@contextlib.contextmanager
+def gated(*args, **kwargs):
+    with held(*args, heartbeat_s={HEARTBEAT_S}, stale_after_s=lease.STALE_AFTER_S, **kwargs) as taken:
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        yield taken
+
+lease.held = gated
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def _env() -> dict[str, str]:
@@ -168,9 +192,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(out: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([QCRD, "run", "--out", out, *TINY_RUN, *extra], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _start(command: str, out: str, gate: Path, *extra: str) -> subprocess.Popen:
+    """The first driver, held at the gate once it has the lease (until ``gate`` exists)."""
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(gate), command, "--out", out, *ARGS[command], *extra],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _holder(out: str) -> dict | None:
@@ -181,9 +207,11 @@ def _wait_for(condition, driver: subprocess.Popen, what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
         if driver.poll() is not None or time.monotonic() > deadline:
+            if driver.poll() is None:
+                os.killpg(driver.pid, 9)
             out, err = driver.communicate(timeout=60)
             pytest.fail(f"{what} never happened (driver exit {driver.returncode}): {out[-2000:]}{err[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def _finish(driver: subprocess.Popen) -> tuple[int, str, str]:
@@ -195,48 +223,58 @@ def _finish(driver: subprocess.Popen) -> tuple[int, str, str]:
     return driver.returncode, out, err
 
 
-def _second_driver_is_refused(out: str, first: subprocess.Popen) -> None:
+def _second_driver_is_refused(command: str, out: str, first: subprocess.Popen) -> None:
+    """A plain `qcrd COMMAND` on the location the first driver holds (and waits on, at its gate)."""
     started = time.monotonic()
-    second = subprocess.run([QCRD, "run", "--out", out, *TINY_RUN], env=_env(), capture_output=True, text=True,
-                            timeout=WAIT_S)
+    second = subprocess.run([QCRD, command, "--out", out, *ARGS[command]], env=_env(), capture_output=True,
+                            text=True, timeout=WAIT_S)
     took = time.monotonic() - started
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert second.returncode == 3 and len(lines) == 1, (second.returncode, second.stderr[-3000:])
-    assert lines[0].startswith(f"qcrd run: {out} is in use by qcrd run on host {HERE}, pid {first.pid}, since ")
+    assert lines[0].startswith(f"qcrd {command}: {out} is in use by qcrd {command} on host {HERE}, pid {first.pid}, "
+                               "since ")
     assert "last heartbeat" in lines[0] and "--force" in lines[0]
     assert took < REFUSED_WITHIN_S, took
-    assert first.poll() is None or first.returncode == 0  # the first one was not disturbed
+    assert first.poll() is None  # the first one was not disturbed: still holding, at its gate
 
 
 @pytest.mark.slow
-def test_a_second_driver_on_an_s3_run_is_refused_while_the_first_finishes(s3_server):
-    out = storage.join(s3_server, "lease", "run")
-    first = _start(out)
+def test_a_second_driver_on_an_s3_run_is_refused_while_the_first_finishes(s3_server, tmp_path):
+    """`qcrd teach` into a folder of a run on S3: a second one is refused while the first holds it (at its gate);
+    the first then finishes, and removes its lease. (`qcrd run` on S3 ends the same way: test_jobs.)"""
+    out, gate = storage.join(s3_server, "lease", "run", "teacher"), tmp_path / "gate"
+    first = _start("teach", out, gate)
     try:
         _wait_for(lambda: _holder(out) is not None, first, "the first driver's lease")
-        _second_driver_is_refused(out, first)
+        _second_driver_is_refused("teach", out, first)
     finally:
+        gate.touch()
         code, stdout, stderr = _finish(first)
     assert code == 0, stderr[-3000:]
-    assert storage.is_file(storage.join(out, "report.md"))
+    assert storage.is_file(storage.join(out, "summary.json")) and storage.list_files(out, "part-*.parquet")
     assert not storage.exists(storage.join(out, lease.LEASE_FILE))
 
 
 @pytest.mark.slow
 def test_force_takes_a_live_lease_a_second_driver_is_refused_and_a_taken_over_driver_stops(tmp_path):
     """On a local run: the first driver takes over, with --force, a live lease of a driver elsewhere (written
-    here); a second driver started while it runs is refused at once with one line; then another holder takes the
-    run over (--force) while the first teaches, and the first one's heartbeat stops it within a heartbeat, saying
-    who took the run, and leaves the new lease in place. (A run finished and its lease removed: the S3 test.)"""
-    out = str(tmp_path / "run")
+    here); a second driver started while it holds the run is refused at once with one line; then another holder
+    takes the run over (--force) while the first teaches, and the first one's heartbeat stops it within a
+    heartbeat, saying who took the run, and leaves the new lease in place. (A run finished and its lease removed:
+    the S3 test.)"""
+    out, gate = str(tmp_path / "run"), tmp_path / "gate"
     _write(out, record(host="node-elsewhere", started=time.time(), heartbeat=time.time()))
-    first = _start(out, "--force")
+    first = _start("run", out, gate, "--force")
     try:
         _wait_for(lambda: (_holder(out) or {}).get("pid") == first.pid, first, "the --force takeover")
-        _second_driver_is_refused(out, first)
+        _second_driver_is_refused("run", out, first)
+        gate.touch()
+        log = Path(out) / "logs" / "qcrd.log"
+        _wait_for(lambda: log.is_file() and "stage teach" in log.read_text(), first, "the teach stage")
         taker = Lease(out, "qcrd run", on_lost=lambda: None, heartbeat_s=3600)
         taker.acquire(force=True)
     finally:
+        gate.touch()
         code, _, stderr = _finish(first)
     assert "--force: taking over" in stderr and "node-elsewhere" in stderr
     assert code == 3, stderr[-3000:]

@@ -1,4 +1,5 @@
-"""`qcrd run` end to end on a small synthetic task: teach → train (2 DDP workers) → eval → report."""
+"""`qcrd run` end to end on a small synthetic task: teach → train (2 DDP workers) → eval → report. The finished
+run is conftest's shared_run (one subprocess run per session, also read by test_console and test_reproducibility)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMALL, qcrd_run_args
 from qcrd_ray.cli import main
 from qcrd_ray.testing import free_port
 
-SMALL = [
-    "--set", "data.synthetic_train_size=64", "--set", "data.synthetic_eval_size=24",
-    "--set", "teacher.k=3", "--set", "teacher.shard_rows=32",
-    "--set", "train.rounds=2", "--set", "train.round_steps=4", "--set", "train.batch_size=4",
-    "--set", "snapshots.j=1", "--set", "snapshots.max_new_tokens=24",
-    "--set", "discriminator.pretrain_steps=10", "--set", "discriminator.refresh_steps=2",
-    "--set", "student.max_target_len=64", "--set", "train.log_every=1",
-]
-
 
 @pytest.fixture(scope="module")
-def finished_run(ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["run", "--out", str(out), "--methods", "dss,qcrd", *SMALL]) == 0
-    return out
+def finished_run(shared_run, ray_session):
+    """conftest's shared run (`qcrd run --methods dss,qcrd`, a subprocess with its own Ray); the session's Ray is
+    for the tests here that rerun or serve it in this process."""
+    return shared_run.out
 
 
-def test_run_writes_every_stage_and_a_report_with_its_numbers(finished_run, capsys):
+def test_run_writes_every_stage_and_a_report_with_its_numbers(finished_run):
     out = finished_run
     teacher = json.loads((out / "teacher" / "summary.json").read_text())
     assert teacher["examples"] == 64
@@ -50,7 +43,7 @@ def test_run_writes_every_stage_and_a_report_with_its_numbers(finished_run, caps
 def test_rerun_reuses_finished_stages(finished_run, capsys):
     model = finished_run / "qcrd" / "model" / "config.json"
     before = model.stat().st_mtime_ns
-    assert main(["run", "--out", str(finished_run), "--methods", "dss,qcrd", *SMALL]) == 0
+    assert main(qcrd_run_args(finished_run)) == 0
     assert model.stat().st_mtime_ns == before
     printed = capsys.readouterr().out
     assert "qcrd serve --model" in printed and "report:" in printed
@@ -61,17 +54,17 @@ def test_rerun_with_another_config_is_refused(finished_run, capsys):
     assert "teacher.k" in capsys.readouterr().err
 
 
-def test_printed_serve_command_serves_the_run_without_a_task(finished_run, capsys):
+def test_printed_serve_command_serves_the_run_without_a_task(finished_run, shared_run):
     """`qcrd run` prints `qcrd serve --model RUN/<method>`: that exact path serves a model that knows its task,
-    so a request without `task` is answered in predict and explain mode (issue 10.1)."""
+    so a request without `task` is answered in predict and explain mode (issue 10.1). The line is the one the
+    command printed on its stdout (a rerun prints it too: test_rerun_reuses_finished_stages)."""
     import httpx
     from ray import serve
 
     from qcrd_ray.cli import build_parser, load_config_from_args
     from serve.app import build
 
-    assert main(["run", "--out", str(finished_run), "--methods", "dss,qcrd", *SMALL]) == 0
-    [command] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("serve it: ")]
+    [command] = [line for line in shared_run.stdout.splitlines() if line.startswith("serve it: ")]
     argv = command.removeprefix("serve it: qcrd ").split()
     assert argv == ["serve", "--model", str(finished_run / "qcrd")]
     args = build_parser(load_subcommands="serve").parse_args([*argv, "--port", str(free_port())])

@@ -379,7 +379,7 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, run_dir):
+def server(ray_session, request):
     from ray import serve
 
     from serve.app import build
@@ -388,7 +388,11 @@ def server(ray_session, run_dir):
     cfg = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_batch_size": 8,
                                   "batch_wait_timeout_s": 0.05, "max_input_chars": 500,
                                   "max_inputs_per_request": 8, "max_new_tokens": 48})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Serve's controller and proxy start (their own processes) while this one trains the student on one thread
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(serve.start, http_options={"host": "127.0.0.1", "port": port})
+        run_dir = request.getfixturevalue("run_dir")
+        started.result()
     serve.run(build(run_dir, cfg), name="qcrd-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -729,14 +733,19 @@ def test_a_model_on_storage_is_served(server, s3_run):
 
 
 @pytest.mark.ray
-def test_a_replica_refuses_an_incomplete_upload(server, s3_run, s3_server, run_dir):
+def test_a_replica_refuses_an_incomplete_upload(server, s3_run, s3_server, run_dir, monkeypatch):
     """The upload was restarted after the driver resolved it (its marker is gone): each replica refuses to
     load it, and the deployment fails with the reason instead of serving a half-copied model."""
     from ray import serve
 
     from qcrd_ray import storage
+    from serve import app as serve_app
     from serve.app import build
 
+    # Serve tries a failing constructor 3 times per replica (a new replica process each) before it gives up: one
+    # refusal shows the point as well
+    options = serve_app.deployment_options
+    monkeypatch.setattr(serve_app, "deployment_options", lambda cfg: {**options(cfg), "max_constructor_retry_count": 1})
     run = f"{s3_server}/serve-restarted"
     storage.write_text(f"{run}/config.yaml", RUN_CONFIG.to_yaml())
     storage.upload_dir(run_dir / "model", f"{run}/qcrd/model")
@@ -771,6 +780,6 @@ def test_crashed_replica_is_replaced(server):
                 break
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.2)
     assert resp is not None and resp.status_code == 200, resp and resp.text
     assert httpx.get(f"{server}/v1/stats").json()["replica"] != old

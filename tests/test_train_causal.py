@@ -19,7 +19,9 @@ from train_fixtures import small_config, write_teacher_dir
 pytestmark = pytest.mark.ray
 
 CAUSAL = {"family": "causal"}
-LORA_CFG = dict(student={**CAUSAL, "lora": {"r": 4}}, train={"rounds": 4, "round_steps": 4, "method": "qcrd"})
+# 3 rounds: the killed run below loses its workers in round 2, then resumes it and trains round 3 on the snapshot
+# published after the restart
+LORA_CFG = dict(student={**CAUSAL, "lora": {"r": 4}}, train={"rounds": 3, "round_steps": 4, "method": "qcrd"})
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def lora_run(ray_session, teacher_dir, tmp_path_factory):
 def test_lora_snapshots_are_adapters_and_the_model_is_exported_merged_and_as_an_adapter(lora_run):
     out, summary = lora_run
     layout = MethodLayout.at(str(out))
-    assert (summary["rounds"], summary["steps"]) == (4, 16) and summary["adapter_dir"] == layout.adapter
+    assert (summary["rounds"], summary["steps"]) == (3, 12) and summary["adapter_dir"] == layout.adapter
     full = (out / "train" / "init_model" / "model.safetensors").stat().st_size
     snapshots = sorted((out / "train" / "snapshots").glob("round_*.safetensors"))
     assert snapshots
@@ -63,13 +65,13 @@ def test_lora_snapshots_are_adapters_and_the_model_is_exported_merged_and_as_an_
     assert (students.generate(merged, tok, inputs, max_new_tokens=12)
             == students.generate(adapted, tok, inputs, max_new_tokens=12))
     # `qcrd eval` / `qcrd serve` take either: the adapter resolves to its method's run config, scores the same
-    cfg = small_config(**LORA_CFG).replace(data={"synthetic_eval_size": 24})
+    cfg = small_config(**LORA_CFG).replace(data={"synthetic_eval_size": 8})
     resolved = resolve_model(str(out / "adapter"))
     assert resolved.model_dir == str(out / "adapter") and resolved.config == small_config(**LORA_CFG)
     by_adapter = evaluate(out / "adapter", cfg, "test", "explain")
     by_merged = evaluate(out, cfg, "test", "explain")
     same = ("n", "correct", "unparsed")
-    assert by_adapter["n"] == 24 and [by_adapter[k] for k in same] == [by_merged[k] for k in same]
+    assert by_adapter["n"] == 8 and [by_adapter[k] for k in same] == [by_merged[k] for k in same]
 
 
 def test_a_lora_run_killed_mid_training_resumes_to_the_same_adapter(lora_run, teacher_dir, tmp_path):
@@ -80,7 +82,7 @@ def test_a_lora_run_killed_mid_training_resumes_to_the_same_adapter(lora_run, te
         summary = run_training(small_config(**LORA_CFG), teacher_dir, out)
     assert killer.killed is not None and killer.started_workers() == 4
     assert (summary["rounds"], summary["steps"]) == (whole_summary["rounds"], whole_summary["steps"])
-    assert [m["step"] for m in _step_metrics(out)] == list(range(1, 17))
+    assert [m["step"] for m in _step_metrics(out)] == list(range(1, 13))
     a = load_file(str(whole / "adapter" / lora.ADAPTER_WEIGHTS))
     b = load_file(str(out / "adapter" / lora.ADAPTER_WEIGHTS))
     assert a.keys() == b.keys()
