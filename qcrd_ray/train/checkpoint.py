@@ -37,6 +37,12 @@ def round_dir_name(completed_rounds: int) -> str:
     return f"round_{completed_rounds:04d}"
 
 
+def rounds_of(location: storage.Location) -> int:
+    """The completed rounds a checkpoint's folder name says (``round_NNNN``); -1 for another name."""
+    m = _ROUND_DIR.match(storage.basename(location))
+    return int(m.group(1)) if m else -1
+
+
 @dataclass
 class TrainerState:
     completed_rounds: int  # the round training resumes at

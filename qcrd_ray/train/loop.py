@@ -13,6 +13,7 @@ method's ``runs.MethodLayout``: a local path or a URI, reached through ``qcrd_ra
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import random
@@ -220,6 +221,20 @@ class RankZeroLog:
                                        f"{self.layout.train}: storage still failing (see the warnings above)")
 
 
+def resume_checkpoint(recorded, complete: str | None):
+    """The checkpoint a worker group resumes from: ``recorded`` (``ray.train.get_checkpoint()``: the last checkpoint
+    Ray Train recorded, this call's latest after a worker-group restart) unless ``complete`` (the driver's
+    ``ckpt.latest`` when the call started, a path or URI) holds more rounds. Ray Train records a checkpoint only
+    after its folder is uploaded: a driver killed in between leaves a complete checkpoint the next ``fit`` would
+    not hand over, while the driver set the negative sampler and the snapshot store up to resume from it."""
+    if complete is None:
+        return recorded
+    if recorded is not None and ckpt.rounds_of(recorded.path) >= ckpt.rounds_of(complete):
+        return recorded
+    fs, path = storage.resolve(complete)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = loop_config["cfg"]
     spec = method_spec(cfg)
@@ -240,9 +255,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         raise ValueError(f"a worker holds fewer than train.batch_size × train.grad_accum_steps={step_rows} rows; "
                          f"lower them or the number of workers ({world})")
     round_steps = tc.round_steps or steps_per_epoch
+    # Which rows a rank gets is up to Ray Data's split, and may differ in a resumed run: each rank's RNG state (its
+    # dropout stream, advanced by the shapes of its own batches) is saved and restored with its rows, not its rank
+    shard_key = hashlib.sha1("\n".join(str(r["id"]) for r in rows).encode()).hexdigest()
 
     # ---- model: resume from the last checkpoint, else the initial student the driver built
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), loop_config.get("resume_from"))
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
         resume_dir = Path(resume_dir) if resume_dir else None
         # the initial student: downloaded from the run's storage into this node's cache (a local run: read in
@@ -264,8 +282,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 disc.load_state_dict(torch.load(resume_dir / ckpt.DISC_FILE, weights_only=True))
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
-            if len(state.rng) == world:
-                ckpt.set_rng_state(state.rng[rank])
+            if len(state.rng) == world:  # the state of the rank that held these rows (shards are not pinned to ranks)
+                ckpt.set_rng_state(next((r for r in state.rng if r.get("shard") == shard_key), state.rng[rank]))
             start_round, global_step = state.completed_rounds, state.global_step
             log.info("rank %d: resuming at round %d (step %d)", rank, start_round, global_step)
     if not resume_dir:
@@ -341,7 +359,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if core.disc is not None:  # every rank on its own rows, gradients averaged (discriminator.py)
                 refresh(core.disc, tokenizer, with_negatives(rows, negatives), cfg, seed=tc.seed + completed)
         rng = [None] * world
-        dist.all_gather_object(rng, ckpt.rng_state())
+        dist.all_gather_object(rng, {**ckpt.rng_state(), "shard": shard_key})
         round_metrics = {"step": global_step, "completed_rounds": completed, "round_s": round_s,
                          "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0,
                          "neg_missing": neg_missing, "time": time.time()}  # wall clock: round-to-round time
