@@ -118,12 +118,33 @@ def refusal(location: str, record: dict, now: float, stale_after_s: float) -> st
 
 def stop_main_thread() -> None:
     """Interrupt the main thread as Ctrl-C does, a blocking wait included (``_thread.interrupt_main`` would wait
-    for it to return); ``held`` turns that into LeaseLost. A process that ignores SIGINT (started in the
-    background by a shell) is sent SIGTERM instead."""
+    for it to return); ``held`` turns that into LeaseLost. A process that ignores SIGINT and holds its lease off
+    the main thread is sent SIGTERM instead (``held`` in the main thread makes SIGINT work, see below)."""
     if callable(signal.getsignal(signal.SIGINT)):
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
     else:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _interruptible_once_lost(lease: Lease) -> Iterator[None]:
+    """A process started in the background by a shell ignores SIGINT (so the terminal's Ctrl-C cannot reach it),
+    and SIGTERM to a Ray driver aborts it at exit. While such a process holds a lease in its main thread, SIGINT
+    interrupts it only once the lease is lost: a Ctrl-C on the terminal still does nothing."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+
+    def interrupt_if_lost(signum, frame):
+        if lease.lost:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt_if_lost)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Lease:
@@ -227,15 +248,16 @@ def held(location: storage.Location, command: str, force: bool = False, **timing
     live driver holds it, and :class:`LeaseLost` when the lease is lost during the block (the heartbeat thread
     interrupts the main thread; whatever the block was doing is cut short)."""
     lease = Lease(location, command, **timings)
-    lease.acquire(force=force)
-    try:
-        yield lease
-    except BaseException as e:
+    with _interruptible_once_lost(lease):
+        lease.acquire(force=force)
+        try:
+            yield lease
+        except BaseException as e:
+            _release(lease)
+            if lease.lost:
+                raise LeaseLost(f"{lease.lost}; this driver stopped") from e
+            raise
         _release(lease)
-        if lease.lost:
-            raise LeaseLost(f"{lease.lost}; this driver stopped") from e
-        raise
-    _release(lease)
     if lease.lost:  # the block ended anyway (it swallowed the interrupt, or had just finished)
         raise LeaseLost(f"{lease.lost}; this driver stopped")
 

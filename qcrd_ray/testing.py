@@ -57,6 +57,21 @@ def train_tiny_student(path: str | Path, steps: int = 100, train_size: int = 200
     student.save_student(model, tok, path)
 
 
+PATIENCE_ENV = "QCRD_TEST_PATIENCE"
+
+
+def patience(seconds: float) -> float:
+    """A test's bound on a wait (a hang guard, never a speed target): ``seconds`` times ``$QCRD_TEST_PATIENCE``
+    (default 1). The one knob for a slower or busier machine: every timeout in the suite, pytest-timeout's
+    per-test limit included, goes through it."""
+    import os
+
+    scale = float(os.environ.get(PATIENCE_ENV, "1"))
+    if not scale > 0:
+        raise ValueError(f"{PATIENCE_ENV} must be a positive number, got {scale}")
+    return seconds * scale
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (a server started by a test or benchmark binds it next)."""
     import socket
@@ -200,3 +215,65 @@ def _proxy_handler(proxy: FaultProxy):
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
     return Handler
+
+
+class HoldingTeacher:
+    """An OpenAI-compatible chat server on 127.0.0.1 that holds requests, for fault tests of the http teacher: it
+    answers the first ``answer_freely`` requests with ``answer``, then holds each later one (counted on
+    :attr:`held`, a semaphore a test waits on) until :meth:`resume` or ``hold_s``. So a kill, of an actor or of a
+    node, always lands with batches in flight, however loaded the machine. :attr:`attempts` counts the requests
+    per sample seed (a resent batch shows as a seed asked twice)."""
+
+    def __init__(self, answer: str, answer_freely: int, hold_s: float):
+        import collections
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.attempts, self.requests = collections.Counter(), 0
+        self.held, self._resume, self._lock = threading.Semaphore(0), threading.Event(), threading.Lock()
+        teacher = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with teacher._lock:
+                    teacher.attempts[request["seed"]] += 1
+                    teacher.requests += 1
+                    hold = teacher.requests > answer_freely
+                if hold:
+                    teacher.held.release()
+                    teacher._resume.wait(hold_s)
+                body = json.dumps({"id": "x", "choices": [{"message": {"role": "assistant", "content": answer}}]})
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body.encode())
+                except OSError:
+                    pass  # the client (a killed actor) is gone
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self._server.server_port}/v1"
+        threading.Thread(target=self._server.serve_forever, name="holding-teacher", daemon=True).start()
+
+    def resume(self) -> None:
+        """Answer every held request, and every later one at once."""
+        self._resume.set()
+
+    def close(self) -> None:
+        self.resume()
+        self._server.shutdown()
+        self._server.server_close()

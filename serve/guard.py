@@ -1,6 +1,7 @@
 """What a request must pass before any route parses it: the API key (401) and the body cap (413).
 
-A plain ASGI middleware (no Ray, no torch), so it is tested without a server. Its settings live on the ASGI
+A plain ASGI middleware (no Ray, no torch), so it is tested without a server; its refusals are
+``schemas.error_body``'s, like every other of the server's. Its settings live on the ASGI
 app's ``state.guard`` (a :class:`GuardSettings`), which the deployment sets when its replica starts: the app
 object is shared by the replica's routes, and the middleware reads it per request.
 
@@ -14,6 +15,8 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
+
+from serve.schemas import error_body
 
 API_KEY_ENV = "QCRD_SERVE_API_KEY"  # where `qcrd serve` and `serve.app:build_app` read the key by default
 OPEN_PATHS = frozenset({"/healthz"})
@@ -89,7 +92,7 @@ def _replay(body: bytes, receive):
 
 async def _refuse(send, status: int, message: str, code: str, extra_headers: dict | None = None) -> None:
     kind = "authentication_error" if status == 401 else "invalid_request_error"
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    body = json.dumps(error_body(message, kind=kind, code=code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += list((extra_headers or {}).items())
     await send({"type": "http.response.start", "status": status, "headers": headers})

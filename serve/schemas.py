@@ -42,8 +42,10 @@ class RequestError(Exception):
         self.param = param
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict:
+    """The OpenAI error object every refusal of the server carries, the guard's 401/413 included."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def describe_validation_errors(errors: Sequence[dict]) -> tuple[int, str, str | None]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qcrd_ray.ray_utils import worker_runtime_env
-from qcrd_ray.testing import free_port
+from qcrd_ray.testing import free_port, patience
 
 # Ray Train's health check otherwise makes every report block ~2 s; Ray must not ask for a token locally.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -33,12 +33,11 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# how ray_session starts its local Ray (address="local": a cluster someone started with `ray start` must not
-# capture the tests); multinode_cluster restarts it the same way after it is done
-# with its dashboard: the state API (fault tests find an actor's PID there; Ray Train's cleaner polls it) is
-# served by it, and without one ray.util.state would answer from another local cluster's dashboard
+# How ray_session starts its local Ray. address="local": a cluster someone started with `ray start` must not
+# capture the tests. A dashboard: the state API (fault tests find an actor's PID there; Ray Train's cleaner polls
+# it) is served by it, and without one ray.util.state would answer from another local cluster's dashboard.
 # worker_runtime_env: as every qcrd command's Ray, so that a test's Ray Train run survives the other Rays that
-# tests start on this machine (a `ray start` head, the multi-node cluster)
+# tests start on this machine (a `ray start` head, the multi-node cluster).
 LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, configure_logging=False,
                  runtime_env=worker_runtime_env())
 
@@ -54,7 +53,8 @@ SMALL = [
     "--set", "student.max_target_len=64", "--set", "train.log_every=1",
 ]
 SHARED_METHODS = ("dss", "qcrd")
-QCRD_RUN_TIMEOUT_S = 800.0  # a bound, not a duration: ~1 min on a quiet 2-core machine, ~9 min under a load of 30
+# a bound, not a duration: ~1 min on a quiet 2-core machine, ~9 min under a load of 30
+QCRD_RUN_TIMEOUT_S = patience(800.0)
 
 
 def qcrd_run_args(out) -> list[str]:
@@ -87,7 +87,7 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def kill_session(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def kill_session(proc: subprocess.Popen, timeout_s: float = patience(60.0)) -> None:
     """SIGKILL the process group of ``proc`` (started by :func:`start_qcrd`: the driver, GCS, raylet, dashboard),
     then every process left in its session: Ray's workers each lead a process group of their own, and one that
     outlived its raylet for a moment could still write into the run folder. Waits until none is left."""
@@ -191,13 +191,13 @@ def s3_server():
             server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def multinode_cluster(request, s3_server):
     """A real multi-node Ray on this machine: a head with no CPUs (so no task runs on the driver's node) and two
     worker nodes of 1 CPU, each its own raylet; yields the ``ray.cluster_utils.Cluster``. Storage is the S3
     server (started first so every node inherits its environment). One process can be connected to one Ray: the
-    session's local Ray, if running, is shut down first and started again afterwards, and conftest runs the
-    tests that use this fixture last so that happens at most once."""
+    session's local Ray, if running, is shut down first, and conftest runs the tests that use this fixture last,
+    so it starts once per session (~30 s) and no test needs the local Ray after it."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -212,8 +212,7 @@ def multinode_cluster(request, s3_server):
             raise
         return cluster
 
-    had_local = ray.is_initialized()
-    if had_local:
+    if ray.is_initialized():
         ray.shutdown()
     try:
         cluster = start()
@@ -226,8 +225,13 @@ def multinode_cluster(request, s3_server):
     finally:
         ray.shutdown()
         cluster.shutdown()
-        if had_local:
-            ray.init(**LOCAL_RAY)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # pytest-timeout's per-test limit is a wait bound like any other: scaled by $QCRD_TEST_PATIENCE
+    if config.option.timeout:
+        config.option.timeout = patience(float(config.option.timeout))
 
 
 def pytest_collection_modifyitems(session, config, items):

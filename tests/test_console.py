@@ -11,6 +11,7 @@ import time
 import pytest
 
 from qcrd_ray import console
+from qcrd_ray.testing import patience
 
 
 class Clock:
@@ -129,7 +130,7 @@ def test_logs_of_a_run_on_storage_reach_it_while_the_command_runs(s3_server, mon
     with console.session(out=io.StringIO(), err=io.StringIO()):
         _, upload = console.log_to_storage(location)
         logging.getLogger("qcrd_ray.test_console").info("written mid-run")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + patience(30)
         while not (storage.exists(storage.join(location, "qcrd.log"))
                    and "written mid-run" in storage.read_text(storage.join(location, "qcrd.log"))):
             assert time.monotonic() < deadline, "the log never reached the run's URI while the command ran"

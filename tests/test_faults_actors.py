@@ -20,10 +20,11 @@ from qcrd_ray.data.synthetic import make_split
 from qcrd_ray.actors.sampler import NegativePool
 from qcrd_ray.actors.snapshots import SnapshotStore, cpu_state_dict, persisted_rounds, snapshot_store
 from qcrd_ray.students import load_student, save_student
+from qcrd_ray.testing import patience
 
 pytestmark = pytest.mark.ray
 
-WAIT_S = 120.0  # a hang guard on every wait below, not a speed target (restarts are slow on a busy machine)
+WAIT_S = patience(120.0)  # a hang guard on every wait below, not a speed target (restarts are slow on a busy machine)
 
 
 def actor_pid(actor, not_pid: int | None = None) -> int:

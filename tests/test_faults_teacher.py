@@ -12,8 +12,6 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,60 +19,21 @@ from qcrd_ray import storage
 from qcrd_ray.config import Config
 from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher
 from qcrd_ray.teacher.shards import MANIFEST
+from qcrd_ray.testing import HoldingTeacher, patience
 
 pytestmark = pytest.mark.ray
 
 GOOD = "<Explanation>: I add the two numbers together. <Answer>: 8"
 ANSWER_FREELY = 6  # requests answered before the server starts holding them for the kill
-WAIT_S = 120.0  # bound on every wait below (a restart takes seconds; the machine is shared)
+WAIT_S = patience(120.0)  # bound on every wait below (a restart takes seconds; the machine is shared)
 EXAMPLES, K = 24, 2
-
-
-class HoldingOpenAI(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self):
-        state = self.server.state
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with state["lock"]:
-            state["attempts"][request["seed"]] += 1
-            state["requests"] += 1
-            hold = state["requests"] > ANSWER_FREELY
-        if hold:
-            state["held"].release()
-            state["resume"].wait(WAIT_S)
-        body = json.dumps({"id": "x", "choices": [{"message": {"role": "assistant", "content": GOOD}}]}).encode()
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:
-            pass  # the killed actor's connection is gone
-
-    def log_message(self, *args):
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        pass
 
 
 @pytest.fixture()
 def holding_server():
-    server = _Server(("127.0.0.1", 0), HoldingOpenAI)
-    server.state = {"lock": threading.Lock(), "attempts": Counter(), "requests": 0,
-                    "held": threading.Semaphore(0), "resume": threading.Event()}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = HoldingTeacher(GOOD, answer_freely=ANSWER_FREELY, hold_s=WAIT_S)
     yield server
-    server.state["resume"].set()
-    server.shutdown()
-    server.server_close()
+    server.close()
 
 
 def teacher_actors(address: str) -> list:
@@ -89,18 +48,17 @@ def kill_one_teacher_actor(server, figures: dict) -> None:
     import ray
 
     address = ray.get_runtime_context().gcs_address  # this session's cluster only
-    state = server.state
     try:
         for _ in range(2):  # two requests held: both actors of the pool are mid-batch
-            assert state["held"].acquire(timeout=WAIT_S), "the teacher pool never reached the server"
+            assert server.held.acquire(timeout=WAIT_S), "the teacher pool never reached the server"
         deadline = time.monotonic() + WAIT_S
         while len(actors := teacher_actors(address)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         victim = actors[0]
-        figures["requests_at_kill"] = state["requests"]
+        figures["requests_at_kill"] = server.requests
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        state["resume"].set()
+        server.resume()
         while time.monotonic() < deadline:
             again = [a for a in teacher_actors(address) if a.actor_id == victim.actor_id and a.pid != victim.pid]
             if again:
@@ -109,14 +67,14 @@ def kill_one_teacher_actor(server, figures: dict) -> None:
             time.sleep(0.1)
         figures["killed_pid"] = victim.pid
     finally:
-        state["resume"].set()  # never leave the run hanging on a failed assertion here
+        server.resume()  # never leave the run hanging on a failed assertion here
 
 
 def test_a_killed_teacher_actor_is_restarted_and_every_example_arrives_exactly_once(
         ray_session, holding_server, tmp_path):
     cfg = Config().replace(
         data={"synthetic_train_size": EXAMPLES},
-        teacher={"backend": "http", "model": "m", "base_url": f"http://127.0.0.1:{holding_server.server_port}/v1",
+        teacher={"backend": "http", "model": "m", "base_url": holding_server.base_url,
                  "k": K, "shard_rows": 6, "batch_size": 2, "min_actors": 2, "max_actors": 2, "num_cpus": 0.25,
                  "max_concurrency": 1, "timeout_s": WAIT_S, "max_retries": 0},
     )
@@ -131,7 +89,7 @@ def test_a_killed_teacher_actor_is_restarted_and_every_example_arrives_exactly_o
     assert "killed_pid" in figures, "no teacher actor was killed"
     assert figures["requests_at_kill"] < EXAMPLES * K  # the kill landed mid-run
     assert "restart_s" in figures, "the killed actor was not restarted"
-    attempts = holding_server.state["attempts"]
+    attempts = holding_server.attempts
     assert max(attempts.values()) >= 2  # the killed actor's batch was sent again
 
     rows = list(iter_teacher_rows(tmp_path))

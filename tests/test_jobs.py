@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from jobs import submit as jobs_submit
-from qcrd_ray.testing import free_port
+from qcrd_ray.testing import free_port, patience
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -70,12 +70,12 @@ def _head(env: dict[str, str]):
         # killed with the group; nothing of the head is kept.
         head.terminate()
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=patience(30))
         except subprocess.TimeoutExpired:
             pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=60)
+        head.wait(timeout=patience(60))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -97,7 +97,7 @@ def test_pipeline_job_writes_the_run_to_s3(ray_head, s3_server):
         ray_head, [sys.executable, "-m", "jobs.pipeline", "--out", uri, *SMALL_RUN], working_dir=str(ROOT),
         env={"TOKENIZERS_PARALLELISM": "false"},
     )
-    status = jobs_submit.wait(ray_head, job_id, timeout_s=600, poll_s=POLL_S)
+    status = jobs_submit.wait(ray_head, job_id, timeout_s=patience(600), poll_s=POLL_S)
     logs = jobs_submit._client(ray_head).get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
     assert jobs_submit.exit_code(status) == 0
@@ -113,7 +113,7 @@ def test_pipeline_job_writes_the_run_to_s3(ray_head, s3_server):
 def test_failed_job_gives_a_nonzero_exit_code(ray_head, tmp_path):
     job_id = jobs_submit.submit(ray_head, [sys.executable, "-m", "jobs.pipeline", "--set", "train.rounds=0"],
                                 working_dir=str(ROOT))
-    status = jobs_submit.wait(ray_head, job_id, timeout_s=300, poll_s=POLL_S)
+    status = jobs_submit.wait(ray_head, job_id, timeout_s=patience(300), poll_s=POLL_S)
     assert status == "FAILED"
     assert jobs_submit.exit_code(status) == 1
     assert "train.rounds" in jobs_submit._client(ray_head).get_job_logs(job_id)
@@ -212,7 +212,7 @@ def test_submit_sends_the_token_a_token_cluster_requires(token_head, tmp_path, m
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     job_id = jobs_submit.submit(address, entrypoint, working_dir=str(work))
-    assert jobs_submit.wait(address, job_id, timeout_s=120, poll_s=POLL_S) == "SUCCEEDED"
+    assert jobs_submit.wait(address, job_id, timeout_s=patience(120), poll_s=POLL_S) == "SUCCEEDED"
     assert "hello from the job" in jobs_submit._client(address).get_job_logs(job_id)
 
     # the CLI end to end, the token from ~/.ray/auth_token (where `ray get-auth-token --generate` puts it)

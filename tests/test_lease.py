@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from qcrd_ray import lease, storage
 from qcrd_ray.lease import Lease, LeaseHeld, LeaseLost
+from qcrd_ray.testing import patience
 
 NOW = 1_700_000_000.0
 HERE = socket.gethostname()
@@ -112,13 +114,28 @@ def test_a_lease_of_a_killed_driver_on_this_host_is_taken_over_at_once(tmp_path,
     assert "is no longer running" in caplog.text
 
 
-def test_a_driver_whose_lease_is_taken_over_is_stopped_with_lease_lost(tmp_path):
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_driver_whose_lease_is_taken_over_is_stopped_with_lease_lost(tmp_path, monkeypatch, sigint):
     """The heartbeat thread interrupts the main thread; `held` turns that into LeaseLost, whatever the block was
-    doing (here: waiting, as a driver waits on Ray)."""
-    with pytest.raises(LeaseLost, match="was taken over by .*this driver stopped"):
-        with lease.held(tmp_path, "qcrd run", **FAST):
-            Lease(tmp_path, "qcrd train", on_lost=lambda: None, **FAST).acquire(force=True)
-            time.sleep(10)
+    doing (here: waiting, as a driver waits on Ray). Also in a process that ignores SIGINT, as one started in the
+    background by a shell does: a Ctrl-C still does nothing to it, a lost lease stops it, and it is never sent the
+    SIGTERM that aborts a Ray driver at exit."""
+    terminated, kill = [], os.kill  # (os.kill(pid, 0) is how a lease asks whether its holder still runs)
+    monkeypatch.setattr(lease.os, "kill",  # a SIGTERM would end pytest
+                        lambda pid, sig: terminated.append(sig) if sig == signal.SIGTERM else kill(pid, sig))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint == "ignored" else None
+    try:
+        with pytest.raises(LeaseLost, match="was taken over by .*this driver stopped"):
+            with lease.held(tmp_path, "qcrd run", **FAST):
+                if sigint == "ignored":
+                    signal.raise_signal(signal.SIGINT)  # the terminal's Ctrl-C: still ignored
+                Lease(tmp_path, "qcrd train", on_lost=lambda: None, **FAST).acquire(force=True)
+                time.sleep(patience(10))  # interrupted long before
+        assert signal.getsignal(signal.SIGINT) is (signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    assert terminated == []
     assert (tmp_path / lease.LEASE_FILE).exists()  # the new holder's, left in place
 
 
@@ -158,7 +175,7 @@ TINY = [
     "--set", "student.tiny_layers=1", "--set", "student.tiny_vocab_size=400",
 ]
 ARGS = {"run": ["--methods", "finetune", *TINY], "teach": TINY}
-WAIT_S = 600.0  # a bound, not a duration: a loaded 2-core machine starts Ray slowly
+WAIT_S = patience(600.0)  # a bound, not a duration: a loaded 2-core machine starts Ray slowly
 REFUSED_WITHIN_S = 60.0  # the second driver reads the lease and leaves, before Ray or any stage starts
 HEARTBEAT_S = 0.5  # the first driver's heartbeat: a takeover stops it within this, not within lease.HEARTBEAT_S
 
@@ -209,7 +226,7 @@ def _wait_for(condition, driver: subprocess.Popen, what: str) -> None:
         if driver.poll() is not None or time.monotonic() > deadline:
             if driver.poll() is None:
                 os.killpg(driver.pid, 9)
-            out, err = driver.communicate(timeout=60)
+            out, err = driver.communicate(timeout=patience(60))
             pytest.fail(f"{what} never happened (driver exit {driver.returncode}): {out[-2000:]}{err[-3000:]}")
         time.sleep(0.1)
 

@@ -3,7 +3,8 @@ server on loopback. `qcrd run --out s3://…` from a scratch directory loses the
 mid-training and goes on on the other node, is then interrupted for real (its driver SIGKILLed once a complete
 checkpoint is in the bucket) and resumed by the same command; every artifact in the bucket and nothing in
 the scratch directory; then a second driver from another directory evaluates, reports and serves the run from its
-URI alone. A relative --out on this cluster is refused before anything is written."""
+URI alone. A `qcrd teach` to S3 loses the worker node of a teacher actor mid-batch and keeps every example exactly
+once. A relative --out on this cluster is refused before anything is written."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from qcrd_ray import storage
-from qcrd_ray.testing import free_port
+from qcrd_ray.testing import HoldingTeacher, free_port, patience
 from qcrd_ray.train import checkpoint as ckpt
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -42,7 +44,7 @@ SMALL_RUN = [
     "--set", "discriminator.pretrain_steps=5", "--set", "discriminator.refresh_steps=2",
     "--set", "student.max_target_len=48", "--set", "serve.num_cpus=0.25",
 ]
-WAIT_S = 600.0  # a bound, not a duration: a loaded 2-core machine starts Ray workers slowly
+WAIT_S = patience(600.0)  # a bound, not a duration: a loaded 2-core machine starts Ray workers slowly
 
 
 def _env(cluster) -> dict[str, str]:
@@ -112,7 +114,7 @@ def run_uri(multinode_cluster, s3_server, tmp_path_factory):
     finally:
         with contextlib.suppress(ProcessLookupError):  # (it ended by itself: the assertions below say how)
             os.killpg(first.pid, signal.SIGKILL)  # the driver and anything it spawned: no chance to clean up
-        first.wait(timeout=60)
+        first.wait(timeout=patience(60))
         if lost is not None:  # a replacement, as an autoscaler would bring: the rerun and later tests have two
             multinode_cluster.add_node(num_cpus=1)
             multinode_cluster.wait_for_nodes()
@@ -205,13 +207,14 @@ def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster,
         while True:
             assert server.poll() is None, server.stdout.read()[-4000:]
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=patience(5)).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "qcrd serve never became healthy"
             time.sleep(1)
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"input": "What is 5 plus 3?"}, timeout=60)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"input": "What is 5 plus 3?"},
+                          timeout=patience(60))
         assert resp.status_code == 200, resp.text
         # the answer's shape, not its value: a 9-step student rarely writes a parseable answer (its eval parses
         # none of 12), and the response says so with a null label rather than failing
@@ -221,10 +224,74 @@ def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster,
     finally:
         server.send_signal(signal.SIGTERM)  # qcrd serve shuts Serve down on SIGTERM
         try:
-            server.wait(timeout=60)
+            server.wait(timeout=patience(60))
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=60)
+            server.wait(timeout=patience(60))
+
+
+def _nodes_of_teacher_actors(cluster) -> list:
+    """The worker nodes that run a live teacher actor (Ray Data's ``MapWorker``), from the GCS actor table."""
+    from ray._private import state
+
+    nodes = {n.node_id: n for n in cluster.worker_nodes}
+    return [nodes[a["Address"]["NodeID"]] for a in state.actors().values()
+            if "MapWorker" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Address"]["NodeID"] in nodes]
+
+
+def test_a_node_lost_mid_teach_loses_no_example_and_duplicates_none(multinode_cluster, s3_server):
+    """`qcrd teach` to S3 (the http teacher, two actors) while the worker node of a teacher actor that holds a
+    request is removed without a goodbye: Ray restarts the actor on the remaining node, its batch runs again, and
+    the shards hold every example exactly once with all K samples answered."""
+    from qcrd_ray.config import Config
+    from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher
+    from qcrd_ray.teacher.shards import MANIFEST
+
+    examples, k = 16, 2
+    server = HoldingTeacher("<Explanation>: I add the two numbers together. <Answer>: 8", answer_freely=4,
+                            hold_s=WAIT_S)
+    out = storage.join(s3_server, "multinode", "teach-node-loss")
+    cfg = Config().replace(
+        data={"synthetic_train_size": examples},
+        teacher={"backend": "http", "model": "m", "base_url": server.base_url, "k": k, "shard_rows": 4,
+                 "batch_size": 2, "min_actors": 2, "max_actors": 2, "num_cpus": 0.25, "max_concurrency": 1,
+                 "timeout_s": WAIT_S, "max_retries": 0},
+    )
+    lost, requests_at_loss = [], []
+
+    def lose_a_node_mid_batch():
+        try:
+            assert server.held.acquire(timeout=WAIT_S), "the teacher pool never reached the server"
+            deadline = time.monotonic() + WAIT_S
+            while not (nodes := _nodes_of_teacher_actors(multinode_cluster)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            requests_at_loss.append(server.requests)
+            multinode_cluster.remove_node(nodes[0], allow_graceful=False)
+            lost.append(nodes[0])
+        finally:
+            server.resume()  # never leave the run hanging on a failed wait here
+
+    remover = threading.Thread(target=lose_a_node_mid_batch, daemon=True)
+    remover.start()
+    try:
+        summary = run_teacher(cfg, out)
+    finally:
+        remover.join(timeout=WAIT_S)
+        server.close()
+        if lost:  # a replacement, as an autoscaler would bring: later tests have two worker nodes
+            multinode_cluster.add_node(num_cpus=1)
+            multinode_cluster.wait_for_nodes()
+    assert lost, "no node was removed"
+    assert requests_at_loss[0] < examples * k  # the loss landed mid-teach
+    assert max(server.attempts.values()) >= 2  # the lost actor's batch was sent again
+    rows = list(iter_teacher_rows(out))
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == json.loads(storage.read_text(storage.join(out, MANIFEST)))["examples"] \
+        == examples
+    for row in rows:  # every sample exactly once, answered (not an error left by the lost node)
+        assert [s["index"] for s in row["samples"]] == list(range(k)), row["id"]
+        assert {s["status"] for s in row["samples"]} == {"ok"}, row["samples"]
+    assert summary["samples"] == examples * k and summary["request_failures"] == 0
 
 
 @pytest.mark.parametrize("entrypoint", [["-m", "jobs.pipeline"], ["-m", "jobs.teach"]])

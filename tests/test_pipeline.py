@@ -11,7 +11,7 @@ import pytest
 
 from conftest import SMALL, qcrd_run_args
 from qcrd_ray.cli import main
-from qcrd_ray.testing import free_port
+from qcrd_ray.testing import free_port, patience
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_printed_serve_command_serves_the_run_without_a_task(finished_run, share
         url = f"http://127.0.0.1:{cfg.serve.port}/v1/predict"
         question = "Tom has 5 apples. He buys 3 more.\nHow many apples does he have now?"
         for explain in (False, True):
-            r = httpx.post(url, json={"input": question, "explain": explain}, timeout=120)
+            r = httpx.post(url, json={"input": question, "explain": explain}, timeout=patience(120))
             assert r.status_code == 200, r.text
             assert r.json()["model"] == f"{finished_run.name}/qcrd"
             assert (r.json()["rationale"] is not None) == explain
@@ -110,7 +110,8 @@ def test_a_causal_lora_run_prints_a_serve_command_that_chats_with_and_without_st
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
     try:
         serve.run(build(args.model, cfg, args.name), name="causal", route_prefix="/")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serve.port}/v1", api_key="unused", timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serve.port}/v1", api_key="unused",
+                               timeout=patience(120))
         messages = [{"role": "user", "content": "Tom has 5 apples. He buys 3 more. How many apples does he have?"}]
         whole = client.chat.completions.create(model=f"{out.name}/qcrd", messages=messages, temperature=0,
                                                max_tokens=24)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from qcrd_ray.testing import patience
 
 # A driver in its own process (one process holds one Ray): starts its Ray the way every qcrd command does, then
 # asks Ray's state API, from inside a worker and without an address, about an actor of its own cluster. This is
@@ -26,7 +27,7 @@ PROBE = textwrap.dedent("""
     @ray.remote(num_cpus=0)
     def state_of(actor_id):
         from ray.util.state import get_actor
-        actor = get_actor(actor_id, timeout=30)
+        actor = get_actor(actor_id, timeout=patience(30))
         return actor.state if actor else "not found"
 
     alive = Alive.remote()
@@ -43,7 +44,7 @@ def test_workers_query_their_own_cluster_with_another_ray_on_the_machine(ray_ses
     group was removed")."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=patience(300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STATE ALIVE" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
@@ -92,7 +93,7 @@ def test_a_dead_cluster_address_is_named_within_seconds_and_no_address_starts_a_
             "ray.init = lambda **kw: calls.append(kw); ray_utils._route_ray_output = lambda quiet: None;"
             "ray_utils.init_ray(); print(calls[0]['address'])")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=patience(120))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "local"
 

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from qcrd_ray.config import Config
-from qcrd_ray.testing import train_tiny_student
+from qcrd_ray.testing import free_port, patience, train_tiny_student
 from serve.schemas import (
     CompletionPlan,
     CompletionRequest,
@@ -31,7 +31,6 @@ from serve.schemas import (
     plan_predict,
     served_tasks,
 )
-from qcrd_ray.testing import free_port
 
 LIMITS = Limits(max_input_chars=100, max_inputs_per_request=4, max_new_tokens=32)
 TASKS = served_tasks("synthetic")
@@ -428,7 +427,7 @@ def test_predict_matches_qcrd_eval(server, run_dir, tmp_path, mode):
 
     evaluate(run_dir, RUN_CONFIG, "test", mode, out_dir=tmp_path)
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    resp = httpx.post(f"{server}/v1/predict", timeout=60, json={
+    resp = httpx.post(f"{server}/v1/predict", timeout=patience(60), json={
         "task": "synthetic", "input": [r["input"] for r in records], "explain": mode == "explain"})
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -443,7 +442,7 @@ def test_predict_matches_qcrd_eval(server, run_dir, tmp_path, mode):
 
     # one question, the task taken from the run's config: the documented flat schema
     resp = httpx.post(f"{server}/v1/predict", json={"input": records[0]["input"], "explain": mode == "explain"},
-                      timeout=60)
+                      timeout=patience(60))
     one = resp.json()
     assert set(one) == {"label", "rationale", "output", "model"}
     assert {k: one[k] for k in ("label", "rationale", "output")} == body["predictions"][0]
@@ -501,7 +500,7 @@ def test_concurrent_requests_are_batched(server, reference):
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(
-            lambda q: httpx.post(f"{server}/v1/predict", json={"input": q}, timeout=60), questions))
+            lambda q: httpx.post(f"{server}/v1/predict", json={"input": q}, timeout=patience(60)), questions))
     assert [r.status_code for r in responses] == [200] * 16
     # batching must not change answers: each equals the same question decoded alone
     alone = dict(zip(QUESTIONS, reference([prompts.student_input("predict", q) for q in QUESTIONS])))
@@ -516,7 +515,7 @@ def test_concurrent_requests_are_batched(server, reference):
 def _post_json(url: str, body: dict) -> httpx.Response:
     # json.dumps escapes a lone surrogate as \ud800, as a client's JSON encoder does (httpx's own would raise)
     return httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"},
-                      timeout=120)
+                      timeout=patience(120))
 
 
 POISON = "Tom has 5 apples.\ud800 He buys 3 more.\nHow many apples does he have now?"
@@ -579,12 +578,12 @@ def test_one_poisoned_request_does_not_fail_the_requests_batched_with_it(server,
 )
 @pytest.mark.ray
 def test_bad_requests_get_a_clear_4xx(server, kwargs, status, words):
-    resp = httpx.post(f"{server}/v1/predict", timeout=30, **kwargs)
+    resp = httpx.post(f"{server}/v1/predict", timeout=patience(30), **kwargs)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error"
     # the service is still up and answering
-    assert httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=60).status_code == 200
+    assert httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=patience(60)).status_code == 200
 
 
 @pytest.mark.ray
@@ -600,10 +599,10 @@ def test_overload_answers_503_instead_of_queueing(server, run_dir):
     try:
         body = {"input": QUESTIONS[2], "explain": True, "max_new_tokens": 128}
         with ThreadPoolExecutor(12) as pool:
-            codes = list(pool.map(lambda _: httpx.post(f"{server}/tight/v1/predict", json=body, timeout=120)
+            codes = list(pool.map(lambda _: httpx.post(f"{server}/tight/v1/predict", json=body, timeout=patience(120))
                                   .status_code, range(12)))
         assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
-        assert httpx.post(f"{server}/tight/v1/predict", json=body, timeout=60).status_code == 200
+        assert httpx.post(f"{server}/tight/v1/predict", json=body, timeout=patience(60)).status_code == 200
     finally:
         serve.delete("tight")
 
@@ -621,18 +620,21 @@ def test_an_api_key_guards_every_route_but_healthz(server, run_dir):
     serve.run(build(run_dir, cfg, name="keyed", api_key="s3cret"), name="keyed", route_prefix="/keyed")
     try:
         url, body = f"{server}/keyed", {"input": QUESTIONS[0]}
-        assert httpx.post(f"{url}/v1/predict", json=body, timeout=60).status_code == 401
-        wrong = httpx.post(f"{url}/v1/predict", json=body, headers={"Authorization": "Bearer nope"}, timeout=60)
+        assert httpx.post(f"{url}/v1/predict", json=body, timeout=patience(60)).status_code == 401
+        wrong = httpx.post(f"{url}/v1/predict", json=body, headers={"Authorization": "Bearer nope"},
+                           timeout=patience(60))
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
-        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
-        assert httpx.get(f"{url}/healthz", timeout=30).json()["model"] == "keyed"
-        ok = httpx.post(f"{url}/v1/predict", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+        assert httpx.get(f"{url}/v1/models", timeout=patience(30)).status_code == 401
+        assert httpx.get(f"{url}/healthz", timeout=patience(30)).json()["model"] == "keyed"
+        ok = httpx.post(f"{url}/v1/predict", json=body, headers={"Authorization": "Bearer s3cret"},
+                        timeout=patience(60))
         assert ok.status_code == 200, ok.text
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert client.completions.create(model="keyed", prompt="predict: 1 + 2", max_tokens=4).model == "keyed"
-        assert httpx.post(f"{server}/v1/predict", json=body, timeout=60).status_code == 200  # other apps: no key
+        # other apps: no key
+        assert httpx.post(f"{server}/v1/predict", json=body, timeout=patience(60)).status_code == 200
     finally:
         serve.delete("keyed")
 
@@ -723,9 +725,9 @@ def test_a_model_on_storage_is_served(server, s3_run):
     cfg = Config().replace(serve={"min_replicas": 1, "max_replicas": 1, "max_new_tokens": 48})
     serve.run(build(f"{s3_run}/qcrd", cfg), name="from-s3", route_prefix="/s3")
     try:
-        remote = httpx.post(f"{server}/s3/v1/predict", json={"input": QUESTIONS[0]}, timeout=60)
+        remote = httpx.post(f"{server}/s3/v1/predict", json={"input": QUESTIONS[0]}, timeout=patience(60))
         assert remote.status_code == 200, remote.text
-        local = httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=60).json()
+        local = httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=patience(60)).json()
         assert remote.json()["model"] == "serve-run/qcrd"
         assert {k: remote.json()[k] for k in ("label", "output")} == {k: local[k] for k in ("label", "output")}
     finally:
@@ -772,10 +774,10 @@ def test_crashed_replica_is_replaced(server):
     assert name.endswith(old)
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
-    deadline, resp = time.monotonic() + 120, None
+    deadline, resp = time.monotonic() + patience(120), None
     while time.monotonic() < deadline:
         try:
-            resp = httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=30)
+            resp = httpx.post(f"{server}/v1/predict", json={"input": QUESTIONS[0]}, timeout=patience(30))
             if resp.status_code == 200:
                 break
         except httpx.HTTPError:

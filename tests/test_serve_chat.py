@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from qcrd_ray.config import Config
-from qcrd_ray.testing import TINY_CHAT_TEMPLATE, train_tiny_student
+from qcrd_ray.testing import TINY_CHAT_TEMPLATE, patience, train_tiny_student
 from serve.schemas import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -358,7 +358,7 @@ def causal_reference(causal_model):
 def _client(server):
     import openai
 
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=patience(120))
 
 
 @pytest.mark.ray
@@ -428,7 +428,7 @@ def test_causal_streams_add_up_to_the_non_streamed_text(causal_server, route):
 def test_a_stream_is_server_sent_events_ending_in_done(causal_server):
     body = {"model": NAME, "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 16,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{causal_server}/v1/chat/completions", json=body, timeout=120) as resp:
+    with httpx.stream("POST", f"{causal_server}/v1/chat/completions", json=body, timeout=patience(120)) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -456,7 +456,7 @@ def test_a_prompt_over_the_students_input_length_is_refused(causal_server):
         ("chat/completions", {"messages": [{"role": "user", "content": long}], "stream": True}, "messages"),
     ]
     for route, body, param in cases:
-        resp = httpx.post(f"{causal_server}/v1/{route}", json=body, timeout=60)
+        resp = httpx.post(f"{causal_server}/v1/{route}", json=body, timeout=patience(60))
         assert resp.status_code == 422, (route, resp.text)
         error = resp.json()["error"]
         assert error["param"] == param and f"over this model's limit of {MAX_INPUT_LEN} input tokens" in \

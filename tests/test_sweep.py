@@ -25,6 +25,7 @@ from qcrd_ray.sweep.rescore import rescore_valid
 from qcrd_ray.sweep.spec import grid_points, load_sweep, teacher_key, trial_config, trial_name
 from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_sd, paired_difference, pairs_for_half_width,
                                   pooled_rows)
+from qcrd_ray.testing import patience
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,10 +210,10 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
                                "--out", str(out)], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600  # ~1 min on an idle 2-core machine; minutes at a load average of 30
+        deadline = time.monotonic() + patience(600)  # ~1 min on an idle 2-core machine; minutes at a load average of 30
         while not (first / "finetune" / "eval" / "test-predict" / "metrics.json").exists():
             assert driver.poll() is None, "the sweep ended before its first trial finished"
-            assert time.monotonic() < deadline, "the first trial did not finish in 600 s"
+            assert time.monotonic() < deadline, f"the first trial did not finish in {patience(600):.0f} s"
             time.sleep(1)
         time.sleep(2)
     finally:

@@ -22,6 +22,7 @@ from qcrd_ray.teacher.backends.hf import HFBackend
 from qcrd_ray.teacher.pipeline import MAX_INPUT_BLOCKS, error_records, input_blocks, iter_teacher_rows, run_teacher
 from qcrd_ray.teacher.shards import plan_shards
 from qcrd_ray.teacher.summary import summarize
+from qcrd_ray.testing import patience
 
 
 def _synthetic(n: int, **teacher) -> Config:
@@ -85,7 +86,7 @@ def test_teacher_finishes_while_other_work_holds_all_but_one_cpu(ray_session, tm
     busy = ray.available_resources().get("CPU", 0.0) - 1.0
     held = placement_group([{"CPU": busy}]) if busy > 0 else None
     if held is not None:
-        ray.get(held.ready(), timeout=60)
+        ray.get(held.ready(), timeout=patience(60))
     done: list = []
     thread = threading.Thread(target=lambda: done.append(run_teacher(_synthetic(12), tmp_path / "t")), daemon=True)
     thread.start()

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from qcrd_ray.config import ConfigError, from_dict
+from qcrd_ray.testing import free_port, patience
 from qcrd_ray.trackers import log_results, open_trackers
-from qcrd_ray.testing import free_port
 
 # what rank 0 writes to metrics.jsonl: per-step lines (every loss term, D's scores, lr, throughput) and round ends
 STEP_LINES = [
@@ -42,22 +42,22 @@ def mlflow_server(tmp_path_factory):
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300  # a loaded 2-core machine: the server has taken 100 s to start
+        deadline = time.monotonic() + patience(300)  # a loaded 2-core machine: the server has taken 100 s to start
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{url}/health", timeout=patience(2)) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             assert server.poll() is None, (root / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 300 s"
+            assert time.monotonic() < deadline, f"mlflow server did not answer /health in {patience(300):.0f} s"
             time.sleep(1)
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=patience(30))
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()

@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 from qcrd_ray import storage
 from qcrd_ray.methods import method_spec
 from qcrd_ray.runs import MethodLayout
+from qcrd_ray.testing import patience
 from qcrd_ray.train import checkpoint as ckpt
 from qcrd_ray.train.trainer import run_training
 from train_fixtures import small_config, write_teacher_dir
 
 pytestmark = pytest.mark.ray
 
-WAIT_S = 120.0  # bound on every wait of the killer below (a loaded 2-core machine starts workers slowly)
+WAIT_S = patience(120.0)  # bound on every wait of the killer below (a loaded 2-core machine starts workers slowly)
 TRAIN_WORKER_CLASS = "RayTrainWorker"  # Ray Train's worker actor class
 # rounds long enough (a few seconds each here) that a kill after round 1's checkpoint lands before the run ends
 RESUME_CFG = dict(train={"rounds": 4, "round_steps": 4, "method": "qcrd"})

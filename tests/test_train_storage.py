@@ -3,6 +3,10 @@ bucket and nothing local, used again from its URI alone, is tests/test_multinode
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from qcrd_ray import storage
 from qcrd_ray.train import checkpoint as ckpt
 from train_fixtures import small_config
 
@@ -20,6 +24,25 @@ def test_latest_skips_a_checkpoint_whose_upload_was_cut(tmp_path):
     assert ckpt.latest(tmp_path) == str(good)
     assert ckpt.load_state(ckpt.latest(tmp_path)).completed_rounds == 1
     assert ckpt.latest(tmp_path / "missing") is None
+
+
+def test_prune_keeps_the_newest_complete_checkpoints_and_any_newer_partial_one(tmp_path):
+    """What Ray Train's num_to_keep cannot delete (a checkpoint it never recorded: its run was killed after the
+    upload, before the record, and resumed from it all the same) goes after the run."""
+    def complete(rounds: int) -> None:
+        folder = tmp_path / ckpt.round_dir_name(rounds)
+        folder.mkdir()
+        (folder / "a.bin").write_bytes(b"x" * rounds)
+        (folder / storage.COMPLETE_MARKER).write_text(json.dumps({"files": {"a.bin": rounds}}))
+
+    for rounds in (1, 3, 4):
+        complete(rounds)
+    for rounds in (2, 5):  # cut mid-upload: no listing
+        (tmp_path / ckpt.round_dir_name(rounds)).mkdir()
+    deleted = ckpt.prune(tmp_path, keep=2)
+    assert sorted(Path(d).name for d in deleted) == ["round_0001", "round_0002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0003", "round_0004", "round_0005"]
+    assert ckpt.prune(tmp_path, keep=2) == [] and ckpt.latest(tmp_path) == str(tmp_path / "round_0004")
 
 
 class _Payload:
@@ -40,15 +63,18 @@ def test_a_trainer_state_with_code_in_it_is_refused_not_run(tmp_path, monkeypatc
     import torch
 
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    step = {"sampling": torch.Generator().manual_seed(5)}  # the training step's own stream (DistillModel.generators)
+    torch.rand(3, generator=step["sampling"])
     real = ckpt.TrainerState(2, 4, 0.5, {"state": {0: {"step": torch.tensor(4.0)}}}, {"last_epoch": 4},
-                             [ckpt.rng_state()])
+                             [ckpt.rng_state(step)])
     (tmp_path / "good").mkdir()
     torch.save(vars(real), tmp_path / "good" / ckpt.STATE_FILE)
     loaded = ckpt.load_state(tmp_path / "good")
-    expected = (random.random(), np.random.rand(), torch.rand(1))
+    expected = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=step["sampling"]))
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    ckpt.set_rng_state(loaded.rng[0])
-    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    resumed = {"sampling": torch.Generator().manual_seed(5)}  # as a restarted worker builds it: at its seed
+    ckpt.set_rng_state(loaded.rng[0], resumed)
+    assert (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=resumed["sampling"])) == expected
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("QCRD_PWNED", str(marker))

@@ -166,6 +166,11 @@ class DistillModel(nn.Module):
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # the `sampling` scheme's draws
         self.d_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # discriminator.pairs_per_step's draws
 
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        """The step's own random streams, which a checkpoint saves and a resume restores with the global ones."""
+        return {"sampling": self.generator, "pairs": self.d_generator}
+
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups: the student at the optimizer's lr, D's own parameters (not a shared
         encoder) at ``discriminator.lr``."""

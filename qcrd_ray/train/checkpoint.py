@@ -37,12 +37,6 @@ def round_dir_name(completed_rounds: int) -> str:
     return f"round_{completed_rounds:04d}"
 
 
-def rounds_of(location: storage.Location) -> int:
-    """The completed rounds a checkpoint's folder name says (``round_NNNN``); -1 for another name."""
-    m = _ROUND_DIR.match(storage.basename(location))
-    return int(m.group(1)) if m else -1
-
-
 @dataclass
 class TrainerState:
     completed_rounds: int  # the round training resumes at
@@ -53,18 +47,23 @@ class TrainerState:
     rng: list  # per rank: see rng_state()
 
 
-def rng_state() -> dict:
-    """This process's RNG states in types ``torch.load(weights_only=True)`` reads back (numpy's key as a list)."""
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """This process's RNG states, and those of ``generators`` (the training step's own streams), in types
+    ``torch.load(weights_only=True)`` reads back (numpy's key as a list)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached))}
+            "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+            "generators": {key: g.get_state() for key, g in (generators or {}).items()}}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    for key, g in (generators or {}).items():
+        if key in state.get("generators", {}):  # (a checkpoint written before the step's streams were saved)
+            g.set_state(state["generators"][key])
 
 
 def save(path: str | Path, student, tokenizer, disc, state: TrainerState) -> Path:
@@ -101,14 +100,28 @@ def is_complete(location: storage.Location) -> bool:
     return all(i.type == pafs.FileType.File and i.size == listing[rel] for rel, i in zip(listing, infos))
 
 
-def latest(checkpoints: storage.Location) -> str | None:
-    """The complete checkpoint with the most completed rounds under ``checkpoints`` (a path or a URI), or None."""
+def _round_dirs(checkpoints: storage.Location) -> list[tuple[int, str]]:
+    """(completed rounds, location) of every ``round_NNNN`` folder under ``checkpoints``, newest first."""
     fs, path = storage.resolve(checkpoints)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    found = sorted(((int(m.group(1)), m.group(0)) for i in infos if i.type == pafs.FileType.Directory
-                    and (m := _ROUND_DIR.match(i.base_name))), reverse=True)
-    for _, name in found:
-        location = storage.join(checkpoints, name)
-        if is_complete(location):
-            return location
-    return None
+    return sorted(((int(m.group(1)), storage.join(checkpoints, m.group(0))) for i in infos
+                   if i.type == pafs.FileType.Directory and (m := _ROUND_DIR.match(i.base_name))), reverse=True)
+
+
+def latest(checkpoints: storage.Location) -> str | None:
+    """The complete checkpoint with the most completed rounds under ``checkpoints`` (a path or a URI), or None."""
+    return next((location for _, location in _round_dirs(checkpoints) if is_complete(location)), None)
+
+
+def prune(checkpoints: storage.Location, keep: int) -> list[str]:
+    """Delete every checkpoint folder older than the newest ``keep`` complete ones; returns what it deleted.
+    Newer incomplete folders stay (a save under way, or one a resumed run writes again)."""
+    found = _round_dirs(checkpoints)
+    complete = [rounds for rounds, location in found if is_complete(location)]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[keep - 1]
+    deleted = [location for rounds, location in found if rounds < oldest_kept]
+    for location in deleted:
+        storage.delete_dir(location)
+    return deleted

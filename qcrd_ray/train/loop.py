@@ -221,17 +221,17 @@ class RankZeroLog:
                                        f"{self.layout.train}: storage still failing (see the warnings above)")
 
 
-def resume_checkpoint(recorded, complete: str | None):
-    """The checkpoint a worker group resumes from: ``recorded`` (``ray.train.get_checkpoint()``: the last checkpoint
-    Ray Train recorded, this call's latest after a worker-group restart) unless ``complete`` (the driver's
-    ``ckpt.latest`` when the call started, a path or URI) holds more rounds. Ray Train records a checkpoint only
-    after its folder is uploaded: a driver killed in between leaves a complete checkpoint the next ``fit`` would
-    not hand over, while the driver set the negative sampler and the snapshot store up to resume from it."""
-    if complete is None:
-        return recorded
-    if recorded is not None and ckpt.rounds_of(recorded.path) >= ckpt.rounds_of(complete):
-        return recorded
-    fs, path = storage.resolve(complete)
+def resume_checkpoint(checkpoints: storage.Location):
+    """The checkpoint a worker group starts from: the newest complete one under ``checkpoints`` (``ckpt.latest``,
+    a path or a URI), or None. The one source of the resume point: the driver sets the negative sampler and the
+    snapshot store up from the same call, and a group restarted within a call asks again. Not Ray Train's
+    ``get_checkpoint()``: it records a checkpoint only after the upload, so a worker or driver killed in between
+    leaves a complete checkpoint it would not hand over (the group would start at round 0 while the store and
+    sampler expect the later round)."""
+    latest = ckpt.latest(checkpoints)
+    if latest is None:
+        return None
+    fs, path = storage.resolve(latest)
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
@@ -258,9 +258,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Which rows a rank gets is up to Ray Data's split, and may differ in a resumed run: each rank's RNG state (its
     # dropout stream, advanced by the shapes of its own batches) is saved and restored with its rows, not its rank
     shard_key = hashlib.sha1("\n".join(str(r["id"]) for r in rows).encode()).hexdigest()
+    log.info("rank %d: %d rows (shard %s)", rank, len(rows), shard_key[:12])
 
     # ---- model: resume from the last checkpoint, else the initial student the driver built
-    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), loop_config.get("resume_from"))
+    checkpoint = resume_checkpoint(layout.checkpoints)
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
         resume_dir = Path(resume_dir) if resume_dir else None
         # the initial student: downloaded from the run's storage into this node's cache (a local run: read in
@@ -283,7 +284,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
             if len(state.rng) == world:  # the state of the rank that held these rows (shards are not pinned to ranks)
-                ckpt.set_rng_state(next((r for r in state.rng if r.get("shard") == shard_key), state.rng[rank]))
+                ckpt.set_rng_state(next((r for r in state.rng if r.get("shard") == shard_key), state.rng[rank]),
+                                   model.generators)
             start_round, global_step = state.completed_rounds, state.global_step
             log.info("rank %d: resuming at round %d (step %d)", rank, start_round, global_step)
     if not resume_dir:
@@ -359,7 +361,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if core.disc is not None:  # every rank on its own rows, gradients averaged (discriminator.py)
                 refresh(core.disc, tokenizer, with_negatives(rows, negatives), cfg, seed=tc.seed + completed)
         rng = [None] * world
-        dist.all_gather_object(rng, {**ckpt.rng_state(), "shard": shard_key})
+        dist.all_gather_object(rng, {**ckpt.rng_state(core.generators), "shard": shard_key})
         round_metrics = {"step": global_step, "completed_rounds": completed, "round_s": round_s,
                          "neg_wait_s": neg_wait, "neg_wait_share": neg_wait / round_s if round_s else 0.0,
                          "neg_missing": neg_missing, "time": time.time()}  # wall clock: round-to-round time

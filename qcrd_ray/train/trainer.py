@@ -86,8 +86,11 @@ def run_training(cfg: Config, teacher_dir: storage.Location, run_dir: storage.Lo
     last = ckpt.latest(layout.checkpoints)
     done = ckpt.load_state(last).completed_rounds if last else 0
     if done < cfg.train.rounds:
-        _fit(cfg, teacher_files(teacher_dir), layout, resume_round=done, resume_from=last)
+        _fit(cfg, teacher_files(teacher_dir), layout, resume_round=done)
         last = ckpt.latest(layout.checkpoints)
+        # Ray Train's num_to_keep deletes only the checkpoints it recorded; one uploaded by a run killed before
+        # Ray Train recorded it (the run resumed from it all the same, train.loop.resume_checkpoint) stays
+        ckpt.prune(layout.checkpoints, cfg.train.keep_checkpoints)
     else:
         log.info("%s: all %d rounds already trained; exporting the last checkpoint", layout.root, done)
     state = ckpt.load_state(last)
@@ -110,8 +113,7 @@ def _init_student(cfg: Config, table, layout: MethodLayout) -> None:
         storage.upload_dir(tmp, layout.init_model)
 
 
-def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int,
-         resume_from: str | None = None) -> None:
+def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -146,10 +148,7 @@ def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int,
     storage_path, storage_fs = storage.train_storage(layout.train)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # resume_from: the checkpoint resume_round was read from, which the loop takes when Ray Train has no newer
-        # one to give (train.loop.resume_checkpoint)
-        train_loop_config={"cfg": cfg, "layout": layout, "store": store, "negatives": pool,
-                           "resume_from": resume_from},
+        train_loop_config={"cfg": cfg, "layout": layout, "store": store, "negatives": pool},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.num_cpus_per_worker}),
