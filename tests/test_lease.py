@@ -123,7 +123,9 @@ def test_a_driver_whose_lease_is_taken_over_is_stopped_with_lease_lost(tmp_path,
     terminated, kill = [], os.kill  # (os.kill(pid, 0) is how a lease asks whether its holder still runs)
     monkeypatch.setattr(lease.os, "kill",  # a SIGTERM would end pytest
                         lambda pid, sig: terminated.append(sig) if sig == signal.SIGTERM else kill(pid, sig))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint == "ignored" else None
+    # (set either way: pytest itself may run with SIGINT ignored, started in the background)
+    handler = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         with pytest.raises(LeaseLost, match="was taken over by .*this driver stopped"):
             with lease.held(tmp_path, "qcrd run", **FAST):
@@ -131,10 +133,9 @@ def test_a_driver_whose_lease_is_taken_over_is_stopped_with_lease_lost(tmp_path,
                     signal.raise_signal(signal.SIGINT)  # the terminal's Ctrl-C: still ignored
                 Lease(tmp_path, "qcrd train", on_lost=lambda: None, **FAST).acquire(force=True)
                 time.sleep(patience(10))  # interrupted long before
-        assert signal.getsignal(signal.SIGINT) is (signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+        assert signal.getsignal(signal.SIGINT) is handler  # the lease's own handler is gone with the lease
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)
     assert terminated == []
     assert (tmp_path / lease.LEASE_FILE).exists()  # the new holder's, left in place
 

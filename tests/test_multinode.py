@@ -241,8 +241,9 @@ def _nodes_of_teacher_actors(cluster) -> list:
 
 def test_a_node_lost_mid_teach_loses_no_example_and_duplicates_none(multinode_cluster, s3_server):
     """`qcrd teach` to S3 (the http teacher, two actors) while the worker node of a teacher actor that holds a
-    request is removed without a goodbye: Ray restarts the actor on the remaining node, its batch runs again, and
-    the shards hold every example exactly once with all K samples answered."""
+    request is removed without a goodbye (and a replacement added, as an autoscaler would): Ray restarts the
+    actor on a live node, its batch runs again, and the shards hold every example exactly once with all K
+    samples answered. (After the run's tests: Serve's detached actors of the serve test may still hold a CPU.)"""
     from qcrd_ray.config import Config
     from qcrd_ray.teacher.pipeline import iter_teacher_rows, run_teacher
     from qcrd_ray.teacher.shards import MANIFEST
@@ -268,19 +269,22 @@ def test_a_node_lost_mid_teach_loses_no_example_and_duplicates_none(multinode_cl
             requests_at_loss.append(server.requests)
             multinode_cluster.remove_node(nodes[0], allow_graceful=False)
             lost.append(nodes[0])
+            # a replacement, as an autoscaler brings one: the restarted actor and Ray Data's tasks find room on a
+            # live node whatever else the cluster holds
+            multinode_cluster.add_node(num_cpus=1)
         finally:
             server.resume()  # never leave the run hanging on a failed wait here
 
     remover = threading.Thread(target=lose_a_node_mid_batch, daemon=True)
     remover.start()
+    started = time.monotonic()
     try:
         summary = run_teacher(cfg, out)
+        elapsed = time.monotonic() - started
     finally:
         remover.join(timeout=WAIT_S)
         server.close()
-        if lost:  # a replacement, as an autoscaler would bring: later tests have two worker nodes
-            multinode_cluster.add_node(num_cpus=1)
-            multinode_cluster.wait_for_nodes()
+        multinode_cluster.wait_for_nodes()
     assert lost, "no node was removed"
     assert requests_at_loss[0] < examples * k  # the loss landed mid-teach
     assert max(server.attempts.values()) >= 2  # the lost actor's batch was sent again
@@ -292,6 +296,9 @@ def test_a_node_lost_mid_teach_loses_no_example_and_duplicates_none(multinode_cl
         assert [s["index"] for s in row["samples"]] == list(range(k)), row["id"]
         assert {s["status"] for s in row["samples"]} == {"ok"}, row["samples"]
     assert summary["samples"] == examples * k and summary["request_failures"] == 0
+    resent = sum(n - 1 for n in server.attempts.values())
+    print(f"\nnode lost mid-teach: requests at the loss {requests_at_loss[0]}/{examples * k}, {resent} requests "
+          f"resent, 0 rows lost or duplicated, teach {elapsed:.1f}s")
 
 
 @pytest.mark.parametrize("entrypoint", [["-m", "jobs.pipeline"], ["-m", "jobs.teach"]])

@@ -210,12 +210,16 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
                                "--out", str(out)], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + patience(600)  # ~1 min on an idle 2-core machine; minutes at a load average of 30
+        # ~1 min on an idle 2-core machine; minutes at a load average of 30
+        deadline = time.monotonic() + patience(600)
         while not (first / "finetune" / "eval" / "test-predict" / "metrics.json").exists():
             assert driver.poll() is None, "the sweep ended before its first trial finished"
             assert time.monotonic() < deadline, f"the first trial did not finish in {patience(600):.0f} s"
             time.sleep(1)
-        time.sleep(2)
+        while not (out / "trials" / "method=qcrd,seed=0").exists():  # trial 2 under way: Tune recorded trial 1
+            assert driver.poll() is None, "the sweep ended before its second trial started"
+            assert time.monotonic() < deadline, "the second trial did not start"
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
