@@ -12,7 +12,7 @@ teacher actors (GCS tables); the figure and a summary line go to ``--figure`` an
     python benchmarks/autoscaling.py --max-actors 2 --examples 60      # smoke run
 
 Its own head on a free port and its own temp dir (other local Rays are left alone); everything it started is
-killed at the end, found by its session name.
+killed at the end, found by that temp dir in its command line.
 """
 
 from __future__ import annotations
@@ -62,13 +62,14 @@ def start_head(config: dict, port: int, temp_dir: str) -> None:
                    env=env, check=True, capture_output=True, text=True)
 
 
-def kill_cluster(session_name: str) -> None:
-    """Every process whose command line names this cluster's session (head, autoscaler, fake nodes, workers)."""
+def kill_cluster(marker: str) -> None:
+    """Every process whose command line names ``marker`` (this cluster's temp dir: head, autoscaler, fake nodes
+    and their workers all name their session folder under it)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if session_name in (entry / "cmdline").read_bytes().decode(errors="replace"):
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
                 os.kill(int(entry.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
@@ -109,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--min-actors", type=int, default=1)
     parser.add_argument("--max-actors", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=120, help="questions taught (k=2 samples each)")
+    parser.add_argument("--examples", type=int, default=200, help="questions taught (k=2 samples each)")
     parser.add_argument("--latency-s", type=float, default=0.5, help="the teacher server's answer time")
     parser.add_argument("--idle-s", type=float, default=15.0, help="idle time before a node is terminated")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "autoscaling.png")
@@ -121,18 +122,18 @@ def main() -> None:
     from qcrd_ray.teacher.pipeline import run_teacher
     from qcrd_ray.testing import HoldingTeacher, free_port
 
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster: no token for head or driver
     port, temp_dir = free_port(), tempfile.mkdtemp(prefix="qcrd-as-")
     ip = ray.util.get_node_ip_address()
     start_head(autoscaler_config(f"{ip}:{port}", args.max_actors, args.idle_s), port, temp_dir)
     t0 = time.monotonic()
-    ray.init(address=f"{ip}:{port}", log_to_driver=False)
-    session = ray._private.worker.global_worker.node.session_name
     server = HoldingTeacher(ANSWER, answer_freely=0, hold_s=args.latency_s)  # never resumed: every answer waits
     samples: list = []
     stop = threading.Event()
     sampler = threading.Thread(target=sample, args=(stop, samples, t0), daemon=True)
-    sampler.start()
     try:
+        ray.init(address=f"{ip}:{port}", log_to_driver=False)
+        sampler.start()
         cfg = Config().replace(
             data={"synthetic_train_size": args.examples},
             teacher={"backend": "http", "model": "m", "base_url": server.base_url, "k": 2, "shard_rows": 20,
@@ -147,10 +148,11 @@ def main() -> None:
             time.sleep(1)
     finally:
         stop.set()
-        sampler.join()
+        if sampler.is_alive():
+            sampler.join()
         server.close()
         ray.shutdown()
-        kill_cluster(session)
+        kill_cluster(temp_dir)  # every process of this cluster names its session folder, under temp_dir
     peak_actors = max(a for _, _, a in samples)
     peak_nodes = max(n for _, n, _ in samples)
     at_peak = next(t for t, _, a in samples if a == peak_actors)
