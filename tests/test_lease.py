@@ -177,7 +177,7 @@ TINY = [
 ]
 ARGS = {"run": ["--methods", "finetune", *TINY], "teach": TINY}
 WAIT_S = patience(600.0)  # a bound, not a duration: a loaded 2-core machine starts Ray slowly
-REFUSED_WITHIN_S = 60.0  # the second driver reads the lease and leaves, before Ray or any stage starts
+REFUSED_WITHIN_S = patience(60.0)  # the second driver reads the lease and leaves, before Ray or any stage starts
 HEARTBEAT_S = 0.5  # the first driver's heartbeat: a takeover stops it within this, not within lease.HEARTBEAT_S
 
 # The first driver: the real CLI (qcrd_ray.cli.main, what the `qcrd` script runs) with two test hooks on the

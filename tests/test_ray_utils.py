@@ -87,7 +87,7 @@ def test_a_dead_cluster_address_is_named_within_seconds_and_no_address_starts_a_
     start = time.monotonic()
     with pytest.raises(ClusterUnreachable, match=f"no Ray cluster answers at {dead}"):
         check_reachable(dead, timeout_s=5.0)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 5.0 + patience(5.0)  # its own 5 s, and slack for a busy machine
     check_reachable("auto"), check_reachable("ray://head:10001")  # left to Ray
     code = ("import os, ray; from qcrd_ray import ray_utils; calls = [];"
             "ray.init = lambda **kw: calls.append(kw); ray_utils._route_ray_output = lambda quiet: None;"
