@@ -214,10 +214,13 @@ def multinode_cluster(request, s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
-    try:
-        cluster = start()
-    except Exception:  # Ray gives a raylet a fixed 30 s to register; a loaded 2-core machine can miss it once
-        cluster = start()
+    for attempt in range(3):  # Ray gives a raylet a fixed 30 s to register; a loaded 2-core machine can miss it
+        try:
+            cluster = start()
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     try:
         ray.init(address=cluster.address, log_to_driver=True, configure_logging=False,
                  runtime_env=worker_runtime_env())
