@@ -27,6 +27,7 @@ PROBE = textwrap.dedent("""
     @ray.remote(num_cpus=0)
     def state_of(actor_id):
         from ray.util.state import get_actor
+        from qcrd_ray.testing import patience
         actor = get_actor(actor_id, timeout=patience(30))
         return actor.state if actor else "not found"
 
