@@ -222,7 +222,8 @@ class HoldingTeacher:
     answers the first ``answer_freely`` requests with ``answer``, then holds each later one (counted on
     :attr:`held`, a semaphore a test waits on) until :meth:`resume` or ``hold_s``. So a kill, of an actor or of a
     node, always lands with batches in flight, however loaded the machine. :attr:`attempts` counts the requests
-    per sample seed (a resent batch shows as a seed asked twice)."""
+    per sample seed (a resent batch shows as a seed asked twice); :meth:`holders` names the processes waiting on a
+    held request, so a test kills one that really has a batch in flight."""
 
     def __init__(self, answer: str, answer_freely: int, hold_s: float):
         import collections
@@ -230,7 +231,7 @@ class HoldingTeacher:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.attempts, self.requests = collections.Counter(), 0
+        self.attempts, self.requests, self._held_ports = collections.Counter(), 0, set()
         self.held, self._resume, self._lock = threading.Semaphore(0), threading.Event(), threading.Lock()
         teacher = self
 
@@ -243,6 +244,8 @@ class HoldingTeacher:
                     teacher.attempts[request["seed"]] += 1
                     teacher.requests += 1
                     hold = teacher.requests > answer_freely
+                    if hold:
+                        teacher._held_ports.add(self.client_address[1])
                 if hold:
                     teacher.held.release()
                     teacher._resume.wait(hold_s)
@@ -268,6 +271,16 @@ class HoldingTeacher:
         self._server = Server(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self._server.server_port}/v1"
         threading.Thread(target=self._server.serve_forever, name="holding-teacher", daemon=True).start()
+
+    def holders(self) -> set[int]:
+        """The pids of the processes whose connection holds a request now (from the kernel's socket table: the
+        client end of a held connection is a local port this server saw)."""
+        import psutil
+
+        with self._lock:
+            ports = set(self._held_ports)
+        return {c.pid for c in psutil.net_connections(kind="tcp")
+                if c.pid and c.laddr and c.laddr.port in ports and c.raddr and c.raddr.port == self._server.server_port}
 
     def resume(self) -> None:
         """Answer every held request, and every later one at once."""

@@ -239,13 +239,15 @@ def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster,
         serve.shutdown()  # what it started leaves the cluster with it, whichever way it exited
 
 
-def _nodes_of_teacher_actors(cluster) -> list:
-    """The worker nodes that run a live teacher actor (Ray Data's ``MapWorker``), from the GCS actor table."""
+def _nodes_of_teacher_actors(cluster, pids: set[int]) -> list:
+    """The worker nodes that run a live teacher actor (Ray Data's ``MapWorker``) whose process is one of ``pids``,
+    from the GCS actor table."""
     from ray._private import state
 
     nodes = {n.node_id: n for n in cluster.worker_nodes}
     return [nodes[a["Address"]["NodeID"]] for a in state.actors().values()
-            if "MapWorker" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Address"]["NodeID"] in nodes]
+            if "MapWorker" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Pid"] in pids
+            and a["Address"]["NodeID"] in nodes]
 
 
 def test_a_node_lost_mid_teach_loses_no_example_and_duplicates_none(multinode_cluster, s3_server):
@@ -273,8 +275,12 @@ def test_a_node_lost_mid_teach_loses_no_example_and_duplicates_none(multinode_cl
         try:
             assert server.held.acquire(timeout=WAIT_S), "the teacher pool never reached the server"
             deadline = time.monotonic() + WAIT_S
-            while not (nodes := _nodes_of_teacher_actors(multinode_cluster)) and time.monotonic() < deadline:
+            # the node of an actor that holds a request now: the other actor may sit between batches, and losing it
+            # would resend nothing
+            while not (nodes := _nodes_of_teacher_actors(multinode_cluster, server.holders())) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.2)
+            assert nodes, "no teacher actor held a request"
             requests_at_loss.append(server.requests)
             multinode_cluster.remove_node(nodes[0], allow_graceful=False)
             lost.append(nodes[0])
