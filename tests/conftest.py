@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,21 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "svamp").is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_DATA} (set QCRD_SHARED_DATA)")
     return SHARED_DATA
+
+
+# Background writers qcrd starts in the test process: a lease's heartbeat, a run's log upload. One a test leaves
+# running writes for the rest of the session, through storage functions that later tests patch (a fault test that
+# takes the store down on "the next write" once met a leaked heartbeat's write instead of its own).
+BACKGROUND_WRITERS = ("qcrd-lease", "qcrd-log-upload")
+
+
+@pytest.fixture(autouse=True)
+def no_background_writer_left():
+    before = {t for t in threading.enumerate() if t.name in BACKGROUND_WRITERS}
+    yield
+    left = [t.name for t in threading.enumerate() if t.name in BACKGROUND_WRITERS and t not in before
+            and t.is_alive()]
+    assert not left, f"the test left {left} running: release the lease / call the log upload's upload()"
 
 
 # How ray_session starts its local Ray. address="local": a cluster someone started with `ray start` must not

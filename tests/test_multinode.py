@@ -195,9 +195,10 @@ def test_a_second_driver_elsewhere_evaluates_and_reports_the_run_from_its_uri(ru
 
 
 def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster, tmp_path):
-    """`qcrd serve` from another directory answers from the run's URI. (Its SIGTERM on this cluster can exit
-    through Ray's own handler, 15, before `serve.shutdown()`: Serve's detached actors would then outlive it, so
-    the test shuts Serve down itself; an open bug, docs/design.md "What clusters do".)"""
+    """`qcrd serve` from another directory answers from the run's URI, and a SIGTERM as soon as it answers shuts
+    it down cleanly: exit 0, and no Serve actor left on the cluster. (Its SIGTERM handler once came after the
+    deploy, whose `serve.run` returns up to a second after the app answers; a SIGTERM in between exited through
+    Ray's own handler, 15, and Serve's detached actors kept their CPUs.)"""
     import httpx
     from ray import serve
 
@@ -230,13 +231,26 @@ def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster,
         assert isinstance(body["output"], str) and body["model"]
         assert body["label"] is None or isinstance(body["label"], str)
     finally:
-        server.send_signal(signal.SIGTERM)  # meant to shut Serve down (see the docstring)
+        server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=patience(60))
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=patience(60))
-        serve.shutdown()  # what it started leaves the cluster with it, whichever way it exited
+        left = _serve_actors_alive()
+        serve.shutdown()  # whatever it left goes, so a failure here cannot starve the tests after it of CPUs
+    assert server.returncode == 0, console.read_text()[-4000:]
+    assert "qcrd serve: shutting down" in console.read_text()
+    assert not left, f"Serve actors outlived qcrd serve: {left}"
+
+
+def _serve_actors_alive() -> list[str]:
+    """The classes of the live actors Ray Serve runs (its controller, proxies and replicas), from the GCS."""
+    from ray._private import state
+
+    return [a["ActorClassName"] for a in state.actors().values()
+            if a["State"] == "ALIVE" and ("Serve" in a["ActorClassName"] or "Proxy" in a["ActorClassName"]
+                                          or "Replica" in a["ActorClassName"])]
 
 
 def _nodes_of_teacher_actors(cluster, pids: set[int]) -> list:

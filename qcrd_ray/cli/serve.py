@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qcrd_ray.cli import add_config_arguments, load_config_from_args
@@ -59,11 +60,16 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_until_stopped() -> None:
+def _serve_until_stopped(deploy: Callable[[], None]) -> None:
+    """Run ``deploy`` (it starts Serve and prints where), then wait for Ctrl-C or SIGTERM and shut Serve down.
+    SIGTERM stops it as cleanly as Ctrl-C from before the deploy on: the handler ``ray.init`` installed exits at
+    once, and a stop that lands while Serve deploys (``serve.run`` returns up to a second after the app answers)
+    would leave Serve's detached actors holding their CPUs on the cluster."""
     from ray import serve
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` and process managers stop it as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        deploy()
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -104,10 +110,13 @@ def _run_vllm(args: argparse.Namespace, cfg) -> int:
     from qcrd_ray.ray_utils import init_ray
 
     init_ray(args.address)
-    vllm.deploy(config)
-    print(f"qcrd serve: vLLM serving {target.model_source} at http://{cfg.serve.host}:{cfg.serve.port}/v1 "
-          f"({clients}). Ctrl-C stops it.", flush=True)
-    _wait_until_stopped()
+
+    def deploy() -> None:
+        vllm.deploy(config)
+        print(f"qcrd serve: vLLM serving {target.model_source} at http://{cfg.serve.host}:{cfg.serve.port}/v1 "
+              f"({clients}). Ctrl-C stops it.", flush=True)
+
+    _serve_until_stopped(deploy)
     return 0
 
 
@@ -137,16 +146,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"qcrd serve: {e}", file=sys.stderr)
         return 2
     init_ray(args.address)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(app, name="qcrd", route_prefix="/", blocking=False)
-    host = "localhost" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    print(f"qcrd serve: serving {args.model} at http://{host}:{cfg.serve.port} "
-          f"(POST /v1/predict, /v1/completions, /v1/chat/completions; docs at /docs). Ctrl-C stops it.", flush=True)
-    if api_key:
-        print("qcrd serve: an API key is required (Authorization: Bearer <key>) on every route but /healthz",
-              flush=True)
-    elif cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"qcrd serve: warning: listening on {cfg.serve.host} with no API key: anyone who reaches the port "
-              f"can use the model (set ${API_KEY_ENV} or --api-key)", flush=True)
-    _wait_until_stopped()
+
+    def deploy() -> None:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(app, name="qcrd", route_prefix="/", blocking=False)
+        host = "localhost" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+        print(f"qcrd serve: serving {args.model} at http://{host}:{cfg.serve.port} (POST /v1/predict, "
+              f"/v1/completions, /v1/chat/completions; docs at /docs). Ctrl-C stops it.", flush=True)
+        if api_key:
+            print("qcrd serve: an API key is required (Authorization: Bearer <key>) on every route but /healthz",
+                  flush=True)
+        elif cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"qcrd serve: warning: listening on {cfg.serve.host} with no API key: anyone who reaches the port "
+                  f"can use the model (set ${API_KEY_ENV} or --api-key)", flush=True)
+
+    _serve_until_stopped(deploy)
     return 0

@@ -17,6 +17,7 @@ one needs and how it runs is its entry in `teacher.backends.BACKENDS`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -136,19 +137,24 @@ def _generate(cfg: Config, task: TaskSpec, examples: pa.Table, todo: list[Shard]
     done = examples_done = 0
     started = time.monotonic()
     bar = console.progress("teach", total=sum(s.size for s in todo) * cfg.teacher.k, unit="samples")
-    for batch in bar.track(ds.iter_batches(batch_format="pyarrow", batch_size=None), lambda b: b.num_rows):
-        for shard, table in collector.add(batch):
-            storage.write_parquet(shard.path, table)
-            done += 1
-            examples_done += shard.size
-            not_ok = sum(s["status"] != "ok" for row in table.column("samples").to_pylist() for s in row)
-            log.info(
-                "shard %d written (%d/%d this run): %d examples, %d samples not ok, %.1f examples/s -> %s",
-                shard.index, done, len(todo), table.num_rows, not_ok,
-                examples_done / max(time.monotonic() - started, 1e-9), storage.basename(shard.path),
-            )
-            if on_shard is not None:
-                on_shard(shard, table)
+    # Closed on any exit: an interrupt in the loop (Ctrl-C, a lost lease) would otherwise leave Ray Data's executor
+    # thread running until garbage collection, which can come after ray.shutdown() at exit, and a thread that
+    # touches Ray after its shutdown makes the core worker end the process with code 1, not the driver's own.
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    with contextlib.closing(batches):
+        for batch in bar.track(batches, lambda b: b.num_rows):
+            for shard, table in collector.add(batch):
+                storage.write_parquet(shard.path, table)
+                done += 1
+                examples_done += shard.size
+                not_ok = sum(s["status"] != "ok" for row in table.column("samples").to_pylist() for s in row)
+                log.info(
+                    "shard %d written (%d/%d this run): %d examples, %d samples not ok, %.1f examples/s -> %s",
+                    shard.index, done, len(todo), table.num_rows, not_ok,
+                    examples_done / max(time.monotonic() - started, 1e-9), storage.basename(shard.path),
+                )
+                if on_shard is not None:
+                    on_shard(shard, table)
     if collector.duplicates:
         log.info("%d samples arrived twice (retried tasks) and were kept once", collector.duplicates)
     if collector.unfinished:
