@@ -104,6 +104,8 @@ def test_session_shows_warnings_in_full_and_logs_everything_to_files(tmp_path):
 def test_a_rerun_appends_under_its_own_header_and_library_debug_stays_out(tmp_path):
     """qcrd.log keeps every command's lines, each command's under a header (command, time, host, pid); libraries
     reach it at INFO and up (Ray Data's DEBUG dumps do not), our own modules at DEBUG."""
+    import ray.data  # noqa: F401 - its import gives it its own handlers, no propagation: as in every qcrd command
+
     for attempt in ("first", "second"):
         with console.session(out=io.StringIO(), err=io.StringIO()):
             console.log_to_file(tmp_path / "logs")
