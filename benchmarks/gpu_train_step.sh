@@ -90,3 +90,26 @@ print("  " + ", ".join(f"{label} {s[a] / s[b]:.2f}x" for label, a, b in pairs if
 PY
 done
 fi
+
+# Issue 23's metric syncs: the same steps with the code before the change (SYNC_BASELINE: a checkout of it, e.g.
+# `git worktree add /tmp/before d9a7fd0^`), where every micro-batch read ~15 metrics with .item(), then with this
+# checkout, where they stay tensors until log_every. Alternated SYNC_ROUNDS times (default 3); on CPU the two
+# measure the same (docs/benchmarks.md), on a GPU each .item() waits for the queued kernels.
+if [ -n "${SYNC_BASELINE:-}" ]; then
+for round in $(seq "${SYNC_ROUNDS:-3}"); do
+  for side in before after; do
+    src="$PWD"; [ "$side" = before ] && src="$SYNC_BASELINE"
+    PYTHONPATH="$src" "$py" benchmarks/train_step.py --device cuda --shape small \
+      --batch 32 --measure time --repeats "${REPEATS:-10}" --variants qcrd,dss --json > "$out/syncs_${side}_$round.json"
+  done
+done
+"$py" - "$out" "${SYNC_ROUNDS:-3}" <<'PY'
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+runs = {side: [json.load(open(f"{out}/syncs_{side}_{r}.json"))["seconds"] for r in range(1, rounds + 1)]
+        for side in ("before", "after")}
+for v in ("qcrd", "dss"):
+    before, after = (statistics.median(run[v] for run in runs[side]) for side in ("before", "after"))
+    print(f"syncs {v}: {1000 * before:.1f} -> {1000 * after:.1f} ms per step ({after / before:.2f}x)")
+PY
+fi
