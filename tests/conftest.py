@@ -44,8 +44,7 @@ BACKGROUND_WRITERS = ("qcrd-lease", "qcrd-log-upload")
 def no_background_writer_left():
     before = {t for t in threading.enumerate() if t.name in BACKGROUND_WRITERS}
     yield
-    left = [t.name for t in threading.enumerate() if t.name in BACKGROUND_WRITERS and t not in before
-            and t.is_alive()]
+    left = [t.name for t in threading.enumerate() if t.name in BACKGROUND_WRITERS and t not in before]
     assert not left, f"the test left {left} running: release the lease / call the log upload's upload()"
 
 
