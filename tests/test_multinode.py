@@ -244,24 +244,24 @@ def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster,
     assert not left, f"Serve actors outlived qcrd serve: {left}"
 
 
-def _serve_actors_alive() -> list[str]:
-    """The classes of the live actors Ray Serve runs (its controller, proxies and replicas), from the GCS."""
+def _live_actors(wanted) -> list[dict]:
+    """The GCS's entries of the live actors whose class name ``wanted(name)`` accepts."""
     from ray._private import state
 
-    return [a["ActorClassName"] for a in state.actors().values()
-            if a["State"] == "ALIVE" and ("Serve" in a["ActorClassName"] or "Proxy" in a["ActorClassName"]
-                                          or "Replica" in a["ActorClassName"])]
+    return [a for a in state.actors().values() if a["State"] == "ALIVE" and wanted(a["ActorClassName"])]
+
+
+def _serve_actors_alive() -> list[str]:
+    """The classes of the live actors Ray Serve runs (its controller, proxies and replicas)."""
+    serve_classes = ("Serve", "Proxy", "Replica")
+    return [a["ActorClassName"] for a in _live_actors(lambda name: any(k in name for k in serve_classes))]
 
 
 def _nodes_of_teacher_actors(cluster, pids: set[int]) -> list:
-    """The worker nodes that run a live teacher actor (Ray Data's ``MapWorker``) whose process is one of ``pids``,
-    from the GCS actor table."""
-    from ray._private import state
-
+    """The worker nodes that run a live teacher actor (Ray Data's ``MapWorker``) whose process is one of ``pids``."""
     nodes = {n.node_id: n for n in cluster.worker_nodes}
-    return [nodes[a["Address"]["NodeID"]] for a in state.actors().values()
-            if "MapWorker" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Pid"] in pids
-            and a["Address"]["NodeID"] in nodes]
+    return [nodes[a["Address"]["NodeID"]] for a in _live_actors(lambda name: "MapWorker" in name)
+            if a["Pid"] in pids and a["Address"]["NodeID"] in nodes]
 
 
 def test_a_node_lost_mid_teach_loses_no_example_and_duplicates_none(multinode_cluster, s3_server):
