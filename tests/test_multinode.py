@@ -57,18 +57,19 @@ def _qcrd(cluster, cwd: Path, *args: str, timeout: float = WAIT_S) -> subprocess
                           timeout=timeout)
 
 
+def _live_actors(wanted) -> list[dict]:
+    """The GCS's entries of the live actors whose class name ``wanted(name)`` accepts."""
+    from ray._private import state
+
+    return [a for a in state.actors().values() if a["State"] == "ALIVE" and wanted(a["ActorClassName"])]
+
+
 def _node_of_a_train_worker(cluster):
     """The worker node (a ``ray._private.node.Node`` of ``cluster``) that runs a live train worker, or None.
     Read from the GCS actor table: this cluster has no dashboard, so no state API."""
-    from ray._private import state
-
     nodes = {n.node_id: n for n in cluster.worker_nodes}
-    for actor in state.actors().values():
-        if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE":
-            node = nodes.get(actor["Address"]["NodeID"])
-            if node is not None:
-                return node
-    return None
+    return next((nodes[a["Address"]["NodeID"]] for a in _live_actors(lambda name: name == "RayTrainWorker")
+                 if a["Address"]["NodeID"] in nodes), None)
 
 
 def _files(uri: str) -> list[str]:
@@ -242,13 +243,6 @@ def test_a_second_driver_serves_the_run_from_its_uri(run_uri, multinode_cluster,
     assert server.returncode == 0, console.read_text()[-4000:]
     assert "qcrd serve: shutting down" in console.read_text()
     assert not left, f"Serve actors outlived qcrd serve: {left}"
-
-
-def _live_actors(wanted) -> list[dict]:
-    """The GCS's entries of the live actors whose class name ``wanted(name)`` accepts."""
-    from ray._private import state
-
-    return [a for a in state.actors().values() if a["State"] == "ALIVE" and wanted(a["ActorClassName"])]
 
 
 def _serve_actors_alive() -> list[str]:
