@@ -1,5 +1,5 @@
-"""`qcrd sweep`: the pure parts (sweep files, trial names, teacher sharing keys, statistics) and a 2-trial sweep
-on Ray Tune end to end, interrupted and continued."""
+"""`qcrd sweep`: the pure parts (sweep files, trial names, teacher sharing keys, statistics, the pre-registered
+decision rule) and a 2-trial sweep on Ray Tune end to end, interrupted and continued."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from qcrd_ray.config import ConfigError
-from qcrd_ray.sweep.output import summary_table
+from qcrd_ray.sweep.decision import FAILS, INCONCLUSIVE, NO_HEADROOM, SUCCEEDS, decide, judge
+from qcrd_ray.sweep.output import levels_and_pooled, summary_table, verdict_section
 from qcrd_ray.sweep.rescore import rescore_valid
 from qcrd_ray.sweep.spec import grid_points, load_sweep, teacher_key, trial_config, trial_name
 from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_sd, paired_difference, pairs_for_half_width,
@@ -366,3 +367,116 @@ def test_pooled_rows_pair_every_level_and_seed_at_once():
     spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
     lines = summary_table(spec, [{**r, "valid_predict": r["acc"]} for r in rows], "valid_predict", "valid predict")
     assert any(line.startswith("| clean_dss | pooled | 6 |") for line in lines)
+
+
+# the pre-registered decision rule (qcrd_ray/sweep/decision.py; docs/quality.md)
+
+def _d(mean, lo, hi, sd=0.03, n=8):
+    return {"n": n, "mean": mean, "lo": lo, "hi": hi, "sd": sd}
+
+
+HEADROOM = _d(0.06, 0.03, 0.09)  # headroom established: ≥ +2 with its interval above 0
+
+
+@pytest.mark.parametrize("headroom, effect, verdict, reason", [
+    # rule 1: H's upper bound below +2, whatever the method did
+    (_d(0.005, -0.005, 0.015), _d(0.05, 0.03, 0.07), NO_HEADROOM, "cannot show"),
+    (_d(-0.04, -0.07, -0.01), _d(0.0, -0.02, 0.02), NO_HEADROOM, "below +2"),
+    # rule 3 on H: it spans 0 (and could reach +2), or it is above 0 but under +2
+    (_d(0.02, -0.01, 0.05), _d(0.05, 0.03, 0.07), INCONCLUSIVE, "H's interval spans 0"),
+    (_d(0.015, 0.005, 0.025), _d(0.05, 0.03, 0.07), INCONCLUSIVE, "mean is below +2"),
+    # rule 2 with H established
+    (HEADROOM, _d(0.04, 0.01, 0.07), SUCCEEDS, "recovers 67% of H"),
+    (HEADROOM, _d(0.03, 0.01, 0.05), SUCCEEDS, "recovers 50% of H"),  # exactly half is enough
+    (HEADROOM, _d(0.025, 0.005, 0.045), FAILS, "under half"),
+    (HEADROOM, _d(0.015, 0.005, 0.025), FAILS, "not ≥ +2"),
+    (HEADROOM, _d(-0.03, -0.05, -0.01), FAILS, "not ≥ +2"),
+    # rule 3 on the method: its interval spans 0 → never "no effect"
+    (HEADROOM, _d(0.01, -0.015, 0.035), INCONCLUSIVE, "Δ's interval spans 0"),
+    (HEADROOM, _d(0.05, None, None, sd=None, n=1), INCONCLUSIVE, "fewer than 2 pairs"),
+    (None, _d(0.05, 0.03, 0.07), INCONCLUSIVE, "H has fewer than 2 pairs"),
+])
+def test_the_rule_gives_each_verdict_with_its_reason(headroom, effect, verdict, reason):
+    got, why = judge(headroom, effect, 0.02)
+    assert got == verdict and reason in why
+
+
+def test_an_inconclusive_verdict_says_how_many_seeds_a_2_point_interval_needs():
+    # sd of the differences 3.8 points: a ±2 interval needs 17 pairs (stats.pairs_for_half_width)
+    _, why = judge(HEADROOM, _d(0.01, -0.02, 0.04, sd=0.038), 0.02)
+    assert "needs 17 pairs" in why
+
+
+def test_the_threshold_is_the_sweep_files_not_a_constant():
+    effect = _d(0.04, 0.02, 0.06)
+    assert judge(HEADROOM, effect, 0.02)[0] == SUCCEEDS
+    assert judge(HEADROOM, effect, 0.05)[0] == FAILS  # +4 is short of a +5 threshold
+
+
+def test_decide_judges_each_method_per_level_and_pooled_from_the_paired_differences():
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    verdicts = decide(levels_and_pooled(spec, _headroom_rows(), "acc"), "variant", "clean_dss", ["qcrd"], 0.02)
+    by_level = {v.group["teacher.noise"]: v for v in verdicts}
+    assert set(by_level) == {0.3, 0.6, "pooled"} and {v.method for v in verdicts} == {"qcrd"}
+    # at 0.3: H = +4 [+1.5, +6.5] is established, QCRD − DSS = +1 [−1.5, +3.5] spans 0
+    low = by_level[0.3]
+    assert low.verdict == INCONCLUSIVE and low.headroom["mean"] == pytest.approx(0.04)
+    expected = paired_difference({0: 0.42, 1: 0.47, 2: 0.43}, {0: 0.40, 1: 0.46, 2: 0.43})
+    assert {k: pytest.approx(v) for k, v in expected.items()} == low.effect
+    # at 0.6: QCRD − DSS = +6 [+3.5, +8.5] recovers 60 % of H = +10
+    assert by_level[0.6].verdict == SUCCEEDS and "60%" in by_level[0.6].why
+    assert by_level["pooled"].headroom["n"] == 6
+
+
+def test_the_verdict_table_is_written_only_for_a_sweep_with_a_decision(tmp_path):
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    lines = verdict_section(spec, [{**r, "v": r["acc"]} for r in _headroom_rows()], "v", "valid predict, 1500 problems")
+    assert lines[0].strip() == "## Verdict on valid predict, 1500 problems: the pre-registered rule"
+    table = [line for line in lines if line.startswith("| 0.") or line.startswith("| pooled")]
+    assert len(table) == 3
+    assert table[1].startswith("| 0.6 | qcrd | +10.0 [") and "**succeeds**" in table[1]
+    assert "**inconclusive**" in table[0]
+    plain = tmp_path / "s.yaml"
+    plain.write_text("variants: {dss: {train.method: dss}, qcrd: {train.method: qcrd}}\ncompare_on: variant\n"
+                     "grid: {train.seed: [0, 1]}\n")
+    assert verdict_section(load_sweep(plain), _headroom_rows(), "acc", "x") == []
+
+
+@pytest.mark.parametrize("decision, message", [
+    ("{control: clean, methods: [qcrd]}", "'clean' is not a variant"),
+    ("{control: clean_dss, methods: [dss]}", "other than the baseline 'dss'"),
+    ("{control: clean_dss, methods: []}", "non-empty list"),
+    ("{control: clean_dss, methods: [qcrd], min_effect: 2}", "min_effect"),
+    ("{control: clean_dss, methods: [qcrd], threshold: 0.02}", "decision.threshold: unknown"),
+    ("[clean_dss]", "expected a mapping"),
+])
+def test_a_bad_decision_is_refused_when_the_sweep_file_loads(tmp_path, decision, message):
+    path = tmp_path / "s.yaml"
+    path.write_text("variants: {dss: {train.method: dss}, clean_dss: {train.method: dss, loss.dss_rationale: gold},"
+                    f" qcrd: {{train.method: qcrd}}}}\ncompare_on: variant\ngrid: {{train.seed: [0, 1]}}\n"
+                    f"decision: {decision}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+
+
+def test_the_committed_v2_sweeps_judge_every_method_against_the_clean_dss_headroom():
+    for name, methods in (("quality_v2", ["qcrd"]),
+                          ("ablation_v2", ["sc_positives", "teacher_negatives", "student_negatives", "quality_judge"]),
+                          ("switches_v2", ["qcrd", "margin_sum", "within_margin", "both"])):
+        spec = load_sweep(ROOT / "sweeps" / f"{name}.yaml")
+        assert spec.decision == {"control": "clean_dss", "methods": methods, "min_effect": 0.02}
+        assert {spec.baseline, "clean_dss", *methods} <= set(spec.variants)
+
+
+def test_a_sweep_directory_continues_under_a_new_decision_but_not_under_other_trials(tmp_path):
+    """out/sweep.yaml guards a sweep directory against another sweep's trials; naming a decision rule later (it
+    only reads results) is not another sweep: the quality_v2 study was started before its file named one."""
+    from qcrd_ray.sweep.tune import record_sweep
+
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    without = load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["decision={}"])
+    record_sweep(without, str(tmp_path))
+    record_sweep(spec, str(tmp_path))  # the same trials, a rule added
+    assert yaml.safe_load((tmp_path / "sweep.yaml").read_text())["decision"]["control"] == "clean_dss"
+    with pytest.raises(ConfigError, match="holds another sweep"):
+        record_sweep(load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["grid.train.seed=[0, 1]"]), str(tmp_path))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from qcrd_ray.sweep.decision import decide
 from qcrd_ray.sweep.spec import METRICS, SPLITS, SweepSpec, axes, row_keys, trial_config
 from qcrd_ray.sweep.stats import cell_table, difference_series, mean_sd, pairs_for_half_width, pooled_rows
 
@@ -60,6 +61,14 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
     plot_differences(spec, rows, f"test_{spec.metric}", f"test {spec.metric}", os.path.join(out, "differences.png"))
 
 
+def format_difference(d: dict | None) -> str:
+    """A paired difference in points: ``+2.1 [-0.4, +4.6] (n=8)``; "-" when there is none."""
+    if not d or d.get("mean") is None:
+        return "-"
+    interval = f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] is not None else ""
+    return f"{100 * d['mean']:+.1f}{interval} (n={d['n']})"
+
+
 def summary_legend(spec: SweepSpec) -> str:
     return (f"Accuracy (%) per cell, mean ± sd over `{spec.pair_by}`; Δ = paired difference to "
             f"`{spec.compare_on} = {spec.baseline}` (by `{spec.pair_by}`) with its 95 % t interval and the sd of "
@@ -67,11 +76,16 @@ def summary_legend(spec: SweepSpec) -> str:
             f"narrow would need at that sd.\n")
 
 
+def levels_and_pooled(spec: SweepSpec, rows: list[dict], column: str) -> list[dict]:
+    """``stats.cell_table`` of ``column`` per cell, then pooled over ``plot_x``'s levels when it is a grid key."""
+    pooled = pooled_rows(rows, spec.plot_x, spec.pair_by) if spec.plot_x in spec.grid else []
+    return cell_table(rows + pooled, axes(spec), spec.pair_by, spec.baseline, column, spec.compare_on)
+
+
 def summary_table(spec: SweepSpec, rows: list[dict], column: str, title: str) -> list[str]:
     """summary.md's section for one accuracy ``column`` (markdown lines; none when no row has it)."""
     keys = axes(spec)
-    pooled = pooled_rows(rows, spec.plot_x, spec.pair_by) if spec.plot_x in spec.grid else []
-    table = cell_table(rows + pooled, keys, spec.pair_by, spec.baseline, column, spec.compare_on)
+    table = levels_and_pooled(spec, rows, column)
     if not table:
         return []
     cell_keys = [k for k in keys if k != spec.pair_by]
@@ -79,15 +93,38 @@ def summary_table(spec: SweepSpec, rows: list[dict], column: str, title: str) ->
              f"[95 % CI] | sd of Δ | pairs for ±{100 * RESOLVE:g} |", "|" + "---|" * (len(cell_keys) + 5)]
     for line in table:
         d = line.get("diff")
-        delta = "-" if not d or d["mean"] is None else (
-            f"{100 * d['mean']:+.1f}" + (f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-                                         if d["lo"] is not None else "") + f" (n={d['n']})")
+        delta = format_difference(d)
         spread = "- | -"
         if d and d.get("sd") is not None:
             need = pairs_for_half_width(d["sd"], RESOLVE)
             spread = f"{100 * d['sd']:.1f} | {need if need else '> 10000'}"
         lines.append("| " + " | ".join(str(line[k]) for k in cell_keys) +
                      f" | {line['n']} | {100 * line['mean']:.1f} ± {100 * line['sd']:.1f} | {delta} | {spread} |")
+    return lines
+
+
+def verdict_section(spec: SweepSpec, rows: list[dict], column: str, title: str) -> list[str]:
+    """The sweep's pre-registered ``decision`` applied to ``column`` (markdown lines; none without a decision):
+    per level and pooled, H = control − baseline, each judged method's Δ, and the rule's verdict with its reason."""
+    if not spec.decision:
+        return []
+    keys = axes(spec)
+    table = levels_and_pooled(spec, rows, column)
+    control, min_effect = spec.decision["control"], spec.decision.get("min_effect", RESOLVE)
+    verdicts = decide(table, spec.compare_on, control, spec.decision["methods"], min_effect)
+    if not verdicts:
+        return []
+    group_keys = [k for k in keys if k not in (spec.compare_on, spec.pair_by)]
+    lines = [f"\n## Verdict on {title}: the pre-registered rule\n",
+             f"H = `{control}` − `{spec.baseline}`, Δ = method − `{spec.baseline}`, paired by `{spec.pair_by}`, "
+             f"95 % t intervals, in points; the rule and its threshold (+{100 * min_effect:g}) are in the sweep "
+             f"file's `decision` and `qcrd_ray/sweep/decision.py`.\n",
+             "| " + " | ".join(group_keys + ["method", "H", "Δ", "verdict", "why"]) + " |",
+             "|" + "---|" * (len(group_keys) + 5)]
+    for v in verdicts:
+        cells = [str(v.group.get(k)) for k in group_keys]
+        cells += [str(v.method), format_difference(v.headroom), format_difference(v.effect), f"**{v.verdict}**", v.why]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

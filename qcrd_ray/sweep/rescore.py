@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from qcrd_ray.config import ConfigError
-from qcrd_ray.sweep.output import plot_differences, summary_legend, summary_table, write_csv
+from qcrd_ray.sweep.output import plot_differences, summary_legend, summary_table, verdict_section, write_csv
 from qcrd_ray.sweep.spec import SweepSpec, axes
 
 
@@ -56,6 +56,7 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
              summary_legend(spec)]
     lines += summary_table(spec, rows, "valid_predict", "valid predict (the sweep's own valid split)")
     lines += summary_table(spec, rows, column, f"valid predict, {eval_size} fresh problems")
+    lines += verdict_section(spec, rows, column, f"valid predict, {eval_size} fresh problems")
     Path(out, f"rescored-valid-{eval_size}.md").write_text("\n".join(lines) + "\n")
     plot_differences(spec, rows, column, f"valid predict, {eval_size} fresh problems",
                      os.path.join(out, f"rescored-valid-{eval_size}.png"))

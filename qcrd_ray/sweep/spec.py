@@ -41,6 +41,9 @@ class SweepSpec:
     pair_by: str = "train.seed"  # the key whose values pair trials of two methods
     plot_x: str = "teacher.noise"  # x axis of accuracy.png (a grid key)
     max_concurrent_trials: int = 1
+    # the pre-registered rule (sweep/decision.py): {control: the headroom arm, methods: [arms it judges],
+    # min_effect: 0.02}; its verdicts go into rescored-valid-N.md, the study's primary score
+    decision: dict = field(default_factory=dict)
     # the trial driver's own CPU (Tune refuses an empty request); Train's workers ask for theirs (train.*)
     trial_cpus: float = 0.01
 
@@ -115,7 +118,32 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{p}: metric {spec.metric!r}: choose one of {', '.join(METRICS)}")
     if spec.num_samples < 1 or spec.max_concurrent_trials < 1:
         raise ConfigError(f"{p}: num_samples and max_concurrent_trials must be >= 1")
+    if spec.decision:
+        _check_decision(spec, p)
     return spec
+
+
+DECISION_KEYS = ("control", "methods", "min_effect")
+
+
+def _check_decision(spec: SweepSpec, p: Path) -> None:
+    d = spec.decision
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: decision: expected a mapping of {', '.join(DECISION_KEYS)}")
+    arms = search_grid(spec).get(spec.compare_on, [])
+    unknown = sorted(set(d) - set(DECISION_KEYS))
+    if unknown:
+        raise ConfigError(f"{p}: decision.{unknown[0]}: unknown; allowed: {', '.join(DECISION_KEYS)}")
+    methods = d.get("methods")
+    if not isinstance(methods, list) or not methods:
+        raise ConfigError(f"{p}: decision.methods: expected a non-empty list of {spec.compare_on} values")
+    for arm in [d.get("control"), *methods]:
+        if arm not in arms or arm == spec.baseline:
+            raise ConfigError(f"{p}: decision: {arm!r} is not a {spec.compare_on} of the sweep other than the "
+                              f"baseline {spec.baseline!r} (choose from {', '.join(map(str, arms))})")
+    min_effect = d.get("min_effect", 0.02)
+    if not isinstance(min_effect, (int, float)) or not 0 < min_effect < 1:
+        raise ConfigError(f"{p}: decision.min_effect: expected an accuracy difference in (0, 1), e.g. 0.02")
 
 
 def search_grid(spec: SweepSpec) -> dict:

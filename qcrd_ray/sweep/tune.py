@@ -101,6 +101,18 @@ def _plain(obj):
     return json.loads(json.dumps(obj))
 
 
+def record_sweep(spec: SweepSpec, out: str) -> None:
+    """Write ``out/sweep.yaml``, refusing a directory that holds another sweep. Only the fields that make the
+    trials count: ``decision`` reads their results, so a sweep started before its file named a rule continues."""
+    spec_file = os.path.join(out, "sweep.yaml")
+    now = _plain(asdict(spec))
+    if os.path.exists(spec_file):
+        before = yaml.safe_load(Path(spec_file).read_text())
+        if {k: v for k, v in before.items() if k != "decision"} != {k: v for k, v in now.items() if k != "decision"}:
+            raise ConfigError(f"{out} holds another sweep ({spec_file} differs); choose a new --out")
+    Path(spec_file).write_text(yaml.safe_dump(now, sort_keys=False))
+
+
 def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dict]:
     """Run (or continue) the sweep in ``out``; writes the tables, best.yaml and the plots; returns the rows."""
     from qcrd_ray.ray_utils import init_ray
@@ -110,10 +122,7 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
                           f"share teacher outputs through file locks")
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
-    spec_file = os.path.join(out, "sweep.yaml")
-    if os.path.exists(spec_file) and yaml.safe_load(Path(spec_file).read_text()) != _plain(asdict(spec)):
-        raise ConfigError(f"{out} holds another sweep ({spec_file} differs); choose a new --out")
-    Path(spec_file).write_text(yaml.safe_dump(_plain(asdict(spec)), sort_keys=False))
+    record_sweep(spec, out)
     init_ray(address)
     trainable = tune.with_resources(tune.with_parameters(_trainable, spec_dict=asdict(spec), sweep_dir=out),
                                     {"CPU": spec.trial_cpus})
