@@ -21,11 +21,11 @@ import yaml
 
 from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep.decision import FAILS, INCONCLUSIVE, NO_HEADROOM, SUCCEEDS, decide, judge
-from qcrd_ray.sweep.output import levels_and_pooled, summary_table, verdict_section
+from qcrd_ray.sweep.output import levels_and_pooled, plot_accuracy, summary_table, verdict_section
 from qcrd_ray.sweep.rescore import rescore_valid
 from qcrd_ray.sweep.spec import grid_points, load_sweep, teacher_key, trial_config, trial_name
-from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_sd, paired_difference, pairs_for_half_width,
-                                  pooled_rows)
+from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_interval, mean_sd, paired_difference,
+                                  pairs_for_half_width, pooled_rows)
 from qcrd_ray.testing import patience
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,8 @@ def test_mean_sd_and_paired_difference_with_a_t_interval():
     assert d["sd"] == 1.0
     assert paired_difference({0: 1.0}, {0: 0.5}) == {"n": 1, "mean": 0.5, "lo": None, "hi": None, "sd": None}
     assert paired_difference({0: 1.0}, {1: 0.5})["n"] == 0
+    assert mean_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, 4.3027 / 3 ** 0.5), abs=1e-4)
+    assert mean_interval([0.5]) == (0.5, 0.0)
 
 
 def test_pairs_for_half_width_is_the_fewest_seeds_whose_interval_is_that_narrow():
@@ -480,3 +482,23 @@ def test_a_sweep_directory_continues_under_a_new_decision_but_not_under_other_tr
     assert yaml.safe_load((tmp_path / "sweep.yaml").read_text())["decision"]["control"] == "clean_dss"
     with pytest.raises(ConfigError, match="holds another sweep"):
         record_sweep(load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["grid.train.seed=[0, 1]"]), str(tmp_path))
+
+
+def test_the_accuracy_plot_draws_any_score_column_per_method_and_level(tmp_path, monkeypatch):
+    """rescored-valid-N-accuracy.png: the primary score per arm against noise, mean and 95 % CI over seeds."""
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda ax, x, y, **kw: drawn.append((kw["label"], list(x), list(y), kw["yerr"])) or
+                        real(ax, x, y, **kw))
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    path = tmp_path / "a.png"
+    plot_accuracy(spec, _headroom_rows(), str(path), ("acc",), "valid predict (%)")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by = {label: (x, y, err) for label, x, y, err in drawn}
+    assert set(by) == {"clean_dss", "dss", "qcrd"}
+    x, y, err = by["dss"]
+    assert x == [0.3, 0.6] and y == pytest.approx([43.0, 43.0])
+    assert err == pytest.approx([100 * mean_interval([0.40, 0.46, 0.43])[1]] * 2)

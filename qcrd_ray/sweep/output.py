@@ -14,7 +14,7 @@ import yaml
 
 from qcrd_ray.sweep.decision import decide
 from qcrd_ray.sweep.spec import METRICS, SPLITS, SweepSpec, axes, row_keys, trial_config
-from qcrd_ray.sweep.stats import cell_table, difference_series, mean_sd, pairs_for_half_width, pooled_rows
+from qcrd_ray.sweep.stats import cell_table, difference_series, mean_interval, pairs_for_half_width, pooled_rows
 
 # the smallest difference a summary says how many seeds it would take to resolve: the paper's gains over DSS are
 # 0.2-3.5 points, and the quality study's target is +2
@@ -137,8 +137,10 @@ def _plt():
     return plt
 
 
-def plot_accuracy(spec: SweepSpec, rows: list[dict], path: str) -> None:
-    """Test accuracy against ``plot_x``, one line per method with its sd band (predict solid, explain dashed)."""
+def plot_accuracy(spec: SweepSpec, rows: list[dict], path: str,
+                  columns: tuple[str, ...] = ("test_predict", "test_explain"), ylabel: str = "test accuracy (%)") -> None:
+    """Accuracy against ``plot_x``, one line per method and column (the first solid, the next dashed), each point
+    the mean over seeds with its 95 % t interval."""
     if spec.plot_x not in spec.grid or not rows:
         return
     plt = _plt()
@@ -146,19 +148,19 @@ def plot_accuracy(spec: SweepSpec, rows: list[dict], path: str) -> None:
     line_key = spec.compare_on
     methods = sorted({r.get(line_key, "?") for r in rows}, key=str)
     for i, method in enumerate(methods):
-        for mode, style in (("predict", "-"), ("explain", "--")):
-            xs, means, sds = [], [], []
+        for column, style in zip(columns, ("-", "--", ":")):
+            xs, means, halves = [], [], []
             for x in spec.grid[spec.plot_x]:
-                vals = [r[f"test_{mode}"] for r in rows if r.get(spec.plot_x) == x
-                        and r.get(line_key, "?") == method and r.get(f"test_{mode}") is not None]
+                vals = [r[column] for r in rows if r.get(spec.plot_x) == x
+                        and r.get(line_key, "?") == method and r.get(column) is not None]
                 if vals:
-                    mean, sd = mean_sd(vals)
-                    xs.append(x), means.append(100 * mean), sds.append(100 * sd)
+                    mean, half = mean_interval(vals)
+                    xs.append(x), means.append(100 * mean), halves.append(100 * half)
             if xs:
-                ax.errorbar(xs, means, yerr=sds, fmt=style + "o", color=f"C{i}", capsize=3,
-                            label=f"{method} ({mode})")
+                label = method if len(columns) == 1 else f"{method} ({column.rsplit('_', 1)[-1]})"
+                ax.errorbar(xs, means, yerr=halves, fmt=style + "o", color=f"C{i}", capsize=3, label=label)
     ax.set_xlabel(spec.plot_x)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{ylabel}, mean and 95 % CI")
     ax.set_title(f"sweep {spec.name}")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -10,14 +10,16 @@ from pathlib import Path
 import yaml
 
 from qcrd_ray.config import ConfigError
-from qcrd_ray.sweep.output import plot_differences, summary_legend, summary_table, verdict_section, write_csv
+from qcrd_ray.sweep.output import plot_accuracy, plot_differences, summary_legend, summary_table, verdict_section, write_csv
 from qcrd_ray.sweep.spec import SweepSpec, axes
 
 
 def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
     """Every finished trial of the sweep in ``out`` (the rows of its results.csv) scored again in predict mode on
     ``eval_size`` fresh valid problems of the synthetic task; writes ``rescored-valid-<N>.csv`` and ``.md`` (the
-    summary's tables for the new column beside the sweep's own valid predict) and returns the rows.
+    summary's tables for the new column beside the sweep's own valid predict, then the sweep file's decision
+    rule's verdicts), ``rescored-valid-<N>.png`` (each method's paired difference to the baseline) and
+    ``rescored-valid-<N>-accuracy.png`` (each method's accuracy against the plotted key), and returns the rows.
 
     Why: a testbed's 150-problem eval splits carry ±4 points of binomial noise per accuracy, as much as the effects
     in question; this separates that noise from the seed-to-seed spread of training. The problems are the valid
@@ -60,4 +62,6 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
     Path(out, f"rescored-valid-{eval_size}.md").write_text("\n".join(lines) + "\n")
     plot_differences(spec, rows, column, f"valid predict, {eval_size} fresh problems",
                      os.path.join(out, f"rescored-valid-{eval_size}.png"))
+    plot_accuracy(spec, rows, os.path.join(out, f"rescored-valid-{eval_size}-accuracy.png"), (column,),
+                  f"valid predict on {eval_size} fresh problems (%)")
     return rows

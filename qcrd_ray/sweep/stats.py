@@ -14,11 +14,19 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, sd
 
 
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half width of its 95 % t interval (0 for a single value)."""
+    from scipy import stats
+
+    mean, sd = mean_sd(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+
+
 def paired_difference(method: dict, baseline: dict) -> dict:
     """``method − baseline`` over the pairing values (seeds) both have: mean and a 95 % t interval (None with
     fewer than 2 pairs)."""
-    from scipy import stats
-
     keys = sorted(set(method) & set(baseline), key=str)
     diffs = [method[k] - baseline[k] for k in keys]
     if not diffs:
@@ -26,7 +34,7 @@ def paired_difference(method: dict, baseline: dict) -> dict:
     mean, sd = mean_sd(diffs)
     if len(diffs) < 2:
         return {"n": 1, "mean": mean, "lo": None, "hi": None, "sd": None}
-    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    _, half = mean_interval(diffs)
     return {"n": len(diffs), "mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd}
 
 
