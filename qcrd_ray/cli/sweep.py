@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rescore-valid", type=int, metavar="N",
         help="run no trials: score the sweep's finished trials again (predict) on N fresh valid problems of the "
              "synthetic task (at least 2 x eval size + train size, so none was trained on) and write "
-             "rescored-valid-N.md: paired tables with less eval noise than the testbed's 150-problem splits")
+             "rescored-valid-N.md: paired tables with less eval noise than the testbed's 150-problem splits, then "
+             "the verdicts of the sweep file's pre-registered decision rule when it names one (sweeps/*_v2.yaml)")
     parser.add_argument("--verbose", "-v", action="store_true", help="also print Ray's and the workers' output")
 
 

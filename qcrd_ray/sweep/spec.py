@@ -5,7 +5,8 @@ A sweep file (sweeps/*.yaml) holds a base config (``base``, optionally over a ``
 ``section.key: [values]`` (every combination is a trial), optionally ``random`` keys drawn ``num_samples`` times
 per grid point (``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{choice: [...]}``) and ``variants``
 (named override sets: one more axis). Every key and value a trial may get is checked as config when the file is
-loaded, so a typo fails before anything runs.
+loaded, so a typo fails before anything runs. An optional ``decision`` names a pre-registered rule's arms
+(sweep/decision.py), checked against the sweep's arms too.
 """
 
 from __future__ import annotations
