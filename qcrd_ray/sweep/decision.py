@@ -34,10 +34,6 @@ def _points(v: float) -> str:
     return f"{100 * v:+.1f}"
 
 
-def _interval(d: dict) -> str:
-    return f"{_points(d['mean'])} [{_points(d['lo'])}, {_points(d['hi'])}] (n={d['n']})"
-
-
 def _seeds_needed(d: dict, min_effect: float) -> str:
     need = pairs_for_half_width(d["sd"], min_effect)
     return f"a ±{100 * min_effect:g} interval needs {need if need else '> 10000'} pairs at this spread (sd " \
