@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from qcrd_ray import storage
+from qcrd_ray import provenance, storage
 from qcrd_ray.config import Config
 from qcrd_ray.methods import METHODS, method_spec
 from qcrd_ray.runs import MethodLayout, RunLayout, load_run_config
@@ -247,6 +247,8 @@ def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, resu
     for method, r in results.items():
         where = MethodLayout(str(r["dir"]))
         lines += [f"## Training: {method}", ""]
+        machine = provenance.machines(storage.read_jsonl(where.environment))
+        lines += [f"Trained on: {machine} (`train/environment.jsonl`).", ""] if machine else []
         metrics = storage.read_jsonl(where.metrics)
         curves = plot_training_curves(metrics, figures / f"{method}-training.png", f"{method}: loss terms")
         lines += [f"![{method} training curves](figures/{curves.name})" if curves else "No training metrics.", ""]

@@ -6,7 +6,7 @@
     RUN/config.yaml                      the resolved config of the run (train.method is per method, below)
     RUN/teacher/                         teacher shards, summary.json, rejects.jsonl, errors.jsonl
     RUN/<method>/train/                  config.yaml, checkpoints/, snapshots/, init_model/, metrics.jsonl,
-                                         tensorboard/, negatives.jsonl
+                                         tensorboard/, negatives.jsonl, environment.jsonl
     RUN/<method>/model/                  the final student (HF format) + discriminator.pt
     RUN/<method>/adapter/                a LoRA student's adapter alone (model/ holds it merged)
     RUN/<method>/eval/<split>-<mode>/    predictions.jsonl, metrics.json
@@ -95,6 +95,10 @@ class MethodLayout:
     @property
     def metrics(self) -> str:
         return join(self.train, "metrics.jsonl")
+
+    @property
+    def environment(self) -> str:
+        return join(self.train, "environment.jsonl")  # the machine and install of each start (provenance.py)
 
     @property
     def tensorboard(self) -> str:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import SMALL, qcrd_run_args
 from qcrd_ray.cli import main
@@ -37,6 +38,8 @@ def test_run_writes_every_stage_and_a_report_with_its_numbers(finished_run):
         assert (out / figure).stat().st_size > 1000
     assert "qcrd-training.png" in report and "dss-training.png" in report
     assert "discriminator scores" in report.lower()
+    trained_on = re.findall(r"Trained on: (.+) \(`train/environment.jsonl`\)", report)  # one per method
+    assert len(trained_on) == 2 and f" · {torch.backends.cpu.get_cpu_capability()} · " in trained_on[0]
     assert "\n  k: 3\n" in report  # the resolved config is the one that ran
 
 

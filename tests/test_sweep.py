@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from qcrd_ray.config import ConfigError
@@ -243,6 +244,8 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["train.method"] for r in rows) == ["finetune", "qcrd"]
+    # both trained on this machine: one fingerprint, and no warning about unlike machines
+    assert len({r["machine"] for r in rows}) == 1 and torch.backends.cpu.get_cpu_capability() in rows[0]["machine"]
     for row in rows:
         for column in ("valid_predict", "test_predict", "test_explain" if row["train.method"] == "qcrd" else None):
             if column:
@@ -251,6 +254,7 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     assert best["chosen_on"] == "valid predict accuracy" and best["cell"]["train.method"] in ("finetune", "qcrd")
     summary = (out / "summary.md").read_text()
     assert "## test predict" in summary and "| qcrd |" in summary
+    assert "unlike machines" not in summary
     assert (out / "results.md").read_text().count("\n") == 4
 
     # the finished trials scored again on more valid problems, without Ray; once per trial

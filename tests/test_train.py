@@ -4,6 +4,7 @@ one resumes on rerun; both end exactly like an uninterrupted run."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -172,6 +173,12 @@ def test_a_killed_train_worker_is_restarted_from_the_checkpoint_in_the_same_call
     assert killer.killed is not None
     assert killer.started_workers() == 4  # the worker group of 2 started twice: once, and once after the kill
     _assert_same_as_uninterrupted(whole, whole_summary, out, summary)
+    # each start recorded where it ran: the first at step 0, the restart at its checkpoint's step
+    starts = storage.read_jsonl(str(out / "train" / "environment.jsonl"))
+    assert [s["world_size"] for s in starts] == [2, 2] and starts[0]["step"] == 0
+    assert 0 < starts[1]["step"] < 16 and starts[1]["step"] % 4 == 0  # a round boundary: a checkpoint's step
+    assert {(s["cpu_capability"], s["packages"]["torch"]) for s in starts} == {
+        (torch.backends.cpu.get_cpu_capability(), importlib.metadata.version("torch"))}
     # Rerunning a finished run only re-exports it. (Resuming an interrupted run by rerunning the command: the
     # multi-node test kills the driver mid-training and reruns it, tests/test_multinode.py.)
     assert run_training(cfg, teacher_dir, out)["steps"] == 16

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -39,12 +40,12 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
     columns = row_keys(spec)
     write_csv(os.path.join(out, "results.csv"), columns, rows)
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(percent(r.get(c)) if c.endswith(METRICS) or c == "teacher_accuracy" else str(r.get(c))
-                             for c in columns) + " |" for r in rows]
+    md += ["| " + " | ".join(percent(r.get(c)) if c.endswith(METRICS) or c == "teacher_accuracy"
+                             else "-" if r.get(c) is None else str(r.get(c)) for c in columns) + " |" for r in rows]
     Path(out, "results.md").write_text("\n".join(md) + "\n")
 
     keys = axes(spec)
-    summary = [f"# Sweep {spec.name}: {len(rows)} trials\n", summary_legend(spec)]
+    summary = [f"# Sweep {spec.name}: {len(rows)} trials\n", summary_legend(spec), *machines_note(rows)]
     for split in SPLITS:
         for mode in METRICS:
             summary += summary_table(spec, rows, f"{split}_{mode}", f"{split} {mode}")
@@ -67,6 +68,26 @@ def format_difference(d: dict | None) -> str:
         return "-"
     interval = f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] is not None else ""
     return f"{100 * d['mean']:+.1f}{interval} (n={d['n']})"
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial" + ("" if n == 1 else "s")
+
+
+def machines_note(rows: list[dict]) -> list[str]:
+    """summary.md's warning when the trials trained on unlike machines (``machine``: ``provenance.machines``):
+    there a seed is another draw, so the pairs by seed are not the same student twice. Trials that recorded no
+    machine (trained before it was recorded) are counted apart."""
+    kinds = Counter(r.get("machine") for r in rows if r.get("machine"))
+    if len(kinds) < 2:
+        return []
+    unknown = sum(1 for r in rows if not r.get("machine"))
+    lines = [f"**The trials trained on {len(kinds)} unlike machines** (results.csv, `machine`): the same seed gives "
+             f"another student on each, so a paired difference mixes the method with the machine. Rerun the "
+             f"sweep's trials on one kind of machine to compare arms.\n"]
+    lines += [f"- {_trials(n)}: {kind}" for kind, n in kinds.most_common()]
+    lines += [f"- {_trials(unknown)}: not recorded"] if unknown else []
+    return lines + [""]
 
 
 def summary_legend(spec: SweepSpec) -> str:

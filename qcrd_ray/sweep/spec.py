@@ -163,9 +163,10 @@ def axes(spec: SweepSpec) -> list[str]:
 
 
 def row_keys(spec: SweepSpec) -> list[str]:
-    """A trial's row (results.csv's columns): its name, axes, teacher accuracy, time and accuracy per split and
-    mode."""
-    return ["trial", *axes(spec), "teacher_accuracy", "wall_s"] + [f"{s}_{m}" for s in SPLITS for m in METRICS]
+    """A trial's row (results.csv's columns): its name, axes, teacher accuracy, time, the machine it trained on
+    (``provenance.machines``) and accuracy per split and mode."""
+    return (["trial", *axes(spec), "teacher_accuracy", "wall_s", "machine"]
+            + [f"{s}_{m}" for s in SPLITS for m in METRICS])
 
 
 def grid_points(spec: SweepSpec) -> list[dict]:

@@ -59,8 +59,9 @@ def _evaluate_test(cfg: Config, result: dict) -> dict:
 
 def run_trial(point: dict, spec: SweepSpec, sweep_dir: str) -> dict:
     """One trial: teach (shared), train this trial's method, evaluate on valid and test; returns its row."""
-    from qcrd_ray import trackers
+    from qcrd_ray import provenance, trackers
     from qcrd_ray.pipeline import run_pipeline
+    from qcrd_ray.runs import MethodLayout
 
     start = time.time()
     cfg = trial_config(spec, point)
@@ -74,7 +75,8 @@ def run_trial(point: dict, spec: SweepSpec, sweep_dir: str) -> dict:
     method = result["methods"][cfg.train.method]
     evals = {"valid": method["eval"], "test": _evaluate_test(cfg, method)}
     row = {"trial": trial_name(point), **point, "teacher_accuracy": result["teacher"].get("teacher_accuracy"),
-           "wall_s": round(time.time() - start, 1)}
+           "wall_s": round(time.time() - start, 1),
+           "machine": provenance.machines(storage.read_jsonl(MethodLayout(method["dir"]).environment))}
     for split in SPLITS:
         for mode in METRICS:
             m = evals[split].get(mode)

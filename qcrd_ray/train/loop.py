@@ -29,7 +29,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from qcrd_ray import storage
+from qcrd_ray import provenance, storage
 from qcrd_ray import students as student_lib
 from qcrd_ray.methods import method_spec
 from qcrd_ray.qcrd import losses
@@ -293,6 +293,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if disc is not None:  # every rank on its own rows, gradients averaged: every rank ends with the same D
             stats = pretrain_discriminator(disc, tokenizer, rows, cfg, seed=tc.seed)
             log.info("discriminator pre-training: %s", stats)
+    if rank == 0:  # what this start's floats depend on: same seed, same student only on a like machine
+        provenance.record_start(layout.environment, step=global_step, world_size=world)
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": spec.find_unused_parameters})
     core = model.module if hasattr(model, "module") else model
