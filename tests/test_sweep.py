@@ -22,7 +22,7 @@ import yaml
 
 from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep.decision import FAILS, INCONCLUSIVE, NO_HEADROOM, SUCCEEDS, decide, judge
-from qcrd_ray.sweep.output import levels_and_pooled, plot_accuracy, summary_table, verdict_section
+from qcrd_ray.sweep.output import levels_and_pooled, plot_accuracy, summary_table, verdict_section, write_outputs
 from qcrd_ray.sweep.rescore import rescore_valid
 from qcrd_ray.sweep.spec import grid_points, load_sweep, teacher_key, trial_config, trial_name
 from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_interval, mean_sd, paired_difference,
@@ -446,6 +446,20 @@ def test_the_verdict_table_is_written_only_for_a_sweep_with_a_decision(tmp_path)
     plain.write_text("variants: {dss: {train.method: dss}, qcrd: {train.method: qcrd}}\ncompare_on: variant\n"
                      "grid: {train.seed: [0, 1]}\n")
     assert verdict_section(load_sweep(plain), _headroom_rows(), "acc", "x") == []
+
+
+def test_summary_reads_the_rule_on_every_score_and_names_the_primary(tmp_path):
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    rows = [{"trial": f"{r['variant']},{r['teacher.noise']},{r['train.seed']}", **r, "valid_predict": r["acc"],
+             "test_explain": r["acc"] - 0.2} for r in _headroom_rows()]
+    write_outputs(spec, str(tmp_path), rows)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "its primary score is valid predict on fresh problems (`--rescore-valid N`" in summary
+    assert "## Verdict on valid predict: the pre-registered rule" in summary
+    assert "## Verdict on test explain: the pre-registered rule" in summary
+    assert "Verdict on test predict" not in summary  # no trial has that score
+    explain = summary.split("## Verdict on test explain")[1]
+    assert "| 0.6 | qcrd | +10.0 [" in explain and "**succeeds**" in explain
 
 
 @pytest.mark.parametrize("decision, message", [

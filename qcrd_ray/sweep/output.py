@@ -1,6 +1,6 @@
 """What a sweep writes from its finished trials' rows: results.csv / results.md (one row per trial), summary.md
 (per cell: mean ± sd and the paired difference to the baseline by seed with a 95 % t interval, pooled over the
-plotted key's levels too), best.yaml (the best cell on valid), accuracy.png and differences.png (each method's
+plotted key's levels too; with a ``decision``, the rule's verdict on each score), best.yaml (the best cell on valid), accuracy.png and differences.png (each method's
 paired difference to the baseline against the plotted key: with a clean-DSS arm, the headroom H = clean-DSS −
 DSS next to QCRD − DSS). docs/design.md, "Sweeps" and "Summaries pool noise levels and plot differences"."""
 
@@ -49,6 +49,12 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
     for split in SPLITS:
         for mode in METRICS:
             summary += summary_table(spec, rows, f"{split}_{mode}", f"{split} {mode}")
+    if spec.decision:  # the rule read on every score; the one it was registered for is --rescore-valid's
+        summary += [f"\nThe sweep file's decision rule, applied below to each score; its primary score is valid "
+                    f"{spec.metric} on fresh problems (`--rescore-valid N`, rescored-valid-N.md)."]
+        for split in SPLITS:
+            for mode in METRICS:
+                summary += verdict_section(spec, rows, f"{split}_{mode}", f"{split} {mode}")
     Path(out, "summary.md").write_text("\n".join(summary) + "\n")
 
     valid = cell_table(rows, keys, spec.pair_by, spec.baseline, f"valid_{spec.metric}", spec.compare_on)
