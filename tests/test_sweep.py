@@ -520,3 +520,21 @@ def test_the_accuracy_plot_draws_any_score_column_per_method_and_level(tmp_path,
     x, y, err = by["dss"]
     assert x == [0.3, 0.6] and y == pytest.approx([43.0, 43.0])
     assert err == pytest.approx([100 * mean_interval([0.40, 0.46, 0.43])[1]] * 2)
+
+
+def test_a_method_has_one_colour_in_every_plot_of_a_sweep(tmp_path, monkeypatch):
+    """differences.png leaves the baseline out; its QCRD must still be the accuracy plot's QCRD colour."""
+    import matplotlib.axes
+
+    from qcrd_ray.sweep.output import plot_differences
+
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda ax, x, y, **kw: drawn.append((kw["label"], kw["color"])) or real(ax, x, y, **kw))
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    plot_accuracy(spec, _headroom_rows(), str(tmp_path / "a.png"), ("acc",), "valid predict (%)")
+    plot_differences(spec, _headroom_rows(), "acc", "valid predict", str(tmp_path / "d.png"))
+    colours = dict(drawn[:3])
+    assert dict(drawn[3:]) == {"clean_dss − dss": colours["clean_dss"], "qcrd − dss": colours["qcrd"]}
+    assert len(set(colours.values())) == 3

@@ -164,6 +164,12 @@ def _plt():
     return plt
 
 
+def method_colors(spec: SweepSpec, rows: list[dict]) -> dict:
+    """One colour per method for every plot of a sweep (whichever methods a plot leaves out, e.g. the baseline)."""
+    methods = sorted({str(r.get(spec.compare_on, "?")) for r in rows})
+    return {m: f"C{i}" for i, m in enumerate(methods)}
+
+
 def plot_accuracy(spec: SweepSpec, rows: list[dict], path: str,
                   columns: tuple[str, ...] = ("test_predict", "test_explain"), ylabel: str = "test accuracy (%)") -> None:
     """Accuracy against ``plot_x``, one line per method and column (the first solid, the next dashed), each point
@@ -173,19 +179,19 @@ def plot_accuracy(spec: SweepSpec, rows: list[dict], path: str,
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     line_key = spec.compare_on
-    methods = sorted({r.get(line_key, "?") for r in rows}, key=str)
-    for i, method in enumerate(methods):
+    colors = method_colors(spec, rows)
+    for method, color in colors.items():  # method: the compare_on value as text
         for column, style in zip(columns, ("-", "--", ":")):
             xs, means, halves = [], [], []
             for x in spec.grid[spec.plot_x]:
                 vals = [r[column] for r in rows if r.get(spec.plot_x) == x
-                        and r.get(line_key, "?") == method and r.get(column) is not None]
+                        and str(r.get(line_key, "?")) == method and r.get(column) is not None]
                 if vals:
                     mean, half = mean_interval(vals)
                     xs.append(x), means.append(100 * mean), halves.append(100 * half)
             if xs:
                 label = method if len(columns) == 1 else f"{method} ({column.rsplit('_', 1)[-1]})"
-                ax.errorbar(xs, means, yerr=halves, fmt=style + "o", color=f"C{i}", capsize=3, label=label)
+                ax.errorbar(xs, means, yerr=halves, fmt=style + "o", color=color, capsize=3, label=label)
     ax.set_xlabel(spec.plot_x)
     ax.set_ylabel(f"{ylabel}, mean and 95 % CI")
     ax.set_title(f"sweep {spec.name}")
@@ -206,13 +212,15 @@ def plot_differences(spec: SweepSpec, rows: list[dict], column: str, title: str,
     plt = _plt()
     levels = list(spec.grid[spec.plot_x])
     fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.8 / len(series)
+    width, colors = 0.8 / len(series), method_colors(spec, rows)
     for i, (label, points) in enumerate(sorted(series.items())):
         xs = [levels.index(p["x"]) - 0.4 + width * (i + 0.5) for p in points]
         means = [100 * p["mean"] for p in points]
         errs = [[100 * (p["mean"] - p["lo"]) if p["lo"] is not None else 0 for p in points],
                 [100 * (p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in points]]
-        ax.errorbar(xs, means, yerr=errs, fmt="o", color=f"C{i}", capsize=3, label=f"{label} − {spec.baseline}")
+        ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=3,  # a label that joins other keys: a colour of its own
+                    color=colors.get(label, f"C{(len(colors) + i) % 10}"),
+                    label=f"{label} − {spec.baseline}")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(levels)), [str(v) for v in levels])
     ax.set_xlabel(spec.plot_x)
