@@ -1,8 +1,9 @@
 """What a sweep writes from its finished trials' rows: results.csv / results.md (one row per trial), summary.md
 (per cell: mean ± sd and the paired difference to the baseline by seed with a 95 % t interval, pooled over the
-plotted key's levels too; with a ``decision``, the rule's verdict on each score), best.yaml (the best cell on valid), accuracy.png and differences.png (each method's
-paired difference to the baseline against the plotted key: with a clean-DSS arm, the headroom H = clean-DSS −
-DSS next to QCRD − DSS). docs/design.md, "Sweeps" and "Summaries pool noise levels and plot differences"."""
+plotted key's levels too; with a ``decision``, the rule's verdict on each score), best.yaml (the best cell on
+valid), accuracy.png and differences.png (each method's paired difference to the baseline against the plotted
+key: with a clean-DSS arm, the headroom H = clean-DSS − DSS next to QCRD − DSS). docs/design.md, "Sweeps" and
+"Summaries pool noise levels and plot differences"."""
 
 from __future__ import annotations
 
