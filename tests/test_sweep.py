@@ -231,7 +231,8 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     trained_at = model.stat().st_mtime_ns
 
     capsys.readouterr()
-    assert main(["sweep", "--config", str(sweep_file), "--out", str(out)]) == 0
+    record = tmp_path / "committed" / "ledger.jsonl"  # continued with a ledger: both trials are added to it
+    assert main(["sweep", "--config", str(sweep_file), "--out", str(out), "--ledger", str(record)]) == 0
     assert model.stat().st_mtime_ns == trained_at
     # the continued sweep says what each trial did (its restored Tune callback), and Tune's prints went to the log
     console_out = capsys.readouterr().out
@@ -271,6 +272,24 @@ def test_two_trial_sweep_survives_a_killed_driver_and_finishes(ray_session, tmp_
     assert all(0.0 <= r["valid80_predict"] <= 1.0 for r in rescored)
     report = (out / "rescored-valid-80.md").read_text()
     assert "## valid predict, 80 fresh problems" in report and "| qcrd | 1 |" in report
+
+    # the sweep directory is lost (a new cluster, a fresh checkout): the ledger it left continues it elsewhere,
+    # every trial taken from it, none trained; the rescore's column comes back from it too
+    assert main(["sweep", "--config", str(sweep_file), "--out", str(out), "--rescore-valid", "80",
+                 "--ledger", str(record)]) == 0
+    assert sorted(e["scores"]["valid80_predict"] for e in map(json.loads, record.read_text().splitlines())) == \
+        sorted(r["valid80_predict"] for r in rescored)
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["sweep", "--config", str(sweep_file), "--out", str(elsewhere), "--ledger", str(record)]) == 0
+    console_out = capsys.readouterr().out
+    assert f"ledger {record}: 2 of 2 trials recorded there are taken from it" in console_out
+    assert "trial method=qcrd,seed=0: valid predict" in console_out and "from the ledger (" in console_out
+    assert not (elsewhere / "trials").exists() and not (elsewhere / "teachers").exists()
+    with open(elsewhere / "results.csv") as f:
+        assert list(csv.DictReader(f)) == rows
+    again = rescore_valid(load_sweep(sweep_file), str(elsewhere), 80, str(record))
+    assert [r["valid80_predict"] for r in again] == [r["valid80_predict"] for r in rescored]
 
 
 def test_variants_are_one_more_axis_compared_to_their_baseline(tmp_path):

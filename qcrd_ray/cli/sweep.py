@@ -20,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "synthetic task (at least 2 x eval size + train size, so none was trained on) and write "
              "rescored-valid-N.md: paired tables with less eval noise than the testbed's 150-problem splits, then "
              "the verdicts of the sweep file's pre-registered decision rule when it names one (sweeps/*_v2.yaml)")
+    parser.add_argument(
+        "--ledger", metavar="FILE",
+        help="a JSON-lines record of finished trials that outlives the sweep directory (a path or an s3:// URI; "
+             "e.g. a file committed beside the study's docs): trials recorded there under the same config are "
+             "taken from it instead of trained, and every finished trial (and --rescore-valid's score) is added to "
+             "it, so the sweep continues on a new cluster or checkout, and sweeps sharing arms train them once")
     parser.add_argument("--verbose", "-v", action="store_true", help="also print Ray's and the workers' output")
 
 
@@ -33,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rescore_valid is not None:
         from qcrd_ray.sweep.rescore import rescore_valid
 
-        rows = rescore_valid(spec, os.path.abspath(args.out), args.rescore_valid)
+        rows = rescore_valid(spec, os.path.abspath(args.out), args.rescore_valid, args.ledger)
         name = f"rescored-valid-{args.rescore_valid}.md"
         print(open(os.path.join(args.out, name)).read())
         print(f"{len(rows)} trials rescored; {name} in {args.out}")
@@ -43,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from qcrd_ray.sweep.tune import run_sweep
 
-        rows = run_sweep(spec, args.out, address=args.address)
+        rows = run_sweep(spec, args.out, address=args.address, ledger_at=args.ledger)
     except RuntimeError as e:
         print(f"qcrd sweep: {e}", file=sys.stderr)
         return 1

@@ -10,11 +10,12 @@ from pathlib import Path
 import yaml
 
 from qcrd_ray.config import ConfigError
+from qcrd_ray.sweep import ledger
 from qcrd_ray.sweep.output import plot_accuracy, plot_differences, summary_legend, summary_table, verdict_section, write_csv
-from qcrd_ray.sweep.spec import SweepSpec, axes
+from qcrd_ray.sweep.spec import SweepSpec, axes, trial_config
 
 
-def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
+def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | None = None) -> list[dict]:
     """Every finished trial of the sweep in ``out`` (the rows of its results.csv) scored again in predict mode on
     ``eval_size`` fresh valid problems of the synthetic task; writes ``rescored-valid-<N>.csv`` and ``.md`` (the
     summary's tables for the new column beside the sweep's own valid predict, then the sweep file's decision
@@ -26,7 +27,8 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
     split of the same task with ``data.synthetic_eval_size = eval_size``: the task's problem stream is test, valid,
     train, so they are disjoint from the trial's training and test problems when eval_size ≥ 2 × its eval size +
     its train size (checked). Scores are kept in each trial (``<method>/eval/valid<N>-predict``): a rerun scores
-    only trials it has not scored."""
+    only trials it has not scored. With ``ledger_at`` (the sweep's ``--ledger``), a trial taken from the ledger,
+    whose model is not here, gives the score recorded there, and every score is added to the ledger."""
     from qcrd_ray.evaluate import evaluate_once
     from qcrd_ray.runs import MethodLayout, RunLayout, load_run_config
 
@@ -37,8 +39,17 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
     rows = []
     with open(results, newline="") as f:
         finished = [{k: yaml.safe_load(v) if v != "" else None for k, v in r.items()} for r in csv.DictReader(f)]
+    recorded = ledger.read(ledger_at)
     for row in finished:
         run_dir = os.path.join(out, "trials", str(row["trial"]))
+        if not os.path.exists(RunLayout(run_dir).config):
+            cfg = trial_config(spec, {k: row[k] for k in axes(spec)})
+            entry = recorded.get(ledger.config_hash(cfg), {}).get("scores", {})
+            if column not in entry:
+                raise ConfigError(f"{row['trial']}: its model is not in {out} and no ledger records its {column} "
+                                  f"(pass the --ledger it was taken from; a ledger holds scores, not models)")
+            rows.append({**row, column: entry[column]})
+            continue
         cfg = load_run_config(RunLayout(run_dir).config)
         d = cfg.data
         if d.data_dir is not None or d.task != "synthetic":
@@ -52,6 +63,8 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int) -> list[dict]:
         metrics = evaluate_once(where.model, cfg.replace(data={"synthetic_eval_size": eval_size}), "valid",
                                 "predict", where.eval(f"valid{eval_size}", "predict"))
         rows.append({**row, column: metrics["accuracy"]})
+    if ledger_at:
+        ledger.add_rows(ledger_at, spec, rows)
     write_csv(os.path.join(out, f"rescored-valid-{eval_size}.csv"), ["trial", *axes(spec), "valid_predict", column],
               rows)
     lines = [f"# Sweep {spec.name}: valid predict on {eval_size} problems, {len(rows)} trials\n",

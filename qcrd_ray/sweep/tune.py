@@ -31,9 +31,10 @@ from ray import tune
 
 from qcrd_ray import console, storage
 from qcrd_ray.config import Config, ConfigError
+from qcrd_ray.sweep import ledger
 from qcrd_ray.sweep.output import percent, write_outputs
-from qcrd_ray.sweep.spec import (METRICS, SPLITS, SweepSpec, row_keys, search_grid, teacher_key, trial_config,
-                                 trial_count, trial_name)
+from qcrd_ray.sweep.spec import (METRICS, SPLITS, SweepSpec, grid_points, row_keys, search_grid, teacher_key,
+                                 trial_config, trial_count, trial_name)
 
 
 def _teach_once(cfg: Config, shared: str) -> None:
@@ -57,14 +58,18 @@ def _evaluate_test(cfg: Config, result: dict) -> dict:
             for mode in method_spec(cfg.train.method).eval_modes}
 
 
-def run_trial(point: dict, spec: SweepSpec, sweep_dir: str) -> dict:
-    """One trial: teach (shared), train this trial's method, evaluate on valid and test; returns its row."""
+def run_trial(point: dict, spec: SweepSpec, sweep_dir: str, recorded: dict | None = None) -> dict:
+    """One trial: teach (shared), train this trial's method, evaluate on valid and test; returns its row. A trial
+    whose config is in ``recorded`` (the sweep's ledger, by config hash) returns the recorded row instead."""
     from qcrd_ray import provenance, trackers
     from qcrd_ray.pipeline import run_pipeline
     from qcrd_ray.runs import MethodLayout
 
     start = time.time()
     cfg = trial_config(spec, point)
+    entry = (recorded or {}).get(ledger.config_hash(cfg))
+    if entry is not None:
+        return ledger.row_from(entry, trial_name(point), point)
     run_dir = os.path.join(sweep_dir, "trials", trial_name(point))
     shared = os.path.join(sweep_dir, "teachers", teacher_key(cfg))
     _teach_once(cfg, shared)
@@ -86,9 +91,9 @@ def run_trial(point: dict, spec: SweepSpec, sweep_dir: str) -> dict:
     return row
 
 
-def _trainable(config: dict, spec_dict: dict, sweep_dir: str) -> None:
+def _trainable(config: dict, spec_dict: dict, sweep_dir: str, recorded: dict | None = None) -> None:
     # its name is part of the Tune experiment: Tuner.restore refuses a trainable of another name
-    tune.report(run_trial(config["point"], SweepSpec(**spec_dict), sweep_dir))
+    tune.report(run_trial(config["point"], SweepSpec(**spec_dict), sweep_dir, recorded))
 
 
 def _param_space(spec: SweepSpec) -> dict:
@@ -115,8 +120,21 @@ def record_sweep(spec: SweepSpec, out: str) -> None:
     Path(spec_file).write_text(yaml.safe_dump(now, sort_keys=False))
 
 
-def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dict]:
-    """Run (or continue) the sweep in ``out``; writes the tables, best.yaml and the plots; returns the rows."""
+def _from_ledger(spec: SweepSpec, location: str) -> dict:
+    """The ledger's records, and a console line saying how many of the sweep's trials it already holds."""
+    recorded = ledger.read(location)
+    if spec.random:  # a drawn trial's config is known only once Tune draws it
+        known = f"{len(recorded)} trials recorded there; those this sweep draws again are"
+    else:
+        known = sum(ledger.config_hash(trial_config(spec, point)) in recorded for point in grid_points(spec))
+        known = f"{known} of {trial_count(spec)} trials recorded there are"
+    console.summary(f"ledger {location}: {known} taken from it, not trained; every finished trial is added to it")
+    return recorded
+
+
+def run_sweep(spec: SweepSpec, out: str, address: str | None = None, ledger_at: str | None = None) -> list[dict]:
+    """Run (or continue) the sweep in ``out``; writes the tables, best.yaml and the plots; returns the rows. With
+    ``ledger_at``, trials recorded in that ledger are taken from it and finished ones are added to it."""
     from qcrd_ray.ray_utils import init_ray
 
     if storage.is_uri(out):
@@ -125,9 +143,11 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     record_sweep(spec, out)
+    recorded = _from_ledger(spec, ledger_at) if ledger_at else {}
     init_ray(address)
-    trainable = tune.with_resources(tune.with_parameters(_trainable, spec_dict=asdict(spec), sweep_dir=out),
-                                    {"CPU": spec.trial_cpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec_dict=asdict(spec), sweep_dir=out, recorded=recorded),
+        {"CPU": spec.trial_cpus})
     path = os.path.join(out, "tune")
     if tune.Tuner.can_restore(path):
         console.summary(f"continuing the sweep in {path}: finished trials are kept, unfinished ones resume")
@@ -151,6 +171,8 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
             unfinished.append(result.config.get("point"))
         else:
             rows.append({k: v for k, v in result.metrics.items() if k in columns})
+    if ledger_at:  # before the tables: a sweep stopped by Ctrl-C records what it finished
+        ledger.add_rows(ledger_at, spec, rows)
     write_outputs(spec, out, rows)
     if errors or unfinished:
         first = errors[0] if errors else f"{unfinished[0]}: not finished"
@@ -165,8 +187,9 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None) -> list[dic
 def trial_line(row: dict, metric: str, done: int, total: int) -> str:
     """A finished trial's line: its valid and test accuracy on ``metric``, its time, and the sweep's count."""
     scores = ", ".join(f"{split} {metric} {percent(row.get(f'{split}_{metric}'))} %" for split in SPLITS)
-    return (f"trial {row['trial']}: {scores} in {console.format_duration(row.get('wall_s'))} "
-            f"({done}/{total} trials done)")
+    how = (f"from the ledger ({row['taken_from']})" if row.get("taken_from")
+           else f"in {console.format_duration(row.get('wall_s'))}")
+    return f"trial {row['trial']}: {scores} {how} ({done}/{total} trials done)"
 
 
 class TrialLines(tune.Callback):
