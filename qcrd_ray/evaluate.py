@@ -4,15 +4,19 @@
 - ``explain``: greedy decoding of ``explain: x``; the student writes its rationale and ``The answer is …``, and the
   answer is parsed from that sentence.
 
-Answers are parsed and scored with the task's own rules (``answers.parse_answer`` / ``answers.is_correct``). Each
-example's input, gold label, raw output, parsed prediction, rationale and verdict go to ``predictions.jsonl``; the
-totals go to ``metrics.json``. The model and the output folder may be local paths or URIs (``s3://…``): a model
-on storage is downloaded into this node's cache (``storage.download_dir``, complete uploads only), and the outputs
-are written through ``qcrd_ray.storage`` (atomically).
+Answers are parsed and scored with the task's own rules (``answers.parse_answer`` / ``answers.is_correct``). In
+explain mode, a task that says what its rationales must get right (``TaskSpec.check_rationale``: testbed v2's
+operation and numbers) has each rationale checked too, and ``metrics.json`` gives each check's share
+(``rationale_checks``). Each example's input, gold label, raw output, parsed prediction, rationale, checks and
+verdict go to ``predictions.jsonl``; the totals go to ``metrics.json``. The model and the output folder may be
+local paths or URIs (``s3://…``): a model on storage is downloaded into this node's cache
+(``storage.download_dir``, complete uploads only), and the outputs are written through ``qcrd_ray.storage``
+(atomically).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from qcrd_ray import console, storage
@@ -40,13 +44,25 @@ def score_output(task, mode: str, output: str, gold: str, choices) -> dict:
             "correct": answers.is_correct(task, prediction, gold, choices)}
 
 
+def rationale_shares(checks: list[dict | None]) -> dict[str, dict]:
+    """Each check's share of the rationales it applies to (``{check: {"share", "n"}}``, checks that applied to
+    none left out) from per-example results of ``TaskSpec.check_rationale`` (pure)."""
+    out = {}
+    for name in dict.fromkeys(k for c in checks if c for k in c):
+        verdicts = [c[name] for c in checks if c and c.get(name) is not None]
+        if verdicts:
+            out[name] = {"share": sum(verdicts) / len(verdicts), "n": len(verdicts)}
+    return out
+
+
 def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=None, *,
              batch_size: int = 32) -> dict:
     """Score the student at ``model_dir`` (a run, a method directory ``RUN/<method>`` or an HF model directory;
     see ``qcrd_ray.runs.resolve_model``) on ``split`` of ``cfg.data``. Writes ``predictions.jsonl`` and
     ``metrics.json`` to ``out_dir`` when given. Returns the metrics:
     ``task, split, mode, n, correct, accuracy, unparsed, rejected, too_long, out_of_memory, model`` (a prompt
-    longer than the student reads, or one that exhausts memory in generate on its own, counts as wrong)."""
+    longer than the student reads, or one that exhausts memory in generate on its own, counts as wrong), and in
+    explain mode for a task with rationale checks, ``rationale_checks`` (:func:`rationale_shares`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     model_path = resolve_model(str(model_dir)).model_dir
@@ -54,6 +70,7 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
     if not data.rows:
         raise ValueError(f"{cfg.data.task} {split}: no rows to evaluate ({data.summary.get('rejected', 0)} rejected)")
     task = get_task(cfg.data.task, cfg.data.answer_type)
+    check = functools.partial(task.check_rationale, cfg.data) if mode == "explain" and task.check_rationale else None
     local = storage.download_dir(model_path) if storage.is_uri(model_path) else model_path
     model, tokenizer = student_lib.load_pretrained(local, dtype=cfg.student.dtype)
     max_new_tokens = cfg.student.max_target_len
@@ -72,12 +89,16 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
             outputs = student_lib.generate(
                 model, tokenizer, [prompts.student_input(mode, r["input"]) for r in rows],
                 max_new_tokens=max_new_tokens, batch_size=batch_size, failed=failed) if rows else []
+            # a prompt too long to read wrote no rationale: it fails every check that applies to its question
             records += [{"id": r["id"], "input": r["input"], "gold": r["label"], "output": "", "prediction": None,
-                         "rationale": "", "correct": False, "too_long": True} for r in chunk if r["id"] in too_long]
+                         "rationale": "", "correct": False, "too_long": True,
+                         **({"checks": check(r["input"], "")} if check else {})} for r in chunk if r["id"] in too_long]
             for i, (row, output) in enumerate(zip(rows, outputs)):
                 scored = score_output(task, mode, output, row["label"], row["choices"])
                 if i in failed:
                     scored = {**scored, "correct": False, "out_of_memory": True}
+                if check:
+                    scored["checks"] = check(row["input"], scored["rationale"])
                 records.append({"id": row["id"], "input": row["input"], "gold": row["label"], "output": output,
                                 **scored})
             bar.update(len(chunk))
@@ -87,12 +108,28 @@ def evaluate(model_dir, cfg: Config, split: str, mode: str = "predict", out_dir=
                "accuracy": correct / len(records), "unparsed": sum(r["prediction"] is None for r in records),
                "rejected": len(data.rejects), "too_long": len(too_long),
                "out_of_memory": sum(bool(r.get("out_of_memory")) for r in records), "model": str(model_path)}
+    if check:
+        shares = rationale_shares([r["checks"] for r in records])
+        if shares:
+            metrics["rationale_checks"] = shares
     if out_dir is not None:  # metrics.json last: its presence means the evaluation is complete
         storage.write_jsonl(storage.join(out_dir, "rejects.jsonl"), data.rejects + list(too_long.values()))
         storage.write_jsonl(storage.join(out_dir, "predictions.jsonl"), records)
         storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
-    console.summary(f"{label}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(records)}, {metrics['unparsed']} unparsed)")
+    checked = ", ".join(f"{name.replace('_', ' ')} {c['share']:.0%} of {c['n']}"
+                        for name, c in metrics.get("rationale_checks", {}).items())
+    console.summary(f"{label}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(records)}, "
+                    f"{metrics['unparsed']} unparsed){'; rationales: ' + checked if checked else ''}")
     return metrics
+
+
+def recheck_rationales(cfg: Config, eval_dir) -> dict[str, dict]:
+    """``rationale_checks`` of the finished explain evaluation in ``eval_dir``, computed again from its
+    predictions.jsonl, so an evaluation written before its task's checks existed gains them (``qcrd sweep
+    --rescore-valid``); {} when the task has no checks or there are no predictions."""
+    check = get_task(cfg.data.task, cfg.data.answer_type).check_rationale
+    records = storage.read_jsonl(storage.join(eval_dir, "predictions.jsonl")) if check else []
+    return rationale_shares([check(cfg.data, r["input"], r["rationale"]) for r in records])
 
 
 def evaluate_once(model_dir, cfg: Config, split: str, mode: str, out_dir) -> dict:

@@ -172,6 +172,23 @@ def accuracy_table(cfg: Config, results: Mapping[str, dict]) -> list[str]:
     return lines
 
 
+def rationale_table(results: Mapping[str, dict]) -> list[str]:
+    """What each method's explain-mode rationales get right, by its task's checks (``TaskSpec.check_rationale``:
+    testbed v2's operation and numbers), as a share of the questions each check applies to; [] for a task
+    without checks."""
+    checked = {m: r["eval"].get("explain", {}).get("rationale_checks") for m, r in results.items()}
+    checked = {m: c for m, c in checked.items() if c}
+    names = list(dict.fromkeys(name for c in checked.values() for name in c))
+    if not names:
+        return []
+    lines = ["Explain-mode rationales that pass each check of the task, % (questions it applies to):", "",
+             "| method | " + " | ".join(n.replace("_", " ") for n in names) + " |", "|---|" + "---|" * len(names)]
+    for method, c in checked.items():
+        lines.append(f"| {method} | " + " | ".join(f"{_pct(c[n]['share'])} ({c[n]['n']})" if n in c else "-"
+                                                  for n in names) + " |")
+    return lines
+
+
 def _teacher_line(cfg: Config) -> str:
     """The teacher in words: its backend (and model) at K and T, or each source of a mix with its share of K."""
     from qcrd_ray.teacher.sources import resolve_sources
@@ -223,6 +240,8 @@ def _report_lines(layout: RunLayout, cfg: Config, teacher_summary: Mapping, resu
     lines += [f"Methods: {', '.join(results)}. Student: `{cfg.student.model}`. Teacher: {_teacher_line(cfg)}.", ""]
 
     lines += ["## Accuracy", ""] + accuracy_table(cfg, results) + [""]
+    checks = rationale_table(results)
+    lines += checks + [""] if checks else []
 
     lines += ["## Data and rejects", ""]
     rejects = storage.read_jsonl(storage.join(layout.teacher, "rejects.jsonl"))

@@ -8,8 +8,8 @@ import pytest
 
 from qcrd_ray.cli import main
 from qcrd_ray.config import from_dict
-from qcrd_ray.data.synthetic import make_split
-from qcrd_ray.evaluate import evaluate, evaluate_once, score_output
+from qcrd_ray.data.synthetic import check_rationale_v2, make_split, parse_v2
+from qcrd_ray.evaluate import evaluate, evaluate_once, recheck_rationales, score_output
 from qcrd_ray.students import load_student, save_student
 
 
@@ -55,6 +55,35 @@ def test_evaluate_writes_one_prediction_per_example_and_consistent_metrics(saved
     assert metrics["accuracy"] == pytest.approx(metrics["correct"] / 12)
     assert {"input", "gold", "prediction", "rationale", "correct", "output"} <= set(records[0])
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert "rationale_checks" not in metrics  # version 1's questions have no checks
+
+
+def test_explain_on_testbed_v2_checks_each_rationale_and_counts_the_questions_each_check_applies_to(
+        saved_student, tmp_path):
+    cfg, run = saved_student
+    v2 = cfg.replace(data={"synthetic_version": 2})
+    metrics = evaluate(run, v2, "test", mode="explain", out_dir=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["checks"] == check_rationale_v2(r["input"], r["rationale"]) for r in records)
+    traps = sum(parse_v2(r["input"])[0].trap is not None for r in records)
+    checks = metrics["rationale_checks"]
+    assert 0 < traps < 12 and checks["trap_operation"]["n"] == traps and checks["both_numbers"]["n"] == 12
+    assert checks["both_numbers"]["share"] == sum(r["checks"]["both_numbers"] for r in records) / 12
+    # what `qcrd sweep --rescore-valid` reads for an evaluation written before the checks: the same shares
+    assert recheck_rationales(v2, tmp_path) == checks
+    assert "rationale_checks" not in evaluate(run, v2, "test", mode="predict")
+
+
+def test_the_run_report_tabulates_each_method_s_rationale_checks_when_its_task_has_them():
+    from qcrd_ray.report import rationale_table
+
+    checked = {"rationale_checks": {"trap_operation": {"share": 0.4375, "n": 16},
+                                    "both_numbers": {"share": 0.6, "n": 30}}}
+    results = {"dss": {"eval": {"predict": {"accuracy": 0.5}, "explain": checked}},
+               "finetune": {"eval": {"predict": {"accuracy": 0.3}}}}
+    assert rationale_table(results)[2:] == ["| method | trap operation | both numbers |", "|---|---|---|",
+                                            "| dss | 43.75 (16) | 60.00 (30) |"]
+    assert rationale_table({"dss": {"eval": {"explain": {"accuracy": 0.5}}}}) == []
 
 
 def test_evaluate_once_keeps_a_finished_evaluation(saved_student, tmp_path):

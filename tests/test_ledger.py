@@ -4,12 +4,14 @@ Ray. The sweep end to end with a ledger is in tests/test_sweep.py."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 
 from qcrd_ray import storage
 from qcrd_ray.config import ConfigError
+from qcrd_ray.data.synthetic import answer_v2, make_split, parse_v2
 from qcrd_ray.sweep import ledger
 from qcrd_ray.sweep.rescore import rescore_valid
 from qcrd_ray.sweep.spec import load_sweep, trial_config
@@ -86,3 +88,39 @@ def test_a_rescore_reads_the_ledger_for_trials_whose_models_are_elsewhere(tmp_pa
     rescored = rescore_valid(spec, str(out), 1500, where)
     assert [r["valid1500_predict"] for r in rescored] == [0.7, 0.71, 0.72, 0.73]
     assert "| clean_dss | 2 |" in (out / "rescored-valid-1500.md").read_text()
+
+
+def test_a_rescore_checks_the_rationales_of_trials_evaluated_before_the_checks_existed(tmp_path):
+    """Trials that trained before evaluate checked rationales gain the checks from their saved explain outputs:
+    results and ledger both, with no model run (the valid1500 score is already there)."""
+    out, where = tmp_path / "sweep", str(tmp_path / "v2.jsonl")
+    trial = "variant=dss,seed=0"
+    method = out / "trials" / trial / "dss"
+    (method / "eval" / "valid1500-predict").mkdir(parents=True)
+    (method / "eval" / "valid-explain").mkdir(parents=True)
+    (out / "trials" / trial / "config.yaml").write_text(
+        trial_config(ABLATION, {"variant": "dss", "train.seed": 0}).to_yaml())
+    (method / "eval" / "valid1500-predict" / "metrics.json").write_text(json.dumps({"accuracy": 0.8}))
+    questions = [r["input"] for r in make_split("valid", train_size=1, eval_size=40, version=2)]
+    traps = [q for q in questions if parse_v2(q)[0].trap][:2]
+    plain = next(q for q in questions if not parse_v2(q)[0].trap)
+    rationales = []  # a trap read right, the same trap misread, a plain wording with its numbers swapped
+    for q, use_trap in ((traps[0], False), (traps[1], True), (plain, False)):
+        wording, a, b = parse_v2(q)
+        op = wording.trap if use_trap else wording.op
+        x, y = (b, a) if q == plain else (a, b)
+        rationales.append({"input": q, "rationale": f"{x} {op} {y} = {answer_v2(op, x, y)}."})
+    (method / "eval" / "valid-explain" / "predictions.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rationales))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(_row(trial, "dss", 0)))
+        writer.writeheader()
+        writer.writerow(_row(trial, "dss", 0))
+
+    [row] = rescore_valid(ABLATION, str(out), 1500, where)
+    both = 2 / 3 if parse_v2(plain)[1] != parse_v2(plain)[2] else 1.0  # swapping equal numbers changes nothing
+    assert row["valid_rationale_trap_operation"] == 0.5 and row["valid_rationale_both_numbers"] == both
+    assert "test_rationale_trap_operation" not in row  # no test explain outputs saved
+    scores = ledger.read(where)[_hash(ABLATION, "dss")]["scores"]
+    assert scores["valid_rationale_trap_operation"] == 0.5 and scores["valid1500_predict"] == 0.8
+    assert "## valid rationales: trap operation" in (out / "rescored-valid-1500.md").read_text()

@@ -481,6 +481,31 @@ def test_summary_reads_the_rule_on_every_score_and_names_the_primary(tmp_path):
     assert "| 0.6 | qcrd | +10.0 [" in explain and "**succeeds**" in explain
 
 
+def test_rationale_checks_get_columns_and_tables_only_where_trials_have_them(tmp_path):
+    """results.csv and summary.md carry a rationale check (testbed v2's explain-mode diagnosis) per split where a
+    trial has it, with the accuracy tables' Δ vs the baseline; a task without checks gets no empty columns."""
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml")
+    rows = [{"trial": f"{r['variant']},{r['teacher.noise']},{r['train.seed']}", **r, "valid_predict": r["acc"]}
+            for r in _headroom_rows()]
+    plain, checked = tmp_path / "plain", tmp_path / "checked"
+    plain.mkdir(), checked.mkdir()
+    write_outputs(spec, str(plain), rows)
+    with open(plain / "results.csv", newline="") as f:
+        assert not [c for c in next(csv.reader(f)) if "rationale" in c]
+    assert "rationales" not in (plain / "summary.md").read_text()
+
+    write_outputs(spec, str(checked), [{**r, "valid_rationale_trap_operation": r["acc"] + 0.2} for r in rows])
+    with open(checked / "results.csv", newline="") as f:
+        assert [c for c in next(csv.reader(f)) if "rationale" in c] == ["valid_rationale_trap_operation"]
+    summary = (checked / "summary.md").read_text()
+    section = summary.split("## valid rationales: trap operation (% of those it applies to)")[1]
+    table = section.split("## ")[0]
+    assert "| clean_dss | 0.6 | 3 | 73.0 ± 3.6 | +10.0 [+7.5, +12.5] (n=3) |" in table
+    assert "| qcrd | pooled | 6 | 66.5 ± 3.6 | +3.5 [+0.5, +6.5] (n=6) |" in table
+    assert "| clean_dss,0.3,0 | clean_dss | 0.3 | 0 | - | - | - | 43.0 | - | - | - | 63.0 |" in \
+        (checked / "results.md").read_text()  # a share, shown in percent
+
+
 @pytest.mark.parametrize("decision, message", [
     ("{control: clean, methods: [qcrd]}", "'clean' is not a variant"),
     ("{control: clean_dss, methods: [dss]}", "other than the baseline 'dss'"),

@@ -11,8 +11,9 @@ import torch
 
 from qcrd_ray.config import Config, ConfigError
 from qcrd_ray.data import answers, prompts
-from qcrd_ray.data.synthetic import WORDINGS, answer_v2, make_split, parse_v2
-from qcrd_ray.evaluate import score_output
+from qcrd_ray.data.synthetic import WORDINGS, answer_v2, check_rationale_v2, make_split, parse_v2
+from qcrd_ray.data.tasks import get_task
+from qcrd_ray.evaluate import rationale_shares, score_output
 from qcrd_ray.teacher.backends.synthetic import V2_TEMPLATES, synthetic_v2_sample
 
 V2 = {"version": 2, "max_operand": 9}
@@ -68,6 +69,49 @@ def test_numeric_labels_are_scored_by_the_task_machinery_in_both_modes():
     scored = score_output("synthetic", "explain", out, gold, [])
     assert scored["correct"] and scored["prediction"] == "56"
     assert not score_output("synthetic", "explain", "7 + 8 = 15. The answer is 15.", gold, [])["correct"]
+
+
+def test_the_rationale_checks_read_the_teacher_s_misconception_and_numbers_in_every_phrasing():
+    """evaluate's explain-mode diagnosis on the teacher's own samples (whose mistakes are known): on a trap wording
+    a sample passes trap_operation exactly when it is not the misconception, in every phrasing; every sample
+    states both numbers; other wordings have no trap check."""
+    seen, check = Counter(), get_task("synthetic").check_rationale
+    v2 = Config().replace(data={"synthetic_version": 2}).data
+    for row, ss in _samples(0.5, questions=600):
+        wording = parse_v2(row["input"])[0]
+        for text, mistake in ss:
+            rationale = prompts.parse_teacher_output("synthetic", text).rationale
+            checks = check(v2, row["input"], rationale)
+            assert check(Config().data, row["input"], rationale) is None  # version 1 has no checks
+            assert checks["both_numbers"] is True
+            if wording.trap is None:
+                assert checks["trap_operation"] is None
+            else:
+                assert checks["trap_operation"] is (mistake is None)
+                seen[mistake] += 1
+    assert seen[None] > 500 and seen["misconception"] > 500
+
+
+def test_a_student_rationale_that_names_the_operation_in_words_or_swaps_the_numbers():
+    question = make_split("test", train_size=1, eval_size=400, **V2)
+    trap = next(r["input"] for r in question if parse_v2(r["input"])[0].cue == "for days")  # "*" misread as "+"
+    _, a, b = parse_v2(trap)
+    assert check_rationale_v2(trap, f"We multiply. {a} * {b} = {a * b}.") == {"trap_operation": True,
+                                                                           "both_numbers": True}
+    assert check_rationale_v2(trap, f"We add: {a} + {b} = {a + b}.") == {"trap_operation": False,
+                                                                      "both_numbers": True}
+    # no equation: the operation it names in words, and no numbers stated
+    assert check_rationale_v2(trap, '"for days" means multiplication.') == {"trap_operation": True,
+                                                                            "both_numbers": False}
+    assert check_rationale_v2(trap, f"{b} * {a} = {a * b}.")["both_numbers"] is (a == b)  # the order counts
+    assert check_rationale_v2(trap, "") == {"trap_operation": False, "both_numbers": False}
+    assert check_rationale_v2("Tom has 3 apples.\nHow many?", "3 + 4 = 7.") is None  # not a v2 question
+    # shares over the questions each check applies to
+    shares = rationale_shares([{"trap_operation": True, "both_numbers": False},
+                               {"trap_operation": None, "both_numbers": True}, None,
+                               {"trap_operation": False, "both_numbers": True}])
+    assert shares == {"trap_operation": {"share": 0.5, "n": 2}, "both_numbers": {"share": 2 / 3, "n": 3}}
+    assert rationale_shares([None, None]) == {}
 
 
 def test_phrasings_give_distinct_correct_positives():

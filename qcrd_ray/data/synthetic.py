@@ -254,3 +254,47 @@ def parse_v2(question: str) -> tuple[Wording, int, int]:
         if match:
             return wording, int(match["a"]), int(match["b"])
     raise ValueError(f"not a synthetic version-2 problem: {question[:80]!r}")
+
+
+# ---- what a version-2 rationale gets right (evaluate's explain-mode diagnosis; docs/quality.md, "What QCRD does
+# to its rationales")
+
+V2_RATIONALE_CHECKS = ("trap_operation", "both_numbers")
+_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?) ([-+*/]) (-?\d+(?:\.\d+)?) =")
+_OPERATION_WORDS = {word: op for op, words in {"+": ("add", "addition"), "-": ("subtract", "subtraction"),
+                                               "*": ("multiply", "multiplication"), "/": ("divide", "division")}.items()
+                    for word in words}
+_OPERATION_WORD = re.compile(r"\b(" + "|".join(_OPERATION_WORDS) + r")\b")
+
+
+def rationale_operation(rationale: str) -> tuple[str | None, tuple[float, float] | None]:
+    """(operation, operands) a rationale applies: its first ``a op b =`` equation's, else the first operation it
+    names in words ("we multiply") with no operands; (None, None) when it names none."""
+    equation = _EQUATION.search(rationale)
+    if equation:
+        return equation[2], (float(equation[1]), float(equation[3]))
+    word = _OPERATION_WORD.search(rationale)
+    return (_OPERATION_WORDS[word[1]], None) if word else (None, None)
+
+
+def check_rationale_v2(question: str, rationale: str) -> dict[str, bool | None] | None:
+    """What a student's rationale for a version-2 question gets right, or None for another kind of question:
+
+    - ``trap_operation``: on a trap wording, it applies the wording's operation, not the misconception's (None on
+      other wordings, which the teacher never misreads);
+    - ``both_numbers``: its equation states the question's two numbers, in order (every answer needs them).
+
+    A rationale with no readable operation gets neither."""
+    try:
+        wording, a, b = parse_v2(question)
+    except ValueError:
+        return None
+    op, operands = rationale_operation(rationale)
+    return {"trap_operation": op == wording.op if wording.trap is not None else None,
+            "both_numbers": operands == (a, b)}
+
+
+def check_rationale(data, question: str, rationale: str) -> dict[str, bool | None] | None:
+    """The built-in task's rationale checks (``TaskSpec.check_rationale``) under its ``data`` config: testbed v2's
+    (:func:`check_rationale_v2`); version 1 has none (its one-step questions share v2's wordings, not its traps)."""
+    return check_rationale_v2(question, rationale) if data.synthetic_version == 2 else None

@@ -5,7 +5,9 @@ worked example, and its input: the structured fields a serve request may send in
 they become that text (as the loaders format the data), and whether the text lists its choices. The config's
 ``data.task`` help, serve's task names and request checks, and the teacher prompt read it; a user task (``data.format:
 jsonl | parquet``) is a spec made by :func:`get_task`. Adding a built-in task is one `register_task` call (its DSS
-row builder in the dss entry of formats.py if its data comes in the DSS layout) and its test. Pure and light: config.py reads it.
+row builder in the dss entry of formats.py if its data comes in the DSS layout) and its test. A task may also say
+what its rationales must get right (``check_rationale``: testbed v2's operation and numbers), which evaluate
+reports in explain mode. Pure and light: config.py reads it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from qcrd_ray.data import synthetic
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")  # DSS label ids 0, 1, 2
 
@@ -82,6 +86,11 @@ class TaskSpec:
     fields: tuple[str, ...] = ()
     from_fields: Callable[..., tuple[str, tuple[str, ...]]] | None = None
     choices_in_input: bool = False  # the input text lists the choices (parse_choices reads them back)
+    # explain mode's diagnosis (evaluate): ``check_rationale(data config, input text, rationale) -> {check: bool |
+    # None}`` says what a student's rationale gets right (None: a check that does not apply to that question; the
+    # whole result None: a question the task cannot check), over the checks named in ``rationale_checks``
+    rationale_checks: tuple[str, ...] = ()
+    check_rationale: Callable[..., dict[str, bool | None] | None] | None = None
 
     @property
     def is_nli(self) -> bool:
@@ -97,7 +106,8 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     return spec
 
 
-register_task(TaskSpec("synthetic", "numeric"))
+register_task(TaskSpec("synthetic", "numeric", rationale_checks=synthetic.V2_RATIONALE_CHECKS,
+                       check_rationale=synthetic.check_rationale))
 register_task(TaskSpec("svamp", "numeric"))
 register_task(TaskSpec("cqa", "choice", fields=("question", "choices"), from_fields=_cqa_fields,
                        choices_in_input=True))

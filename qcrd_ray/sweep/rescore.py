@@ -1,5 +1,5 @@
 """``qcrd sweep --rescore-valid N``: a sweep's finished trials scored again (predict) on N fresh valid problems of
-the synthetic task, without Ray (docs/design.md, "Sweeps")."""
+the synthetic task, and their explain-mode rationales checked again, without Ray (docs/design.md, "Sweeps")."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import yaml
 
 from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep import ledger
-from qcrd_ray.sweep.output import plot_accuracy, plot_differences, summary_legend, summary_table, verdict_section, write_csv
-from qcrd_ray.sweep.spec import SweepSpec, axes, trial_config
+from qcrd_ray.sweep.output import (plot_accuracy, plot_differences, rationale_tables, summary_legend, summary_table,
+                                   verdict_section, write_csv)
+from qcrd_ray.sweep.spec import SPLITS, SweepSpec, axes, rationale_column, trial_config
 
 
 def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | None = None) -> list[dict]:
@@ -28,8 +29,12 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | No
     train, so they are disjoint from the trial's training and test problems when eval_size ≥ 2 × its eval size +
     its train size (checked). Scores are kept in each trial (``<method>/eval/valid<N>-predict``): a rerun scores
     only trials it has not scored. With ``ledger_at`` (the sweep's ``--ledger``), a trial taken from the ledger,
-    whose model is not here, gives the score recorded there, and every score is added to the ledger."""
-    from qcrd_ray.evaluate import evaluate_once
+    whose model is not here, gives the score recorded there, and every score is added to the ledger.
+
+    Each trial here also has its explain outputs' rationale checks computed again (``evaluate.recheck_rationales``),
+    so trials evaluated before their task had checks gain them: rescored-valid-<N>.md tabulates them and the
+    ledger records them."""
+    from qcrd_ray.evaluate import evaluate_once, recheck_rationales
     from qcrd_ray.runs import MethodLayout, RunLayout, load_run_config
 
     results = os.path.join(out, "results.csv")
@@ -62,7 +67,9 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | No
         where = MethodLayout.at(os.path.join(run_dir, cfg.train.method))
         metrics = evaluate_once(where.model, cfg.replace(data={"synthetic_eval_size": eval_size}), "valid",
                                 "predict", where.eval(f"valid{eval_size}", "predict"))
-        rows.append({**row, column: metrics["accuracy"]})
+        checks = {rationale_column(split, name): c["share"] for split in SPLITS
+                  for name, c in recheck_rationales(cfg, where.eval(split, "explain")).items()}
+        rows.append({**row, **checks, column: metrics["accuracy"]})
     if ledger_at:
         ledger.add_rows(ledger_at, spec, rows)
     write_csv(os.path.join(out, f"rescored-valid-{eval_size}.csv"), ["trial", *axes(spec), "valid_predict", column],
@@ -72,6 +79,7 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | No
     lines += summary_table(spec, rows, "valid_predict", "valid predict (the sweep's own valid split)")
     lines += summary_table(spec, rows, column, f"valid predict, {eval_size} fresh problems")
     lines += verdict_section(spec, rows, column, f"valid predict, {eval_size} fresh problems")
+    lines += rationale_tables(spec, rows)
     Path(out, f"rescored-valid-{eval_size}.md").write_text("\n".join(lines) + "\n")
     plot_differences(spec, rows, column, f"valid predict, {eval_size} fresh problems",
                      os.path.join(out, f"rescored-valid-{eval_size}.png"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from qcrd_ray.config import Config, ConfigError, from_dict, merge, parse_override, set_path
+from qcrd_ray.data.tasks import BUILTIN_TASKS
 
 SPLITS = ("valid", "test")  # valid chooses, test reports
 RANDOM_KINDS = ("uniform", "loguniform", "choice")
@@ -162,11 +163,24 @@ def axes(spec: SweepSpec) -> list[str]:
     return list(search_grid(spec)) + list(spec.random)
 
 
+def rationale_column(split: str, check: str) -> str:
+    """The column of one rationale check (``TaskSpec.check_rationale``) on a split: the share of the trial's
+    explain-mode rationales that pass it (evaluate's ``rationale_checks``)."""
+    return f"{split}_rationale_{check}"
+
+
+def is_rationale_column(column: str) -> bool:
+    return "_rationale_" in column
+
+
 def row_keys(spec: SweepSpec) -> list[str]:
     """A trial's row (results.csv's columns): its name, axes, teacher accuracy, time, the machine it trained on
-    (``provenance.machines``) and accuracy per split and mode."""
+    (``provenance.machines``), accuracy per split and mode, then each built-in task's rationale checks per split
+    (empty for a task without them)."""
+    checks = dict.fromkeys(c for task in BUILTIN_TASKS.values() for c in task.rationale_checks)
     return (["trial", *axes(spec), "teacher_accuracy", "wall_s", "machine"]
-            + [f"{s}_{m}" for s in SPLITS for m in METRICS])
+            + [f"{s}_{m}" for s in SPLITS for m in METRICS]
+            + [rationale_column(s, c) for s in SPLITS for c in checks])
 
 
 def grid_points(spec: SweepSpec) -> list[dict]:
