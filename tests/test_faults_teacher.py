@@ -36,15 +36,20 @@ def holding_server():
     server.close()
 
 
-def teacher_actors(address: str) -> list:
+def teacher_actors(address: str, detail: bool = False, **filters) -> list:
+    """The teacher pool's actors known to this session's cluster, in any state unless ``filters`` narrow it;
+    ``detail`` adds the fields the short listing leaves out (the restart count)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-    return [a for a in actors if "MapWorker" in a.class_name and a.pid]
+    actors = list_actors(address=address, filters=[(key, "=", value) for key, value in filters.items()],
+                         detail=detail, raise_on_missing_output=False)
+    return [a for a in actors if "MapWorker" in a.class_name]
 
 
-def kill_one_teacher_actor(server, figures: dict) -> None:
-    """Wait until both actors hold a request, SIGKILL one, let the server answer again, then time the restart."""
+def kill_one_teacher_actor(server, figures: dict, run_done: threading.Event) -> None:
+    """Wait until both actors hold a request, SIGKILL one, let the server answer again, then time the restart while
+    the run lasts. Seeing the new process is best effort: a restarted actor can finish the last batches and be
+    torn down with the pool between two polls, so the test reads the restart count from Ray afterwards."""
     import ray
 
     address = ray.get_runtime_context().gcs_address  # this session's cluster only
@@ -52,20 +57,21 @@ def kill_one_teacher_actor(server, figures: dict) -> None:
         for _ in range(2):  # two requests held: both actors of the pool are mid-batch
             assert server.held.acquire(timeout=WAIT_S), "the teacher pool never reached the server"
         deadline = time.monotonic() + WAIT_S
-        while len(actors := teacher_actors(address)) < 2 and time.monotonic() < deadline:
+        while len(actors := [a for a in teacher_actors(address, state="ALIVE") if a.pid]) < 2:
+            assert time.monotonic() < deadline, f"two live teacher actors never showed: {actors}"
             time.sleep(0.2)
         victim = actors[0]
         figures["requests_at_kill"] = server.requests
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
+        figures["killed"] = victim
         server.resume()
-        while time.monotonic() < deadline:
-            again = [a for a in teacher_actors(address) if a.actor_id == victim.actor_id and a.pid != victim.pid]
-            if again:
+        while not run_done.is_set() and time.monotonic() < deadline:
+            again = teacher_actors(address, actor_id=victim.actor_id)
+            if any(a.state == "ALIVE" and a.pid and a.pid != victim.pid for a in again):
                 figures["restart_s"] = time.monotonic() - killed_at
                 break
             time.sleep(0.1)
-        figures["killed_pid"] = victim.pid
     finally:
         server.resume()  # never leave the run hanging on a failed assertion here
 
@@ -79,16 +85,22 @@ def test_a_killed_teacher_actor_is_restarted_and_every_example_arrives_exactly_o
                  "max_concurrency": 1, "timeout_s": WAIT_S, "max_retries": 0},
     )
     figures: dict = {}
-    killer = threading.Thread(target=kill_one_teacher_actor, args=(holding_server, figures), daemon=True)
+    run_done = threading.Event()
+    killer = threading.Thread(target=kill_one_teacher_actor, args=(holding_server, figures, run_done), daemon=True)
     killer.start()
     started = time.monotonic()
-    summary = run_teacher(cfg, tmp_path)
+    try:
+        summary = run_teacher(cfg, tmp_path)
+    finally:
+        run_done.set()
     elapsed = time.monotonic() - started
     killer.join(timeout=WAIT_S)
 
-    assert "killed_pid" in figures, "no teacher actor was killed"
+    assert "killed" in figures, "no teacher actor was killed"
     assert figures["requests_at_kill"] < EXAMPLES * K  # the kill landed mid-run
-    assert "restart_s" in figures, "the killed actor was not restarted"
+    victim = figures["killed"]  # Ray's record of it outlives the pool: the restart count is there whenever it ended
+    records = teacher_actors(ray_session.get_runtime_context().gcs_address, detail=True, actor_id=victim.actor_id)
+    assert records and records[0].num_restarts >= 1, f"the killed actor was not restarted: {records}"
     attempts = holding_server.attempts
     assert max(attempts.values()) >= 2  # the killed actor's batch was sent again
 
@@ -102,5 +114,6 @@ def test_a_killed_teacher_actor_is_restarted_and_every_example_arrives_exactly_o
         assert {s["status"] for s in row["samples"]} == {"ok"}, row["samples"]
     assert summary["samples"] == EXAMPLES * K and summary["request_failures"] == 0
     duplicated = sum(n - 1 for n in attempts.values())
+    restart = f"{figures['restart_s']:.1f}s" if "restart_s" in figures else "(not seen: it ended between polls)"
     print(f"\nteacher actor kill: requests at kill {figures['requests_at_kill']}/{EXAMPLES * K}, actor restarted in "
-          f"{figures['restart_s']:.1f}s, {duplicated} requests resent, 0 rows lost or duplicated, run {elapsed:.1f}s")
+          f"{restart}, {duplicated} requests resent, 0 rows lost or duplicated, run {elapsed:.1f}s")

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from qcrd_ray.sweep.decision import decide
-from qcrd_ray.sweep.spec import METRICS, SPLITS, SweepSpec, axes, is_rationale_column, row_keys, trial_config
+from qcrd_ray.sweep.spec import METRICS, SPLITS, SweepSpec, axes, rationale_columns, row_keys, trial_config
 from qcrd_ray.sweep.stats import cell_table, difference_series, mean_interval, pairs_for_half_width, pooled_rows
 
 # the smallest difference a summary says how many seeds it would take to resolve: the paper's gains over DSS are
@@ -35,16 +35,16 @@ def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
         writer.writerows({k: r.get(k) for k in columns} for r in rows)
 
 
-def rationale_columns(spec: SweepSpec, rows: list[dict]) -> list[str]:
-    """The rationale-check columns (``spec.rationale_column``) that some row has a value in, in row_keys order."""
-    return [c for c in row_keys(spec) if is_rationale_column(c) and any(r.get(c) is not None for r in rows)]
+def checked_columns(rows: list[dict]) -> list[str]:
+    """The rationale-check columns (``spec.rationale_columns``) that some row has a value in, in row order."""
+    return [c for c in rationale_columns() if any(r.get(c) is not None for r in rows)]
 
 
 def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
     """results.csv/.md, summary.md, best.yaml, accuracy.png and differences.png from the finished trials' rows."""
     rows = sorted(rows, key=lambda r: r["trial"])
-    checks = rationale_columns(spec, rows)  # a task without rationale checks gets no empty columns
-    columns = [c for c in row_keys(spec) if not is_rationale_column(c) or c in checks]
+    checks = checked_columns(rows)  # a task without rationale checks gets no empty columns
+    columns = [c for c in row_keys(spec) if c not in rationale_columns() or c in checks]
     write_csv(os.path.join(out, "results.csv"), columns, rows)
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(percent(r.get(c)) if c.endswith(METRICS) or c == "teacher_accuracy" or c in checks
@@ -142,8 +142,8 @@ def rationale_tables(spec: SweepSpec, rows: list[dict]) -> list[str]:
     """summary.md's sections for the rationale checks (the share of explain-mode rationales that pass each check
     of the task, e.g. testbed v2's ``trap_operation``), the same tables as accuracy's; none without checks."""
     lines = []
-    for column in rationale_columns(spec, rows):
-        split, check = column.split("_rationale_")
+    for column in checked_columns(rows):
+        split, check = rationale_columns()[column]
         lines += summary_table(spec, rows, column, f"{split} rationales: {check.replace('_', ' ')} (% of those it "
                                                    f"applies to)")
     return lines

@@ -13,7 +13,7 @@ from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep import ledger
 from qcrd_ray.sweep.output import (plot_accuracy, plot_differences, rationale_tables, summary_legend, summary_table,
                                    verdict_section, write_csv)
-from qcrd_ray.sweep.spec import SPLITS, SweepSpec, axes, rationale_column, trial_config
+from qcrd_ray.sweep.spec import SPLITS, SweepSpec, axes, rationale_scores, trial_config
 
 
 def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | None = None) -> list[dict]:
@@ -67,9 +67,10 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | No
         where = MethodLayout.at(os.path.join(run_dir, cfg.train.method))
         metrics = evaluate_once(where.model, cfg.replace(data={"synthetic_eval_size": eval_size}), "valid",
                                 "predict", where.eval(f"valid{eval_size}", "predict"))
-        checks = {rationale_column(split, name): c["share"] for split in SPLITS
-                  for name, c in recheck_rationales(cfg, where.eval(split, "explain")).items()}
-        rows.append({**row, **checks, column: metrics["accuracy"]})
+        row = {**row, column: metrics["accuracy"]}
+        for split in SPLITS:  # the checks again from the saved explain outputs (trials run before them gain them)
+            row.update(rationale_scores(split, recheck_rationales(cfg, where.eval(split, "explain"))))
+        rows.append(row)
     if ledger_at:
         ledger.add_rows(ledger_at, spec, rows)
     write_csv(os.path.join(out, f"rescored-valid-{eval_size}.csv"), ["trial", *axes(spec), "valid_predict", column],

@@ -163,24 +163,28 @@ def axes(spec: SweepSpec) -> list[str]:
     return list(search_grid(spec)) + list(spec.random)
 
 
-def rationale_column(split: str, check: str) -> str:
-    """The column of one rationale check (``TaskSpec.check_rationale``) on a split: the share of the trial's
-    explain-mode rationales that pass it (evaluate's ``rationale_checks``)."""
+def _rationale_column(split: str, check: str) -> str:
     return f"{split}_rationale_{check}"
 
 
-def is_rationale_column(column: str) -> bool:
-    return "_rationale_" in column
+def rationale_columns() -> dict[str, tuple[str, str]]:
+    """Every built-in task's rationale-check columns (``TaskSpec.rationale_checks``), each with its (split, check),
+    in row order. A column holds the share of the trial's explain-mode rationales on the split that pass the check."""
+    checks = dict.fromkeys(c for task in BUILTIN_TASKS.values() for c in task.rationale_checks)
+    return {_rationale_column(s, c): (s, c) for s in SPLITS for c in checks}
+
+
+def rationale_scores(split: str, checks: dict) -> dict[str, float]:
+    """A trial row's rationale columns for one split, from evaluate's ``rationale_checks`` ({check: {share, n}})."""
+    return {_rationale_column(split, name): c["share"] for name, c in checks.items()}
 
 
 def row_keys(spec: SweepSpec) -> list[str]:
     """A trial's row (results.csv's columns): its name, axes, teacher accuracy, time, the machine it trained on
     (``provenance.machines``), accuracy per split and mode, then each built-in task's rationale checks per split
     (empty for a task without them)."""
-    checks = dict.fromkeys(c for task in BUILTIN_TASKS.values() for c in task.rationale_checks)
     return (["trial", *axes(spec), "teacher_accuracy", "wall_s", "machine"]
-            + [f"{s}_{m}" for s in SPLITS for m in METRICS]
-            + [rationale_column(s, c) for s in SPLITS for c in checks])
+            + [f"{s}_{m}" for s in SPLITS for m in METRICS] + list(rationale_columns()))
 
 
 def grid_points(spec: SweepSpec) -> list[dict]:

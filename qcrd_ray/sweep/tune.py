@@ -33,7 +33,7 @@ from qcrd_ray import console, storage
 from qcrd_ray.config import Config, ConfigError
 from qcrd_ray.sweep import ledger
 from qcrd_ray.sweep.output import percent, write_outputs
-from qcrd_ray.sweep.spec import (METRICS, SPLITS, SweepSpec, grid_points, rationale_column, row_keys, search_grid,
+from qcrd_ray.sweep.spec import (METRICS, SPLITS, SweepSpec, grid_points, rationale_scores, row_keys, search_grid,
                                  teacher_key, trial_config, trial_count, trial_name)
 
 
@@ -86,8 +86,7 @@ def run_trial(point: dict, spec: SweepSpec, sweep_dir: str, recorded: dict | Non
         for mode in METRICS:
             m = evals[split].get(mode)
             row[f"{split}_{mode}"] = m["accuracy"] if m else None
-        checks = (evals[split].get("explain") or {}).get("rationale_checks", {})
-        row.update({rationale_column(split, name): c["share"] for name, c in checks.items()})
+        row.update(rationale_scores(split, (evals[split].get("explain") or {}).get("rationale_checks", {})))
     # valid went to the trackers with run_pipeline's evaluation; test joins it here
     trackers.log_results(cfg, method["dir"], {k: v for k, v in row.items() if k.startswith("test_")})
     return row
