@@ -24,7 +24,7 @@ from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep.decision import FAILS, INCONCLUSIVE, NO_HEADROOM, SUCCEEDS, decide, judge
 from qcrd_ray.sweep.output import levels_and_pooled, plot_accuracy, summary_table, verdict_section, write_outputs
 from qcrd_ray.sweep.rescore import rescore_valid
-from qcrd_ray.sweep.spec import grid_points, load_sweep, teacher_key, trial_config, trial_name
+from qcrd_ray.sweep.spec import grid_points, load_sweep, rationale_scores, teacher_key, trial_config, trial_name
 from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_interval, mean_sd, paired_difference,
                                   pairs_for_half_width, pooled_rows)
 from qcrd_ray.testing import patience
@@ -494,7 +494,10 @@ def test_rationale_checks_get_columns_and_tables_only_where_trials_have_them(tmp
         assert not [c for c in next(csv.reader(f)) if "rationale" in c]
     assert "rationales" not in (plain / "summary.md").read_text()
 
-    write_outputs(spec, str(checked), [{**r, "valid_rationale_trap_operation": r["acc"] + 0.2} for r in rows])
+    # each row as run_trial makes it from evaluate's metrics ({check: {share, n}}) on the valid split
+    write_outputs(spec, str(checked), [{**r, **rationale_scores("valid", {"trap_operation": {"share": r["acc"] + 0.2,
+                                                                                              "n": 40}})}
+                                       for r in rows])
     with open(checked / "results.csv", newline="") as f:
         assert [c for c in next(csv.reader(f)) if "rationale" in c] == ["valid_rationale_trap_operation"]
     summary = (checked / "summary.md").read_text()
