@@ -43,8 +43,9 @@ def checked_columns(rows: list[dict]) -> list[str]:
 def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
     """results.csv/.md, summary.md, best.yaml, accuracy.png and differences.png from the finished trials' rows."""
     rows = sorted(rows, key=lambda r: r["trial"])
-    checks = checked_columns(rows)  # a task without rationale checks gets no empty columns
-    columns = [c for c in row_keys(spec) if c not in rationale_columns() or c in checks]
+    checks = checked_columns(rows)
+    unchecked = rationale_columns().keys() - set(checks)  # a task without rationale checks gets no empty columns
+    columns = [c for c in row_keys(spec) if c not in unchecked]
     write_csv(os.path.join(out, "results.csv"), columns, rows)
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(percent(r.get(c)) if c.endswith(METRICS) or c == "teacher_accuracy" or c in checks
@@ -141,9 +142,9 @@ def summary_table(spec: SweepSpec, rows: list[dict], column: str, title: str) ->
 def rationale_tables(spec: SweepSpec, rows: list[dict]) -> list[str]:
     """summary.md's sections for the rationale checks (the share of explain-mode rationales that pass each check
     of the task, e.g. testbed v2's ``trap_operation``), the same tables as accuracy's; none without checks."""
-    lines = []
+    lines, every = [], rationale_columns()
     for column in checked_columns(rows):
-        split, check = rationale_columns()[column]
+        split, check = every[column]
         lines += summary_table(spec, rows, column, f"{split} rationales: {check.replace('_', ' ')} (% of those it "
                                                    f"applies to)")
     return lines
