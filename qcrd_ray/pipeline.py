@@ -17,7 +17,7 @@ from pathlib import Path
 from qcrd_ray import storage
 from qcrd_ray.config import Config, ConfigError
 from qcrd_ray.methods import method_spec
-from qcrd_ray.runs import RunLayout, load_run_config
+from qcrd_ray.runs import RunLayout, check_same_config
 
 log = logging.getLogger(__name__)
 
@@ -69,30 +69,6 @@ def teacher_problem(summary: dict) -> str | None:
     return None
 
 
-# train.* keys a run directory may be continued under with other values (see _check_same_config)
-_INVOCATION_KEYS = ("method", "experiment", "run_name")
-
-
-def _check_same_config(layout: RunLayout, cfg: Config) -> None:
-    """Refuse to mix stage outputs made under another config into this run."""
-    if not storage.exists(layout.config):
-        storage.write_text(layout.config, cfg.to_yaml())
-        return
-    old = load_run_config(layout.config).to_dict()
-    new = cfg.to_dict()
-    # The method list and the tracker names are properties of the invocation, not of the stored outputs: a run
-    # directory copied into another sweep (which names its tracker runs after itself) is the same run.
-    for resolved in (old, new):
-        for key in _INVOCATION_KEYS:
-            resolved["train"].pop(key)
-    changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-    if changed:
-        raise ConfigError(
-            f"{layout.root} was made with a different config ({', '.join(changed[:6])}"
-            f"{' …' if len(changed) > 6 else ''} differ); pass the same config to continue it or choose a new --out"
-        )
-
-
 def check_runnable(cfg: Config, methods: tuple[str, ...]) -> None:
     """Everything that can be refused before a run starts: unknown methods, a teacher that cannot serve the task."""
     from qcrd_ray.teacher.sources import check_teacher
@@ -119,7 +95,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, methods: tuple[str, ...] | No
     layout = RunLayout.at(str(run_dir))
     methods = tuple(methods or (cfg.train.method,))
     check_runnable(cfg, methods)
-    _check_same_config(layout, cfg)
+    check_same_config(layout.config, cfg, layout.root)
     init_ray(address)
 
     teacher = storage.read_json(layout.teacher_summary)

@@ -213,6 +213,32 @@ def load_run_config(location: storage.Location) -> Config:
     return from_dict(raw)
 
 
+# train.* keys a run may be continued under with other values (see check_same_config)
+_INVOCATION_KEYS = ("method", "experiment", "run_name")
+
+
+def check_same_config(config_file: storage.Location, cfg: Config, what: storage.Location) -> None:
+    """Write ``cfg`` to ``config_file`` where there is none yet, else refuse (ConfigError) to continue ``what`` (a
+    run, or one method's training) under a config other than the one it was made with: its stored outputs
+    (teacher shards, checkpoints, the data order a resumed step number stands for) belong to that config."""
+    if not storage.exists(config_file):
+        storage.write_text(config_file, cfg.to_yaml())
+        return
+    old = load_run_config(config_file).to_dict()
+    new = cfg.to_dict()
+    # The method list and the tracker names are properties of the invocation, not of the stored outputs: a run
+    # directory copied into another sweep (which names its tracker runs after itself) is the same run.
+    for resolved in (old, new):
+        for key in _INVOCATION_KEYS:
+            resolved["train"].pop(key)
+    changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    if changed:
+        raise ConfigError(
+            f"{what} was made with a different config ({', '.join(changed[:6])}"
+            f"{' …' if len(changed) > 6 else ''} differ); pass the same config to continue it or choose a new --out"
+        )
+
+
 def _trained_methods(run: RunLayout) -> list[str]:
     return [m for m in METHODS if _is_model(run.method(m).model)]
 

@@ -21,7 +21,10 @@ Before any route parses a request, ``serve/guard.py`` checks the API key when th
 Every input a request carries (a list, or ``n`` samples) is queued separately into one batching queue
 (``serve/batching.py``: a batch is taken when the model is free, with a window that adapts to the load), so
 inputs from concurrent requests share a ``generate`` call. A batch is split by (temperature, max_new_tokens,
-seed), the settings ``generate`` takes per call. Overload is bounded: a replica takes at most
+seed), the settings ``generate`` takes per call; a seeded sampled request gets a call of its own, so its output
+never depends on which requests shared its batch. (Sampling draws from the process's one global generator: a
+seed reproduces a request's output when no other sampled generation runs beside it on the replica; like OpenAI's
+``seed``, it is best effort under concurrent sampling.) Overload is bounded: a replica takes at most
 ``serve.max_ongoing_requests`` requests, the proxy queues at most ``serve.max_queued_requests`` more, and the
 rest get HTTP 503 at once.
 
@@ -32,8 +35,9 @@ loop through an asyncio queue. It takes one prompt and ``n=1`` (else 422). Stop 
 too: a tail that could begin one is held back until it cannot. A stream that ends early (a stop sequence, a
 client gone) stops sending at once, and its generation stops at its next token.
 
-A prompt longer than the student reads (``student.max_input_len`` of the run, or the model's context length where
-smaller) is refused with a 422 naming both lengths, on every route: it is never truncated silently.
+A prompt longer than the student reads (``student.max_input_len`` of the run, or where smaller what the model's
+context length leaves a decoder-only student's completion) is refused with a 422 naming both lengths, on every
+route: it is never truncated silently.
 
 Run it with ``qcrd serve --model RUN_OR_DIR``, ``serve run serve/config.yaml`` or
 ``serve run serve.app:build_app model=RUN_OR_DIR``. RUN_OR_DIR may be a storage URI (``s3://bucket/run/qcrd``):
@@ -48,6 +52,7 @@ import asyncio
 import collections
 import copy
 import dataclasses
+import itertools
 import logging
 import os
 import queue
@@ -129,15 +134,25 @@ class GenerationItem:
     temperature: float
     max_new_tokens: int
     seed: int | None
+    request: int = 0  # which request it came from: a seeded sampled request's items share a call of their own
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    cut_off: bool  # stopped at max_new_tokens before its end of sequence (OpenAI's finish_reason "length")
 
 
 def batch_groups(items: list[GenerationItem]) -> dict[tuple, list[int]]:
     """Positions of a batch's items by the settings one ``generate`` call takes: (temperature, max_new_tokens,
-    seed). Greedy decoding ignores the seed, so all greedy items with the same budget share one call."""
+    seed), and for a seeded sampled item its request (the seed restarts the generator: two requests sampled in one
+    call would each get other draws than alone). Greedy decoding ignores the seed, so all greedy items with the
+    same budget share one call, as do unseeded sampled ones."""
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
-        seed = item.seed if item.temperature > 0 else None
-        groups.setdefault((item.temperature, item.max_new_tokens, seed), []).append(i)
+        seeded = item.temperature > 0 and item.seed is not None
+        key = (item.temperature, item.max_new_tokens, item.seed if seeded else None, item.request if seeded else None)
+        groups.setdefault(key, []).append(i)
     return groups
 
 
@@ -184,34 +199,41 @@ class StudentServer:
         self._stream_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
         self.batcher = Batcher(self._generate_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self._requests = itertools.count()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         logger.info("serving %s (%s student) from %s (task %s)", served.name, self.family.name, local_dir, served.task)
 
     # ---------------------------------------------------------------------------------------------- batching
 
-    async def _generate_batch(self, items: list[GenerationItem]) -> list[str | Exception]:
+    async def _generate_batch(self, items: list[GenerationItem]) -> list[Generated | Exception]:
         self.batch_sizes[len(items)] += 1
         # generate() runs off the event loop so the replica keeps accepting (and batching) requests meanwhile
         return await asyncio.to_thread(self._generate_groups, items)
 
-    def _generate_groups(self, items: list[GenerationItem]) -> list[str | Exception]:
-        outputs: list[str | Exception] = [""] * len(items)
-        for (temperature, max_new_tokens, seed), group in batch_groups(items).items():
-            def run(texts: list[str]) -> list[str]:
+    def _generate_groups(self, items: list[GenerationItem]) -> list[Generated | Exception]:
+        outputs: list[Generated | Exception] = [Generated("", False)] * len(items)
+        for (temperature, max_new_tokens, seed, _), group in batch_groups(items).items():
+            def run(texts: list[str]) -> list[Generated | Exception]:
                 # prompts are rendered and their length checked before they are queued: no truncation here
-                return self.family.generate(self.model, self.tokenizer, texts, max_new_tokens=max_new_tokens,
-                                            temperature=temperature, seed=seed, batch_size=len(texts))
+                cut_off: list[bool] = []
+                failed: list[int] = []  # a prompt that exhausts memory alone: an error for its request, not ""
+                out = self.family.generate(self.model, self.tokenizer, texts, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, seed=seed, batch_size=len(texts),
+                                           cut_off=cut_off, failed=failed)
+                return [MemoryError("out of memory on this input alone") if i in failed else Generated(text, cut)
+                        for i, (text, cut) in enumerate(zip(out, cut_off, strict=True))]
 
-            texts = isolate_failures(run, [items[i].text for i in group])
-            for i, text in zip(group, texts):
-                if isinstance(text, Exception):
-                    logger.error("generation failed for one input", exc_info=text)
-                outputs[i] = text
+            for i, result in zip(group, isolate_failures(run, [items[i].text for i in group])):
+                if isinstance(result, Exception):
+                    logger.error("generation failed for one input", exc_info=result)
+                outputs[i] = result
         return outputs
 
-    async def _generate(self, texts: list[str], temperature: float, max_new_tokens: int, seed: int | None) -> list[str]:
+    async def _generate(self, texts: list[str], temperature: float, max_new_tokens: int,
+                        seed: int | None) -> list[Generated]:
+        request = next(self._requests)
         results = await asyncio.gather(
-            *(self.batcher.submit(GenerationItem(t, temperature, max_new_tokens, seed)) for t in texts)
+            *(self.batcher.submit(GenerationItem(t, temperature, max_new_tokens, seed, request)) for t in texts)
         )
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:
@@ -221,16 +243,18 @@ class StudentServer:
     def _count_tokens(self, text: str) -> int:
         return len(self.text_tokenizer(text, add_special_tokens=False).input_ids)
 
-    def _prepare(self, texts: list[str], params: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    def _prepare(self, texts: list[str], params: tuple[str, ...], max_new_tokens: int) -> tuple[list[str], list[int]]:
         """Student inputs → the prompts the model reads (``family.prompt``) and their token counts; a text the
-        tokenizer cannot encode, or a prompt over the student's input length, is refused (422) before queueing."""
+        tokenizer cannot encode, or a prompt over the student's input length (or over what the model's context
+        leaves beside ``max_new_tokens``), is refused (422) before queueing."""
         check_encodable(self.text_tokenizer, texts, params)
         rendered = [self.family.prompt(self.text_tokenizer, t) for t in texts]
-        return rendered, self._check_lengths(rendered, params)
+        return rendered, self._check_lengths(rendered, params, max_new_tokens)
 
-    def _check_lengths(self, rendered: list[str], params: tuple[str, ...]) -> list[int]:
+    def _check_lengths(self, rendered: list[str], params: tuple[str, ...], max_new_tokens: int) -> list[int]:
         lengths = self.family.prompt_lengths(self.text_tokenizer, rendered)
-        check_prompt_lengths(lengths, params, self.max_input_len, self.context_length)
+        check_prompt_lengths(lengths, params, self.max_input_len, self.context_length,
+                             max_new_tokens if self.family.completion_in_context else 0)
         return lengths
 
     # --------------------------------------------------------------------------------------------- streaming
@@ -241,11 +265,12 @@ class StudentServer:
         except queue.Empty:
             return copy.deepcopy(self.text_tokenizer)  # on the event loop, the only user of text_tokenizer
 
-    async def _stream_pieces(self, prompt: str, temperature: float, max_new_tokens: int,
-                             seed: int | None) -> AsyncIterator[str]:
-        """The output for one rendered prompt, piece by piece as ``family.stream`` generates it. The generator runs
-        in its own thread (not the batcher's), which hands each piece to the event loop through an asyncio queue.
-        Closing this iterator early stops the hand-over and the generation, at its next token."""
+    async def _stream_pieces(self, prompt: str, temperature: float, max_new_tokens: int, seed: int | None,
+                             cut_off: list[bool]) -> AsyncIterator[str]:
+        """The output for one rendered prompt, piece by piece as ``family.stream`` generates it (``cut_off``
+        receives at its end whether it stopped at its token budget). The generator runs in its own thread (not the
+        batcher's), which hands each piece to the event loop through an asyncio queue. Closing this iterator early
+        stops the hand-over and the generation, at its next token."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         abandoned = threading.Event()
@@ -262,7 +287,8 @@ class StudentServer:
         def produce() -> None:
             try:
                 for piece in self.family.stream(self.model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                                temperature=temperature, seed=seed, stop=abandoned):
+                                                temperature=temperature, seed=seed, stop=abandoned,
+                                                cut_off=cut_off):
                     post(("piece", piece))
                 post(("end", None))
             except BaseException as e:  # noqa: BLE001 - handed to the response, which reports it
@@ -285,7 +311,8 @@ class StudentServer:
     def _event_stream(self, assembler: StreamAssembler, prompt: str, temperature: float, max_new_tokens: int,
                       seed: int | None) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
-            pieces = self._stream_pieces(prompt, temperature, max_new_tokens, seed)
+            cut_off: list[bool] = []  # filled when the generation has ended
+            pieces = self._stream_pieces(prompt, temperature, max_new_tokens, seed, cut_off)
             try:
                 for chunk in assembler.start():
                     yield sse_event(chunk)
@@ -294,7 +321,7 @@ class StudentServer:
                         yield sse_event(chunk)
                     if assembler.stopped:
                         break
-                for chunk in assembler.finish(self._count_tokens):
+                for chunk in assembler.finish(self._count_tokens, cut_off=bool(cut_off and cut_off[0])):
                     yield sse_event(chunk)
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
                 logger.error("streamed generation failed", exc_info=e)
@@ -318,11 +345,11 @@ class StudentServer:
 
         plan = plan_predict(req, self.limits, self.tasks, self.train_task)
         texts = [prompts.student_input(plan.mode, t) for t in plan.texts]
-        rendered, _ = self._prepare(texts, input_params("input", len(texts), plan.is_list))
+        rendered, _ = self._prepare(texts, input_params("input", len(texts), plan.is_list), plan.max_new_tokens)
         outputs = await self._generate(rendered, plan.temperature, plan.max_new_tokens, plan.seed)
         task = self.train_spec if plan.task == self.train_task else plan.task
         predictions = [interpret_output(task, plan.mode, out, choices)
-                       for out, choices in zip(outputs, plan.choices)]
+                       for out, choices in zip((o.text for o in outputs), plan.choices)]
         if plan.is_list:
             return PredictBatchResponse(model=self.model_name, predictions=predictions)
         return PredictResponse(model=self.model_name, **predictions[0].model_dump())
@@ -338,15 +365,16 @@ class StudentServer:
         ``data: [DONE]``; a streamed request takes one prompt and n=1, and bypasses the dynamic batcher."""
         plan = plan_completion(req, self.limits, self.model_name)
         rendered, lengths = self._prepare(list(plan.prompts),
-                                          input_params("prompt", len(plan.prompts), isinstance(req.prompt, list)))
+                                          input_params("prompt", len(plan.prompts), isinstance(req.prompt, list)),
+                                          plan.max_new_tokens)
         if plan.stream:
-            assembler = StreamAssembler("completion", self.model_name, plan.stop, plan.max_new_tokens, lengths[0],
-                                        plan.include_usage)
+            assembler = StreamAssembler("completion", self.model_name, plan.stop, lengths[0], plan.include_usage)
             return self._event_stream(assembler, rendered[0], plan.temperature, plan.max_new_tokens, plan.seed)
         texts = [p for p in rendered for _ in range(plan.n)]  # prompt-major, as OpenAI numbers choices
         outputs = await self._generate(texts, plan.temperature, plan.max_new_tokens, plan.seed)
-        return completion_response(self.model_name, plan, outputs, prompt_tokens=lengths,
-                                   output_tokens=[self._count_tokens(o) for o in outputs])
+        texts = [o.text for o in outputs]
+        return completion_response(self.model_name, plan, texts, [o.cut_off for o in outputs],
+                                   prompt_tokens=lengths, output_tokens=[self._count_tokens(t) for t in texts])
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={200: {"content": {"text/event-stream": {}},
@@ -370,14 +398,14 @@ class StudentServer:
             raise RequestError(422, f"messages: the student's chat template refused them ({type(e).__name__}: "
                                f"{e})", "messages") from e
         check_encodable(self.text_tokenizer, [rendered], ("messages",))
-        [length] = self._check_lengths([rendered], ("messages",))
+        [length] = self._check_lengths([rendered], ("messages",), plan.max_new_tokens)
         if plan.stream:
-            assembler = StreamAssembler("chat", self.model_name, plan.stop, plan.max_new_tokens, length,
-                                        plan.include_usage)
+            assembler = StreamAssembler("chat", self.model_name, plan.stop, length, plan.include_usage)
             return self._event_stream(assembler, rendered, plan.temperature, plan.max_new_tokens, plan.seed)
         outputs = await self._generate([rendered] * plan.n, plan.temperature, plan.max_new_tokens, plan.seed)
-        return chat_response(self.model_name, plan, outputs, prompt_tokens=length,
-                             output_tokens=[self._count_tokens(o) for o in outputs])
+        texts = [o.text for o in outputs]
+        return chat_response(self.model_name, plan, texts, [o.cut_off for o in outputs], prompt_tokens=length,
+                             output_tokens=[self._count_tokens(t) for t in texts])
 
     @api.get("/v1/models")
     async def models(self) -> dict:

@@ -126,19 +126,24 @@ def check_encodable(tokenize: Callable[[str], object], texts: Sequence[str], par
 
 
 def check_prompt_lengths(lengths: Sequence[int], params: Sequence[str], max_input_len: int,
-                         context_length: int | None = None) -> None:
+                         context_length: int | None = None, max_new_tokens: int = 0) -> None:
     """Refuse (422) a prompt longer than the student reads: ``student.max_input_len`` tokens (what training and
-    evaluation truncate to) or the model's context length where that is smaller. ``lengths`` are the rendered
-    prompts' token counts (``family.prompt_lengths``). Never truncated silently: a cut question is another
-    question."""
-    limit, what = max_input_len, "student.max_input_len"
-    if context_length is not None and context_length < limit:
-        limit, what = context_length, "the model's context length"
+    evaluation truncate to) or, where the model's context length is known, what that leaves beside the request's
+    token budget ``max_new_tokens`` (a decoder-only model's completion shares the context; 0 for a seq2seq one):
+    past it a model with learned positions indexes out of its table (a 500 on CPU, a device assert that breaks the
+    replica on GPU). ``lengths`` are the rendered prompts' token counts (``family.prompt_lengths``). Never
+    truncated silently: a cut question is another question."""
+    limit, what, fix = max_input_len, "student.max_input_len", "shorten it"
+    if context_length is not None and context_length - max_new_tokens < limit:
+        limit, what = max(context_length - max_new_tokens, 0), "the model's context length"
+        if max_new_tokens:
+            what += f" of {context_length} less the {max_new_tokens} new tokens asked for"
+            fix = "shorten it or ask for fewer new tokens"
     for length, param in zip(lengths, params, strict=True):
         if length > limit:
             raise RequestError(
                 422, f"{param}: the prompt is {length} tokens, over this model's limit of {limit} input tokens "
-                f"({what}); shorten it", param)
+                f"({what}); {fix}", param)
 
 
 def _check_count(count: int, param: str, limits: Limits) -> None:
@@ -311,7 +316,7 @@ class CompletionRequest(OpenAISampling):
     causal student's chat template). Fields we cannot honour are refused, not silently ignored."""
 
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: OpenAI's 16, at most serve.max_new_tokens")
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -407,26 +412,27 @@ def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def finish_output(text: str, tokens: int, stop: Sequence[str], max_new_tokens: int) -> tuple[str, str]:
-    """A generated (stripped) text → (the text cut at its first stop sequence, OpenAI's finish_reason): "stop"
-    at a stop sequence or the model's end of sequence, "length" when it used the whole token budget (``tokens``:
-    the output's token count, counted again from its text)."""
+def finish_output(text: str, cut_off: bool, stop: Sequence[str]) -> tuple[str, str]:
+    """A generated (stripped) text → (the text cut at its first stop sequence, OpenAI's finish_reason): "stop" at a
+    stop sequence or the model's end of sequence, "length" when the generation was cut off at its token budget
+    (``cut_off``, as ``family.generate`` / ``family.stream`` report it)."""
     text, stopped = apply_stop(text, stop)
-    return text, "stop" if stopped or tokens < max_new_tokens else "length"
+    return text, "stop" if stopped or not cut_off else "length"
 
 
 def completion_response(
     model_name: str,
     plan: CompletionPlan,
     outputs: Sequence[str],
+    cut_off: Sequence[bool],
     prompt_tokens: Sequence[int],
     output_tokens: Sequence[int],
 ) -> CompletionResponse:
-    """Assemble the OpenAI response. ``outputs`` / ``output_tokens`` hold ``n`` entries per prompt, prompt-major
-    (choice index = prompt index * n + sample index, as OpenAI numbers them)."""
+    """Assemble the OpenAI response. ``outputs`` / ``cut_off`` / ``output_tokens`` hold ``n`` entries per prompt,
+    prompt-major (choice index = prompt index * n + sample index, as OpenAI numbers them)."""
     choices, completion_tokens = [], 0
-    for index, (text, tokens) in enumerate(zip(outputs, output_tokens)):
-        text, finish = finish_output(text, tokens, plan.stop, plan.max_new_tokens)
+    for index, (text, cut, tokens) in enumerate(zip(outputs, cut_off, output_tokens, strict=True)):
+        text, finish = finish_output(text, cut, plan.stop)
         choices.append(CompletionChoice(text=text, index=index, finish_reason=finish))
         completion_tokens += tokens
     prompt_total = sum(prompt_tokens)
@@ -596,12 +602,12 @@ def plan_chat(req: ChatCompletionRequest, limits: Limits, model_name: str) -> Ch
     )
 
 
-def chat_response(model_name: str, plan: ChatPlan, outputs: Sequence[str], prompt_tokens: int,
-                  output_tokens: Sequence[int]) -> ChatCompletionResponse:
+def chat_response(model_name: str, plan: ChatPlan, outputs: Sequence[str], cut_off: Sequence[bool],
+                  prompt_tokens: int, output_tokens: Sequence[int]) -> ChatCompletionResponse:
     """Assemble the OpenAI chat response: one choice per sample (``n``)."""
     choices = []
-    for index, (text, tokens) in enumerate(zip(outputs, output_tokens)):
-        text, finish = finish_output(text, tokens, plan.stop, plan.max_new_tokens)
+    for index, (text, cut) in enumerate(zip(outputs, cut_off, strict=True)):
+        text, finish = finish_output(text, cut, plan.stop)
         choices.append(ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=finish))
     completion_tokens = sum(output_tokens)
     return ChatCompletionResponse(
@@ -701,13 +707,12 @@ class StreamAssembler:
     Stop sequences apply as in the non-streamed response (:class:`StopHoldBack`); :attr:`stopped` says the
     generation may be abandoned."""
 
-    def __init__(self, kind: Literal["completion", "chat"], model: str, stop: Sequence[str], max_new_tokens: int,
-                 prompt_tokens: int, include_usage: bool = False, created: int | None = None):
+    def __init__(self, kind: Literal["completion", "chat"], model: str, stop: Sequence[str], prompt_tokens: int,
+                 include_usage: bool = False, created: int | None = None):
         self.kind = kind
         self.model = model
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time()) if created is None else created
-        self.max_new_tokens = max_new_tokens
         self.prompt_tokens = prompt_tokens
         self.include_usage = include_usage
         self.holdback = StopHoldBack(stop)
@@ -731,12 +736,13 @@ class StreamAssembler:
     def feed(self, piece: str) -> list[dict]:
         return self._piece(self.holdback.feed(piece))
 
-    def finish(self, count_tokens: Callable[[str], int]) -> list[dict]:
-        """The last chunks; ``count_tokens`` counts the output's tokens (from its text, as the non-streamed
-        response does) for the finish_reason and the usage."""
+    def finish(self, count_tokens: Callable[[str], int], cut_off: bool) -> list[dict]:
+        """The last chunks; ``cut_off``: whether the generation stopped at its token budget (the finish_reason);
+        ``count_tokens`` counts the output's tokens for the usage (from its text, as the non-streamed response
+        does)."""
         chunks = self._piece(self.holdback.finish())
         tokens = count_tokens(self.holdback.raw.strip())
-        finish = "stop" if self.holdback.stopped or tokens < self.max_new_tokens else "length"
+        finish = "stop" if self.holdback.stopped or not cut_off else "length"
         if self.kind == "chat":
             chunks.append(chat_chunk(self.id, self.created, self.model, {}, finish))
         else:

@@ -316,15 +316,20 @@ def test_a_stage_error_survives_copy_and_pickle():
 
 def test_a_run_continues_under_other_tracker_names_but_not_under_another_training_config(tmp_path):
     """A trial directory copied into another sweep (which names its tracker runs after itself) is picked up as the
-    same run; a config that changes what the outputs are is refused before any stage runs."""
+    same run; a config that changes what the outputs are is refused before any stage runs, and so is resuming one
+    method's training (`qcrd train` on its own) under another config."""
     from qcrd_ray.config import Config, ConfigError
-    from qcrd_ray.pipeline import _check_same_config
-    from qcrd_ray.runs import RunLayout
+    from qcrd_ray.runs import RunLayout, check_same_config
+    from qcrd_ray.train.trainer import run_training
 
     layout = RunLayout.at(str(tmp_path / "run"))
     made = Config().replace(train={"experiment": "quality", "run_name": "noise=0.3,method=qcrd,seed=0"})
-    _check_same_config(layout, made)  # writes config.yaml
-    _check_same_config(layout, made.replace(train={"experiment": "cost", "run_name": "variant=default,seed=0",
-                                                   "method": "dss"}))
-    with pytest.raises(ConfigError, match=r"train\.seed"):
-        _check_same_config(layout, made.replace(train={"seed": 1}))
+    check_same_config(layout.config, made, layout.root)  # writes config.yaml
+    check_same_config(layout.config, made.replace(train={"experiment": "cost", "run_name": "variant=default,seed=0",
+                                                         "method": "dss"}), layout.root)
+    with pytest.raises(ConfigError, match=r"run was made with a different config \(train\.seed differ\)"):
+        check_same_config(layout.config, made.replace(train={"seed": 1}), layout.root)
+    method = layout.method("qcrd")
+    check_same_config(method.train_config, made, method.root)  # what a first `qcrd train` writes
+    with pytest.raises(ConfigError, match=r"loss\.beta"):  # refused before any checkpoint is read or Ray started
+        run_training(made.replace(loss={"beta": 0.5}), tmp_path / "no-teacher", method.root)

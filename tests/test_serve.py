@@ -4,6 +4,7 @@ every bad-request case, overload → 503, a crashed replica replaced)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +142,10 @@ def test_interpret_output_reads_labels_like_evaluation():
 def test_plan_completion_and_refusals():
     plan = plan_completion(CompletionRequest(model="m", prompt=["a", "b"], n=2, stop="\n", max_tokens=8), LIMITS, "m")
     assert (plan.prompts, plan.n, plan.stop, plan.max_new_tokens, plan.temperature) == (("a", "b"), 2, ("\n",), 8, 1.0)
+    # no max_tokens: OpenAI's default of 16, within a server limit below it (not a 422 for a field never sent)
+    assert plan_completion(CompletionRequest(prompt="a"), LIMITS, "m").max_new_tokens == 16
+    assert plan_completion(CompletionRequest(prompt="a"), dataclasses.replace(LIMITS, max_new_tokens=8),
+                           "m").max_new_tokens == 8
     for body, status, words in [
         ({"model": "gpt-4", "prompt": "a"}, 404, "not served here"),
         ({"prompt": "a", "stream": True, "n": 2}, 422, "n: a streamed request returns one choice"),
@@ -160,22 +165,26 @@ def test_plan_completion_and_refusals():
 
 def test_completion_response_follows_the_openai_schema():
     plan = CompletionPlan(prompts=("p",), n=3, temperature=0.0, max_new_tokens=4, stop=("|",), seed=None)
-    resp = completion_response("m", plan, ["ab|cd", "abcd", "ab"], prompt_tokens=[5], output_tokens=[4, 4, 2])
+    resp = completion_response("m", plan, ["ab|cd", "abcd", "ab"], [True, True, False], prompt_tokens=[5],
+                               output_tokens=[4, 3, 2])
     body = resp.model_dump()
     assert body["object"] == "text_completion" and body["model"] == "m" and body["id"].startswith("cmpl-")
     assert [(c["text"], c["index"], c["finish_reason"], c["logprobs"]) for c in body["choices"]] == [
         ("ab", 0, "stop", None), ("abcd", 1, "length", None), ("ab", 2, "stop", None)]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
     assert apply_stop("a.b,c", [",", "."]) == ("a", True) and apply_stop("abc", []) == ("abc", False)
 
 
 def test_a_batch_is_split_by_generation_settings():
     from serve.app import GenerationItem, batch_groups
 
-    items = [GenerationItem("a", 0.0, 8, None), GenerationItem("b", 0.7, 8, 1), GenerationItem("c", 0.0, 8, 5),
-             GenerationItem("d", 0.7, 8, None), GenerationItem("e", 0.0, 16, None), GenerationItem("f", 0.7, 8, 1)]
-    assert batch_groups(items) == {(0.0, 8, None): [0, 2], (0.7, 8, 1): [1, 5], (0.7, 8, None): [3],
-                                   (0.0, 16, None): [4]}
+    items = [GenerationItem("a", 0.0, 8, None, 0), GenerationItem("b", 0.7, 8, 1, 1), GenerationItem("c", 0.0, 8, 5, 2),
+             GenerationItem("d", 0.7, 8, None, 3), GenerationItem("e", 0.0, 16, None, 4),
+             GenerationItem("f", 0.7, 8, 1, 1), GenerationItem("g", 0.7, 8, 1, 5), GenerationItem("h", 0.7, 8, None, 6)]
+    # greedy items share a call whatever their seed or request, unseeded sampled ones too; a seeded sampled request
+    # gets a call of its own (its n samples together), as it would alone
+    assert batch_groups(items) == {(0.0, 8, None, None): [0, 2], (0.7, 8, 1, 1): [1, 5], (0.7, 8, None, None): [3, 7],
+                                   (0.0, 16, None, None): [4], (0.7, 8, 1, 5): [6]}
 
 
 def test_text_that_is_not_unicode_is_refused_with_its_position():
@@ -403,8 +412,9 @@ def reference(run_dir):
     from qcrd_ray import students as student
 
     model, tok = student.load_pretrained(run_dir / "model")
-    return lambda texts, max_new_tokens=48: student.generate(model, tok, texts, max_new_tokens=max_new_tokens,
-                                                              max_input_len=Config().student.max_input_len)
+    return lambda texts, max_new_tokens=48, cut_off=None: student.generate(
+        model, tok, texts, max_new_tokens=max_new_tokens, max_input_len=Config().student.max_input_len,
+        cut_off=cut_off)
 
 
 @pytest.mark.ray
@@ -456,10 +466,15 @@ def test_openai_client_gets_completions(server, reference):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     prompt = [prompts.student_input("predict", q) for q in QUESTIONS[:2]]
-    resp = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=24, temperature=0)
-    assert resp.object == "text_completion" and resp.model == "tiny-run"
-    assert [c.text for c in resp.choices] == reference(prompt, max_new_tokens=24)
-    assert [c.index for c in resp.choices] == [0, 1] and {c.finish_reason for c in resp.choices} <= {"stop", "length"}
+    for max_tokens in (24, 3):  # 3: too few for any answer, so cut off
+        resp = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=max_tokens, temperature=0)
+        assert resp.object == "text_completion" and resp.model == "tiny-run"
+        cut_off: list[bool] = []
+        assert [c.text for c in resp.choices] == reference(prompt, max_new_tokens=max_tokens, cut_off=cut_off)
+        # "length" exactly where the generation stopped at its budget, not where its re-encoded text is shorter
+        assert [c.finish_reason for c in resp.choices] == ["length" if cut else "stop" for cut in cut_off]
+        assert [c.index for c in resp.choices] == [0, 1]
+    assert cut_off == [True, True]
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens > 0
 
     sampled = client.completions.create(model="tiny-run", prompt=prompt[0], max_tokens=8, temperature=1.0, n=3,

@@ -106,7 +106,7 @@ def test_plan_chat_refuses_with_a_reason(body, status, param, words):
 def test_chat_response_follows_the_openai_schema():
     plan = ChatPlan(messages=({"role": "user", "content": "explain: q"},), n=2, temperature=0.5, max_new_tokens=4,
                     stop=("|",), seed=None)
-    body = chat_response("m", plan, ["ab|cd", "abcd"], prompt_tokens=5, output_tokens=[3, 4]).model_dump()
+    body = chat_response("m", plan, ["ab|cd", "abcd"], [True, True], prompt_tokens=5, output_tokens=[3, 4]).model_dump()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "m"
     assert body["choices"] == [
         {"index": 0, "message": {"role": "assistant", "content": "ab"}, "finish_reason": "stop", "logprobs": None},
@@ -123,6 +123,23 @@ def test_check_prompt_lengths_names_the_param_and_both_lengths():
             in err.value.message)
     with pytest.raises(RequestError, match="limit of 32 input tokens \\(the model's context length\\)"):
         check_prompt_lengths([40], ["messages"], max_input_len=64, context_length=32)
+
+
+def test_a_decoder_only_prompt_leaves_the_context_its_completion_needs():
+    """A causal model's completion takes positions of the same context: a prompt that fits max_input_len but not
+    beside the request's token budget is refused, not run past the position table (a CUDA assert on GPU)."""
+    from qcrd_ray.students import FAMILIES
+
+    assert FAMILIES["causal"].completion_in_context and not FAMILIES["seq2seq"].completion_in_context
+    check_prompt_lengths([400], ["prompt"], max_input_len=500, context_length=512, max_new_tokens=112)
+    with pytest.raises(RequestError) as err:
+        check_prompt_lengths([401], ["prompt"], max_input_len=500, context_length=512, max_new_tokens=112)
+    assert err.value.param == "prompt" and err.value.message == (
+        "prompt: the prompt is 401 tokens, over this model's limit of 400 input tokens (the model's context length "
+        "of 512 less the 112 new tokens asked for); shorten it or ask for fewer new tokens")
+    # max_input_len stays the limit where the context leaves more
+    with pytest.raises(RequestError, match="limit of 64 input tokens \\(student.max_input_len\\)"):
+        check_prompt_lengths([65], ["prompt"], max_input_len=64, context_length=512, max_new_tokens=112)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -170,11 +187,10 @@ def test_stop_hold_back_matches_apply_stop_on_random_splits():
 
 
 def test_stream_assembler_writes_openai_chunks():
-    chat = StreamAssembler("chat", "m", stop=["|"], max_new_tokens=8, prompt_tokens=5, include_usage=True,
-                           created=1)
+    chat = StreamAssembler("chat", "m", stop=["|"], prompt_tokens=5, include_usage=True, created=1)
     chunks = chat.start() + chat.feed(" Add") + chat.feed(" it|x")
     assert chat.stopped
-    chunks += chat.finish(lambda text: len(text.split()))
+    chunks += chat.finish(lambda text: len(text.split()), cut_off=True)  # a stop sequence met: "stop"
     assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 5
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
     assert [c["choices"][0]["delta"] for c in chunks[:4]] == [
@@ -183,8 +199,8 @@ def test_stream_assembler_writes_openai_chunks():
     assert chunks[4]["choices"] == [] and chunks[4]["usage"] == {"prompt_tokens": 5, "completion_tokens": 2,
                                                                  "total_tokens": 7}
 
-    text = StreamAssembler("completion", "m", stop=[], max_new_tokens=2, prompt_tokens=3)
-    chunks = text.start() + text.feed("a b") + text.feed(" c") + text.finish(lambda t: len(t.split()))
+    text = StreamAssembler("completion", "m", stop=[], prompt_tokens=3)
+    chunks = text.start() + text.feed("a b") + text.feed(" c") + text.finish(lambda t: len(t.split()), cut_off=True)
     assert [(c["object"], c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [
         ("text_completion", "a b", None), ("text_completion", " c", None), ("text_completion", "", "length")]
     assert chunks[0]["id"].startswith("cmpl-") and chunks[0]["choices"][0]["logprobs"] is None

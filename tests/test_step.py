@@ -288,3 +288,17 @@ def test_the_loss_switches_reach_the_step_and_its_beyond_margin_metric(tok):
         out.loss.backward()
     assert share["low"] == 1.0 and share["high"] == 0.0
     assert share["sum"] > 0.0 and share["sum_within"] <= share["sum"]
+
+
+def test_examples_whose_student_negative_is_missing_train_and_the_lag_counts_the_others(tok):
+    """NegativePool.fetch leaves out the examples of a sampler lost for good; they train that round on teacher
+    negatives, and the logged lag is the mean over the examples that have a student negative."""
+    from qcrd_ray.train.loop import negative_lag, with_negatives
+
+    rows = [{k: v for k, v in r.items() if k not in ("student_negatives", "negative_round")} for r in teacher_rows()]
+    batch = make_batch(with_negatives(rows, {"s0": ("apples apples 3", 1), "s2": ("apples 5", 3)}), tok, Config())
+    assert batch.negative_rounds == [1, None, 3, None, None, None]
+    assert negative_lag(4, [batch, batch]) == (8.0, 4)  # (4 - 1) + (4 - 3), twice
+    assert negative_lag(4, [make_batch(rows, tok, Config())]) == (0.0, 0)  # no lag logged, not a division by 0
+    out = build(tok, "qcrd")(batch)
+    assert torch.isfinite(out.loss) and out.metrics["n_negatives"] == 2 + 5  # 2 student, 5 teacher negatives

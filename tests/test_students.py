@@ -233,8 +233,19 @@ def test_generation_is_reproducible_and_streaming_gives_the_same_text(family_tok
     assert students.generate(model, tok, explain, max_new_tokens=10, batch_size=1) == greedy  # padding-free
     sampled = [students.generate(model, tok, explain, max_new_tokens=10, temperature=1.5, seed=3) for _ in range(2)]
     assert sampled[0] == sampled[1]
-    streamed = "".join(family.stream(model, tok, family.prompt(tok, explain[0]), max_new_tokens=10))
-    assert streamed.strip() == greedy[0]
+    stream_cut: list[bool] = []
+    streamed = "".join(family.stream(model, tok, family.prompt(tok, explain[0]), max_new_tokens=10,
+                                     cut_off=stream_cut))
+    assert streamed.strip() == greedy[0] and stream_cut == [True]
+    # an output that ends at its end-of-sequence token is not cut off (OpenAI's finish_reason "stop"): make the
+    # first token greedy decoding emits the model's end of sequence
+    ids, mask = family.encode_prompts(tok, [family.prompt(tok, explain[0])], None)
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False)[0, -1]
+    model.generation_config.eos_token_id = int(first)
+    cut, stream_cut = [], []
+    students.generate(model, tok, explain[:1], max_new_tokens=10, cut_off=cut)
+    "".join(family.stream(model, tok, family.prompt(tok, explain[0]), max_new_tokens=10, cut_off=stream_cut))
+    assert cut == stream_cut == [False]
 
 
 def test_a_prompt_that_exhausts_memory_alone_loses_only_its_own_output(family_tok, monkeypatch):

@@ -83,3 +83,24 @@ def test_a_trainer_state_with_code_in_it_is_refused_not_run(tmp_path, monkeypatc
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         ckpt.load_state(tmp_path / "bad")
     assert not marker.exists()
+
+
+def test_a_gpu_ranks_device_rng_is_saved_and_restored(tmp_path, monkeypatch):
+    """On a GPU rank dropout draws from the device's generator, which ``torch.manual_seed`` resets on start: the
+    checkpoint carries it, and a resumed rank continues it. No GPU here: torch.cuda's RNG calls are faked (the
+    state round-trips through torch.save/load(weights_only=True) for real)."""
+    import torch
+
+    device_state = {"now": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: device_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: device_state.update(now=state))
+    state = ckpt.TrainerState(1, 4, 0.45, {}, {}, [ckpt.rng_state()])
+    (tmp_path / "ck").mkdir()
+    torch.save(vars(state), tmp_path / "ck" / ckpt.STATE_FILE)
+    device_state["now"] = torch.zeros(16, dtype=torch.uint8)  # a restarted worker, reseeded
+    ckpt.set_rng_state(ckpt.load_state(tmp_path / "ck").rng[0])
+    assert torch.equal(device_state["now"], torch.arange(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU rank: nothing of the device's saved
+    assert "cuda" not in ckpt.rng_state()

@@ -34,10 +34,6 @@ def sequence_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token.sum(dim=1) / n_tokens.clamp(min=1)
 
 
-MARGIN_REDUCTIONS = ("mean", "sum")
-NEGATIVE_PICKS = ("max", "max_within_margin")
-
-
 def margin_threshold(delta: float, n_tokens: torch.Tensor | None = None) -> torch.Tensor | float:
     """The per-token loss at which a negative reaches the margin: δ (``loss.margin_reduction: mean``, the spec:
     δ against the token-mean CE ``l``) or ``δ / |r|`` per candidate (``sum``: δ against the sequence-sum CE

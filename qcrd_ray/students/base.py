@@ -63,6 +63,9 @@ class StudentFamily(ABC):
 
     name: str
     summary: str
+    # a decoder-only model's completion takes positions of the prompt's context: a prompt may use only what the
+    # completion's token budget leaves of ``context_length``
+    completion_in_context: bool = False
 
     # ---------------------------------------------------------------------------------------------- models
 
@@ -88,7 +91,8 @@ class StudentFamily(ABC):
         return tokenizer
 
     def context_length(self, model: PreTrainedModel) -> int | None:
-        """The longest prompt + completion the model takes, where its config says (None: no limit known)."""
+        """The most positions the model takes, where its config says (None: no limit known): the prompt's, or the
+        prompt's and the completion's together where ``completion_in_context``."""
         return None
 
     def hidden_size(self, model: PreTrainedModel) -> int:
@@ -215,14 +219,20 @@ class StudentFamily(ABC):
 
     def stream(self, model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,
                seed: int | None = None, max_input_len: int | None = None,
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None, cut_off: list[bool] | None = None) -> Iterator[str]:
         """The output for one prompt as it is generated, piece by piece (``TextIteratorStreamer``): the pieces
         joined are :meth:`generate`'s output for the same settings, before its final strip. Setting ``stop`` ends
-        the generation at its next token (a client gone, a stop sequence met)."""
+        the generation at its next token (a client gone, a stop sequence met). ``cut_off``, when given, receives
+        at the end whether the output stopped before its end-of-sequence token (at ``max_new_tokens``, or at
+        ``stop``), as :meth:`generate` reports it."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop = stop or threading.Event()
+        last_token: list[int] = []  # the last generated token, seen by the stopping criterion after each step
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
+                last_token[:] = [int(input_ids[0, -1])]
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -239,7 +249,7 @@ class StudentFamily(ABC):
                         torch.manual_seed(seed)
                     model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, num_beams=1, streamer=streamer,
-                                   stopping_criteria=StoppingCriteriaList([_Stop()] if stop is not None else []),
+                                   stopping_criteria=StoppingCriteriaList([_Stop()]),
                                    **self._generate_kwargs(model, tokenizer), **kwargs)
             except BaseException as e:  # handed to the consumer: the streamer is ended so it does not wait forever
                 errors.append(e)
@@ -251,6 +261,9 @@ class StudentFamily(ABC):
         thread.join()
         if errors:
             raise errors[0]
+        if cut_off is not None:
+            eos = model.generation_config.eos_token_id
+            cut_off.append(not last_token or last_token[0] not in (eos if isinstance(eos, list) else [eos]))
 
     # ------------------------------------------------------------------------------------------ discriminator
 

@@ -55,6 +55,7 @@ class CausalEncoder(nn.Module):
 
 class CausalFamily(StudentFamily):
     name = "causal"
+    completion_in_context = True
     summary = "decoder-only (Llama, Qwen, SmolLM, GPT-2): prompt + completion, the prompt's keys/values shared"
 
     def matches(self, hf_config) -> bool:

@@ -41,7 +41,7 @@ def round_dir_name(completed_rounds: int) -> str:
 class TrainerState:
     completed_rounds: int  # the round training resumes at
     global_step: int  # optimizer steps taken so far (also fixes the data order on resume)
-    alpha3: float
+    alpha3: float  # α3 for the round training resumes at (losses.alpha3_at_round after completed_rounds)
     optimizer: dict
     scheduler: dict
     rng: list  # per rank: see rng_state()
@@ -51,13 +51,18 @@ def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
     """This process's RNG states, and those of ``generators`` (the training step's own streams), in types
     ``torch.load(weights_only=True)`` reads back (numpy's key as a list)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
-            "generators": {key: g.get_state() for key, g in (generators or {}).items()}}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+             "generators": {key: g.get_state() for key, g in (generators or {}).items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a GPU rank's dropout draws from its device's
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: each rank drives one
+    return state
 
 
 def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -74,6 +74,14 @@ def with_negatives(rows: list[dict], negatives: dict) -> list[dict]:
     return out
 
 
+def negative_lag(round_index: int, batches) -> tuple[float, int]:
+    """Sum and count of the lags of the batches' student negatives: rounds between ``round_index`` and the snapshot
+    each came from. An example whose negative the pool could not deliver this round (``NegativePool.fetch``: it
+    trains on teacher negatives) has no round and no lag (pure)."""
+    lags = [round_index - r for b in batches for r in b.negative_rounds if r is not None]
+    return float(sum(lags)), len(lags)
+
+
 def _all_reduce_mean(values: dict, device) -> dict[str, float]:
     """The ranks' mean of each metric (tensors or numbers), read as Python floats: the one device sync of a logged
     step (accumulate keeps them as tensors)."""
@@ -334,10 +342,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             global_step += 1
             since_log += 1
             if global_step % tc.log_every == 0:
-                if pool is not None:  # rounds between this round and the snapshot its negatives came from
-                    step_metrics["neg_lag"] = float(np.mean([round_index - r for b in micro
-                                                             for r in b.negative_rounds]))
+                if pool is not None:
+                    step_metrics["neg_lag_sum"], step_metrics["neg_lag_n"] = negative_lag(round_index, micro)
                 metrics = _all_reduce_mean(step_metrics, device)
+                if pool is not None:  # the mean over every rank's examples that had a student negative
+                    lag_sum, lag_n = metrics.pop("neg_lag_sum"), metrics.pop("neg_lag_n")
+                    if lag_n:
+                        metrics["neg_lag"] = lag_sum / lag_n
                 now = time.perf_counter()
                 metrics.update(step=global_step, round=round_index, lr=scheduler.get_last_lr()[0],
                                alpha3=alpha3, examples_per_s=world * step_rows * since_log / (now - tick),
@@ -375,7 +386,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory(dir=storage.cache_dir("train")) as tmp:
             saved = None
             if rank == 0:
-                state = ckpt.TrainerState(completed, global_step, alpha3, optimizer.state_dict(),
+                next_alpha3 = losses.alpha3_at_round(cfg.loss.alpha3, cfg.loss.alpha3_decay, completed)
+                state = ckpt.TrainerState(completed, global_step, next_alpha3, optimizer.state_dict(),
                                           scheduler.state_dict(), rng)
                 saved = ray.train.Checkpoint.from_directory(
                     str(ckpt.save(tmp, core.student, tokenizer, core.disc, state)))

@@ -6,8 +6,9 @@ workers and the actors reach it through ``qcrd_ray.storage`` only, so nothing on
 path. Ray Train's ``RunConfig`` stores checkpoints at ``RUN/train/checkpoints`` (``storage.train_storage``).
 
 Faults: a worker lost mid-run (``train.max_failures`` times) makes Ray Train restart the worker group from the
-latest checkpoint in the same ``fit`` call; a run that stopped anyway is resumed by rerunning it. Either way Ray
-Train hands the last checkpoint to the loop (``ray.train.get_checkpoint``), and the store reloads the persisted
+latest checkpoint in the same ``fit`` call; a run that stopped anyway is resumed by rerunning it (under the config
+it was made with: another one is refused). Either way the loop starts from the newest complete checkpoint in
+storage (``train.loop.resume_checkpoint``, not Ray Train's ``get_checkpoint``), and the store reloads the persisted
 snapshots of the rounds before it. The loop checkpoints a round *before* it publishes that round's snapshot, so
 the snapshot of the resumed round is always the checkpoint's own student, which rank 0 publishes again on start.
 """
@@ -34,7 +35,7 @@ from qcrd_ray.methods import method_spec
 from qcrd_ray.actors.sampler import NegativePool
 from qcrd_ray.actors.snapshots import snapshot_store
 from qcrd_ray.qcrd.targets import tokenizer_texts
-from qcrd_ray.runs import MethodLayout
+from qcrd_ray.runs import MethodLayout, check_same_config
 from qcrd_ray.students import lora
 from qcrd_ray.train import checkpoint as ckpt
 from qcrd_ray.train.loop import train_loop_per_worker
@@ -81,7 +82,7 @@ def run_training(cfg: Config, teacher_dir: storage.Location, run_dir: storage.Lo
     be local paths or URIs. Returns a summary of the run."""
     method = method_spec(cfg).name
     layout = MethodLayout.at(os.fspath(run_dir))
-    storage.write_text(layout.train_config, cfg.to_yaml())
+    check_same_config(layout.train_config, cfg, layout.root)  # a resume under another config is refused
 
     last = ckpt.latest(layout.checkpoints)
     done = ckpt.load_state(last).completed_rounds if last else 0
@@ -160,13 +161,14 @@ def _fit(cfg: Config, files: list[str], layout: MethodLayout, resume_round: int)
             callbacks=[FailureNotices(tc.max_failures)],
         ),
         datasets={"train": dataset},
-        # the same rows go to the same worker on every run, so a resumed run replays the interrupted one's order
+        # a stable split (blocks in order); which worker gets which rows may still differ in a resumed run, so
+        # each rank's RNG state is saved with its rows' key (train.loop)
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
         # equal splits: each worker holds rows // workers (the driver follows rank 0's metrics for the display)
-        with console.follow_training(f"train {cfg.train.method}", layout.metrics, tc.rounds,
-                                     tc.round_steps or table.num_rows // tc.num_workers // tc.batch_size):
+        with console.follow_training(f"train {cfg.train.method}", layout.metrics, tc.rounds, tc.round_steps
+                                     or table.num_rows // tc.num_workers // (tc.batch_size * tc.grad_accum_steps)):
             trainer.fit()
     finally:
         if pool is not None:
