@@ -83,3 +83,75 @@ def test_no_import_cycle_through_function_level_imports_either():
 def test_the_method_package_is_torch_only():
     graph = {n: _imported(n, p, top_level_only=False) for n, p in _modules().items() if n.startswith("qcrd_ray.qcrd")}
     assert graph and not {n: i for n, i in graph.items() if any(m == "ray" or m.startswith("ray.") for m in i)}
+
+
+# imported only where an extra is installed (each import is inside the code path of that option): the extra and
+# the requirement in it that brings the module (vLLM comes with ray[llm], which pins it)
+OPTIONAL_IMPORTS = {"vllm": ("gpu", "ray[llm]"), "datasets": ("hf", "datasets"), "mlflow": ("dev", "mlflow"),
+                    "wandb": ("dev", "wandb")}
+
+
+def _third_party_imports() -> set[str]:
+    """Top-level modules imported anywhere in the shipped code (qcrd_ray/, serve/, jobs/) that are neither the
+    standard library nor ours."""
+    import sys
+
+    root = PACKAGE.parent
+    names = set()
+    for path in [*root.joinpath("qcrd_ray").rglob("*.py"), *root.joinpath("serve").rglob("*.py"),
+                 *root.joinpath("jobs").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in {"qcrd_ray", "serve", "jobs"}}
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The distributions ``requirements`` install, transitively, with the extras they ask for (normalized names)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [(Requirement(r), None) for r in requirements]
+    while todo:
+        req, parent_extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": parent_extra or ""}):
+            continue
+        name = canonicalize_name(req.name)
+        for extra in [None, *sorted(req.extras)]:
+            key = f"{name}[{extra}]" if extra else name
+            if key in seen:
+                continue
+            seen.add(key)
+            todo += [(Requirement(r), extra) for r in (md.requires(name) or [])]
+    return {k.split("[")[0] for k in seen}
+
+
+def test_every_third_party_import_comes_with_the_declared_dependencies():
+    """`pip install -e .` (the README's first command) must bring every module the code imports: a module that
+    arrives only through a dev extra breaks a user's install where the suite cannot see it (scipy came with mlflow
+    alone, and `qcrd sweep` failed after training every trial)."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    installed = _closure(project["dependencies"])
+    providers = md.packages_distributions()
+    missing = {}
+    for module in sorted(_third_party_imports() - set(OPTIONAL_IMPORTS)):
+        dists = {canonicalize_name(d) for d in providers.get(module, [module])}
+        if not dists & installed:
+            missing[module] = sorted(dists)
+    assert missing == {}, f"imported but not brought by pyproject's dependencies: {missing}"
+    extras = project["optional-dependencies"]
+    for module, (extra, requirement) in OPTIONAL_IMPORTS.items():
+        wanted = Requirement(requirement)
+        assert any((r.name, r.extras) == (wanted.name, wanted.extras) for r in map(Requirement, extras[extra])), \
+            (module, extra)
