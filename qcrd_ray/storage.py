@@ -45,6 +45,8 @@ Location = str | os.PathLike
 COMPLETE_MARKER = "_COMPLETE.json"
 # temporary files of local atomic writes (".<name>.tmp-<pid>-<hex>"); a killed writer may leave one behind
 TMP_PATTERN = ".*.tmp-*"
+COPY_CHUNK_BYTES = 8 << 20  # what memory holds of a file being copied
+DOWNLOAD_ATTEMPTS = 3  # downloads of a folder that is uploaded again meanwhile, before download_dir gives up
 # filesystem types of /proc/mounts that every node of a cluster can share
 SHARED_FSTYPES = ("nfs", "nfs4", "efs", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse")
 
@@ -340,6 +342,27 @@ def remove_partial_writes(folder: Location) -> None:
 # ---------------------------------------------------------------------------------------------------- folders
 
 
+def copy_file(src: Location, dest: Location) -> int:
+    """Copy the file at ``src`` to ``dest`` (each a path or a URI) in chunks, never whole in memory (a model's
+    weights are gigabytes); returns its size. ``dest`` appears whole or not at all, as a write does; a read the
+    store misreports (``_MISREAD``) starts the copy again."""
+    fs, path = resolve(src)
+    dest_fs, dest_path = resolve(dest)
+    if _is_local(fs) and not _is_local(dest_fs):  # one streamed upload: the object appears when it completes
+        pafs.copy_files(path, dest_path, source_filesystem=fs, destination_filesystem=dest_fs)
+        return os.path.getsize(path)
+
+    def copy() -> int:
+        with fs.open_input_stream(path) as f, open_write(dest) as out:
+            shutil.copyfileobj(f, out, COPY_CHUNK_BYTES)
+            return out.tell()
+
+    try:
+        return _reading(copy)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{os.fspath(src)} does not exist") from e
+
+
 def upload_dir(local_dir: Location, dest: Location) -> None:
     """Copy every file under ``local_dir`` to ``dest`` (each write atomic), then write the completeness marker
     listing them, last. A previous marker is removed first, so an interrupted re-upload is never taken as done."""
@@ -351,9 +374,7 @@ def upload_dir(local_dir: Location, dest: Location) -> None:
     listing = {}
     for p in files:
         rel = p.relative_to(local_dir).as_posix()
-        data = p.read_bytes()
-        write_bytes(join(dest, *rel.split("/")), data)
-        listing[rel] = len(data)
+        listing[rel] = copy_file(p, join(dest, *rel.split("/")))
     # a fresh id per upload: download_dir caches by (URI, marker), and a re-upload with equal sizes must not hit it
     write_json(join(dest, COMPLETE_MARKER), {"files": listing, "upload": uuid.uuid4().hex})
 
@@ -376,23 +397,39 @@ def download_dir(src: Location, cache: Location | None = None) -> Path:
     returned as it is; a remote one is downloaded into ``cache`` (default ``cache_dir("downloads")``) under a name
     derived from the URI and the marker, into a temporary folder renamed into place, so concurrent callers on one
     node (Serve replicas) never load a half-copied folder and a later upload to the same URI is fetched anew.
+    Files are streamed to disk. The marker is read again once they are all here: a re-upload that began meanwhile
+    (it removes the marker first) may have replaced some of them, so that copy is dropped and the new upload
+    fetched, up to ``DOWNLOAD_ATTEMPTS`` times.
     """
-    marker_loc = join(src, COMPLETE_MARKER)
+    fs, _ = resolve(src)
+    if _is_local(fs):
+        _marker(src)
+        return Path(resolve(src)[1])
+    root = Path(cache) if cache is not None else cache_dir("downloads")
+    for _ in range(DOWNLOAD_ATTEMPTS):
+        marker = _marker(src)
+        key = hashlib.sha256(os.fspath(src).encode() + b"\0" + marker).hexdigest()[:16]
+        target = root / f"{basename(src)}-{key}"
+        if (target / COMPLETE_MARKER).exists() or _fetch(src, marker, target):
+            return target
+    raise StorageError(f"{os.fspath(src)} was uploaded again during each of {DOWNLOAD_ATTEMPTS} downloads; "
+                       "retry once its uploads have stopped")
+
+
+def _marker(src: Location) -> bytes:
+    """The completeness marker's bytes at ``src``; a StorageError saying the folder is incomplete without one."""
     try:
-        marker = read_bytes(marker_loc)
+        return read_bytes(join(src, COMPLETE_MARKER))
     except FileNotFoundError:
         raise StorageError(
             f"{os.fspath(src)} is incomplete (no {COMPLETE_MARKER}): its upload is still running or was "
             "interrupted; rerun the step that writes it"
         ) from None
-    fs, _ = resolve(src)
-    if _is_local(fs):
-        return Path(resolve(src)[1])
-    key = hashlib.sha256(os.fspath(src).encode() + b"\0" + marker).hexdigest()[:16]
-    target = Path(cache) if cache is not None else cache_dir("downloads")
-    target = target / f"{basename(src)}-{key}"
-    if (target / COMPLETE_MARKER).exists():
-        return target
+
+
+def _fetch(src: Location, marker: bytes, target: Path) -> bool:
+    """Download the upload that ``marker`` lists into ``target``; False when ``src``'s marker changed meanwhile
+    (nothing is kept then)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     files = json.loads(marker)["files"]
     need = sum(files.values())
@@ -401,11 +438,15 @@ def download_dir(src: Location, cache: Location | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for rel, size in files.items():
-            data = read_bytes(join(src, *rel.split("/")))
-            if len(data) != size:
-                raise StorageError(f"{join(src, rel)} has {len(data)} bytes, its upload recorded {size}")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
+            got = copy_file(join(src, *rel.split("/")), tmp / rel)
+            if got != size:
+                raise StorageError(f"{join(src, rel)} has {got} bytes, its upload recorded {size}")
+        try:
+            unchanged = read_bytes(join(src, COMPLETE_MARKER)) == marker
+        except FileNotFoundError:  # a re-upload is running
+            unchanged = False
+        if not unchanged:
+            return False
         (tmp / COMPLETE_MARKER).write_bytes(marker)
         try:
             os.rename(tmp, target)
@@ -418,7 +459,7 @@ def download_dir(src: Location, cache: Location | None = None) -> Path:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial copy is never renamed into place, so never reused
-    return target
+    return True
 
 
 def _no_space(folder: Path, src: Location, need: int) -> StorageError:
@@ -490,5 +531,5 @@ __all__ = [
     "jsonl_line", "write_jsonl_stream",
     "write_parquet", "read_parquet", "iter_parquet_batches",
     "list_files", "delete", "delete_dir", "remove_partial_writes", "upload_dir", "is_complete", "cache_dir",
-    "download_dir", "train_storage", "mount_fstype", "check_shared", "is_multi_node",
+    "copy_file", "download_dir", "train_storage", "mount_fstype", "check_shared", "is_multi_node",
 ]

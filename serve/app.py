@@ -67,6 +67,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qcrd_ray import storage
 from qcrd_ray.config import Config, ServeConfig, load_config
@@ -92,6 +93,7 @@ from serve.schemas import (
     completion_response,
     describe_validation_errors,
     error_body,
+    route_error_message,
     input_params,
     interpret_output,
     models_response,
@@ -118,6 +120,14 @@ api.add_middleware(RequestGuard)  # API key (401) and body cap (413) before any 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     status, message, param = describe_validation_errors(exc.errors())
     return JSONResponse(error_body(message, param), status_code=status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _route_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (404 no such route, 405 a method the route does not take) in the same shape."""
+    message = route_error_message(request.method, request.url.path, exc.status_code, exc.detail,
+                                  (exc.headers or {}).get("Allow"))
+    return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
 
 
 @api.exception_handler(RequestError)

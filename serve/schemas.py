@@ -48,6 +48,16 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def route_error_message(method: str, path: str, status: int, detail: str, allow: str | None = None) -> str:
+    """The message of a refusal by the router itself: OpenAI's wording for a route that does not exist, and the
+    methods a route takes (its ``Allow`` header) for a method it does not."""
+    if status == 404:
+        return f"Invalid URL ({method} {path})"
+    if status == 405:
+        return f"{method} is not allowed on {path}" + (f" (it takes {allow})" if allow else "")
+    return str(detail)
+
+
 def describe_validation_errors(errors: Sequence[dict]) -> tuple[int, str, str | None]:
     """FastAPI/pydantic validation errors → (status, one readable message, the first offending field).
 
@@ -417,7 +427,13 @@ def finish_output(text: str, cut_off: bool, stop: Sequence[str]) -> tuple[str, s
     stop sequence or the model's end of sequence, "length" when the generation was cut off at its token budget
     (``cut_off``, as ``family.generate`` / ``family.stream`` report it)."""
     text, stopped = apply_stop(text, stop)
-    return text, "stop" if stopped or not cut_off else "length"
+    return text, finish_reason(stopped, cut_off)
+
+
+def finish_reason(stopped: bool, cut_off: bool) -> str:
+    """OpenAI's finish_reason: "stop" at a stop sequence or the model's end of sequence, "length" when the
+    generation was cut off at its token budget."""
+    return "stop" if stopped or not cut_off else "length"
 
 
 def completion_response(
@@ -742,7 +758,7 @@ class StreamAssembler:
         does)."""
         chunks = self._piece(self.holdback.finish())
         tokens = count_tokens(self.holdback.raw.strip())
-        finish = "stop" if self.holdback.stopped or not cut_off else "length"
+        finish = finish_reason(self.holdback.stopped, cut_off)
         if self.kind == "chat":
             chunks.append(chat_chunk(self.id, self.created, self.model, {}, finish))
         else:

@@ -344,4 +344,6 @@ def test_the_location_check_in_process(multinode_cluster, s3_server, tmp_path, m
     assert "relative path on a multi-node cluster" in capsys.readouterr().err
     assert main(["run", *SMALL_RUN]) == 2  # qcrd run's default, runs/<task>, is relative too
     assert "'runs/<task>' is a relative path" in capsys.readouterr().err
+    assert main(["sweep", "--config", str(ROOT / "sweeps" / "pilot_v2.yaml"), "--out", "runs/s"]) == 2
+    assert "'runs/s' is a relative path on a multi-node cluster" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -602,6 +602,16 @@ def test_bad_requests_get_a_clear_4xx(server, kwargs, status, words):
 
 
 @pytest.mark.ray
+def test_a_route_or_method_the_server_lacks_is_refused_in_the_openai_shape(server):
+    resp = httpx.post(f"{server}/v1/embeddings", json={"input": "x"}, timeout=patience(30))
+    assert resp.status_code == 404 and resp.json() == {"error": {
+        "message": "Invalid URL (POST /v1/embeddings)", "type": "invalid_request_error", "param": None, "code": None}}
+    resp = httpx.get(f"{server}/v1/completions", timeout=patience(30))
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    assert resp.json()["error"]["message"] == "GET is not allowed on /v1/completions (it takes POST)"
+
+
+@pytest.mark.ray
 def test_overload_answers_503_instead_of_queueing(server, run_dir):
     """A deployment allowed 1 request in flight and 1 queued: a burst gets fast 503s, the rest succeed."""
     from ray import serve

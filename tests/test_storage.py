@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -130,6 +131,66 @@ def test_upload_download_needs_the_completeness_marker(location, tmp_path):
         (model / "config.json").write_text('{"d": 16}')
         storage.upload_dir(model, dest)
         assert (storage.download_dir(dest, tmp_path / "cache") / "config.json").read_text() == '{"d": 16}'
+
+
+def test_copy_file_streams_in_chunks_both_ways(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4096)  # so that the file takes many chunks
+    payload = os.urandom(100_000)
+    (tmp_path / "w.bin").write_bytes(payload)
+    remote = storage.join(s3_server, f"copy-{uuid.uuid4().hex[:8]}", "w.bin")
+    assert storage.copy_file(tmp_path / "w.bin", remote) == len(payload)
+    assert storage.copy_file(remote, tmp_path / "back" / "w.bin") == len(payload)
+    assert (tmp_path / "back" / "w.bin").read_bytes() == payload
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.copy_file(storage.join(s3_server, "no-such-file"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def _two_file_model(folder, a: str, b: str):
+    folder.mkdir(exist_ok=True)
+    (folder / "a.txt").write_text(a)
+    (folder / "b.txt").write_text(b)
+    return folder
+
+
+def test_a_download_that_a_re_upload_overtakes_is_dropped_and_the_new_upload_fetched(s3_server, tmp_path,
+                                                                                     monkeypatch):
+    src = storage.join(s3_server, f"reup-{uuid.uuid4().hex[:8]}", "model")
+    model = _two_file_model(tmp_path / "model", "old-a", "old-b")
+    storage.upload_dir(model, src)
+    real_copy = storage.copy_file
+    uploads = []
+
+    def re_upload_after_the_first_file(from_, to):
+        size = real_copy(from_, to)
+        if not storage.is_uri(to) and not uploads:  # the download's first file is here: a new upload, equal sizes
+            uploads.append(_two_file_model(model, "new-a", "new-b"))
+            storage.upload_dir(model, src)
+        return size
+
+    monkeypatch.setattr(storage, "copy_file", re_upload_after_the_first_file)
+    got = storage.download_dir(src, tmp_path / "cache")
+    # not old-a beside new-b under the old upload's name: the whole new upload
+    assert ((got / "a.txt").read_text(), (got / "b.txt").read_text()) == ("new-a", "new-b")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [got.name]
+
+
+def test_a_folder_uploaded_again_during_every_download_is_refused_by_name(s3_server, tmp_path, monkeypatch):
+    src = storage.join(s3_server, f"reup-{uuid.uuid4().hex[:8]}", "model")
+    model = _two_file_model(tmp_path / "model", "a", "b")
+    storage.upload_dir(model, src)
+    real_copy = storage.copy_file
+
+    def re_upload_during_each_download(from_, to):
+        size = real_copy(from_, to)
+        if not storage.is_uri(to) and Path(to).name == "b.txt":
+            storage.upload_dir(model, src)
+        return size
+
+    monkeypatch.setattr(storage, "copy_file", re_upload_during_each_download)
+    with pytest.raises(storage.StorageError, match=f"uploaded again during each of {storage.DOWNLOAD_ATTEMPTS}"):
+        storage.download_dir(src, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_train_storage_of_a_uri_is_a_filesystem_and_a_bucket_path(s3_server):

@@ -151,14 +151,15 @@ def test_an_upload_cut_by_an_outage_is_not_complete_even_over_a_complete_one(s3_
     storage.upload_dir(model, storage.join(direct, "model"))
     assert storage.is_complete(storage.join(direct, "model"))
 
-    write_bytes = storage.write_bytes
+    copy_file = storage.copy_file
 
-    def store_goes_down_after_one_file(location, data):
-        write_bytes(location, data)
-        if str(location).startswith(storage.join(direct, "model")):  # this upload's, not a write of another thread
+    def store_goes_down_after_one_file(src, dest):
+        size = copy_file(src, dest)
+        if str(dest).startswith(storage.join(direct, "model")):  # this upload's, not a write of another thread
             proxy.configure(share=1.0, modes=("503",))
+        return size
 
-    monkeypatch.setattr(storage, "write_bytes", store_goes_down_after_one_file)
+    monkeypatch.setattr(storage, "copy_file", store_goes_down_after_one_file)
     with pytest.raises(OSError, match="SLOW_DOWN"):  # the outage's 503 SlowDown, nothing else
         storage.upload_dir(model, dest)  # a re-upload: the old marker goes first, the new one never comes
     assert not storage.is_complete(storage.join(direct, "model"))
@@ -183,15 +184,16 @@ def test_a_full_disk_under_the_cache_is_named_and_nothing_half_written_is_kept(s
     model = _model_dir(tmp_path)
     storage.upload_dir(model, src)
     cache = tmp_path / "cache"
-    real_write = Path.write_bytes
+    real_copy = storage.copy_file
 
-    def disk_full_after_the_first_file(self, data):
-        if self.name == "weights.bin":
-            real_write(self, data[:1000])  # a partial file, as a disk filling up leaves it
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return real_write(self, data)
+    def disk_full_after_the_first_file(src, dest):
+        if Path(dest).name == "weights.bin":
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            Path(dest).write_bytes(b"\0" * 1000)  # a partial file, as a disk filling up leaves it
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+        return real_copy(src, dest)
 
-    monkeypatch.setattr(Path, "write_bytes", disk_full_after_the_first_file)
+    monkeypatch.setattr(storage, "copy_file", disk_full_after_the_first_file)
     with pytest.raises(storage.StorageError, match=rf"no space left in {cache}.*MiB are free"):
         storage.download_dir(src, cache)
     assert list(cache.iterdir()) == []  # the partial copy is gone, not left for the next call to take

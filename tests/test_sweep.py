@@ -93,6 +93,16 @@ def test_the_pre_registered_v2_study_has_its_arms_levels_and_seeds():
     ("random: {train.lr: {normal: [0, 1]}}", "uniform"),
     ("grd: {}", "unknown sweep key 'grd'"),
     ("metric: bleu", "metric"),
+    ("grid: [teacher.noise]", "grid: expected a mapping"),
+    ("random: {train.lr: {uniform: [0.1, 0.01]}}", r"lo < hi; got \[0.1, 0.01\]"),
+    ("random: {train.lr: {uniform: [0.1]}}", "expected \\[lo, hi\\]"),
+    ("random: {train.lr: {loguniform: [0, 0.01]}}", "loguniform: lo must be > 0"),
+    ("random: {train.rounds: {uniform: [2, 8]}}", r"train.rounds: uniform draws numbers.*use \{choice"),
+    ("random: {train.lr: {choice: []}}", "non-empty list"),
+    ("num_samples: 3\ngrid: {train.seed: [0, 1]}", "put seeds in grid.train.seed"),
+    # each value passes alone; together a trial's config is refused (the trial is named)
+    ("compare_on: variant\ngrid: {teacher.min_actors: [1, 2]}\nvariants: {few: {teacher.max_actors: 1}}",
+     r"trial variant=few,min_actors=2: teacher.min_actors \(2\) must be <= teacher.max_actors \(1\)"),
 ])
 def test_bad_sweep_files_are_refused_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -118,6 +128,16 @@ grid:
         load_sweep(path, ["base.train.rounds=-1"])
     with pytest.raises(ConfigError, match="expected field"):
         load_sweep(path, ["grid.teacher.noise"])
+
+
+def test_an_empty_grid_is_no_grid_and_set_reaches_one_key_of_a_variant(tmp_path):
+    spec = load_sweep(_write(tmp_path, "compare_on: variant\nbaseline: plain\ngrid:\nvariants:\n"
+                                       "  plain: {train.method: dss}\n  full: {train.method: qcrd}\n"))
+    assert spec.grid == {} and [p["variant"] for p in grid_points(spec)] == ["plain", "full"]
+    spec = load_sweep(tmp_path / "s.yaml", ["variants.full.loss.delta=2", "variants.extra={train.method: finetune}"])
+    assert spec.variants == {"plain": {"train.method": "dss"}, "full": {"train.method": "qcrd", "loss.delta": 2},
+                             "extra": {"train.method": "finetune"}}
+    assert trial_config(spec, {"variant": "full"}).loss.delta == 2
 
 
 def test_mean_sd_and_paired_difference_with_a_t_interval():
@@ -545,8 +565,28 @@ def test_a_sweep_directory_continues_under_a_new_decision_but_not_under_other_tr
     record_sweep(without, str(tmp_path))
     record_sweep(spec, str(tmp_path))  # the same trials, a rule added
     assert yaml.safe_load((tmp_path / "sweep.yaml").read_text())["decision"]["control"] == "clean_dss"
-    with pytest.raises(ConfigError, match="holds another sweep"):
+    with pytest.raises(ConfigError, match="records other grid than"):
         record_sweep(load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["grid.train.seed=[0, 1]"]), str(tmp_path))
+    # Tuner.restore keeps the stored scheduling: a changed one would be ignored, so it is refused by name
+    with pytest.raises(ConfigError, match="records other max_concurrent_trials"):
+        record_sweep(load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["max_concurrent_trials=7"]), str(tmp_path))
+
+
+def test_rescore_refuses_a_sweep_file_whose_trials_differ_from_the_directorys(tmp_path):
+    """--rescore-valid looks trials up in the ledger by the configs of the spec it is given, and files its scores
+    under them: with other --set options than the sweep ran with, it would file them under other trials."""
+    from qcrd_ray.sweep.tune import record_sweep
+
+    spec = load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["grid.train.seed=[0]"])
+    record_sweep(spec, str(tmp_path))
+    (tmp_path / "results.csv").write_text("trial\n")
+    other = load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["grid.train.seed=[0]", "base.train.rounds=2"])
+    with pytest.raises(ConfigError, match="records other base than this sweep file"):
+        rescore_valid(other, str(tmp_path), 1500)
+    # what only reads the results may differ: a later rule, a plot axis, the scheduling
+    same = load_sweep(ROOT / "sweeps" / "quality_v2.yaml", ["grid.train.seed=[0]", "max_concurrent_trials=1",
+                                                           "plot_x=train.seed", "decision={}"])
+    assert rescore_valid(same, str(tmp_path), 1500) == []
 
 
 def test_the_accuracy_plot_draws_any_score_column_per_method_and_level(tmp_path, monkeypatch):

@@ -143,3 +143,12 @@ def test_a_label_that_is_not_fully_bracketed_is_reasoned_in_one_line():
 
     text, mistake = synthetic_sample("( 5.0 + 3.0 ) * 2.0", 1, 0.0, "q", noise=0.0)
     assert mistake is None and text.endswith("<Answer>: ( 5.0 + 3.0 ) * 2.0") and "= 16" in text
+
+
+def test_a_slip_that_makes_a_later_divisor_zero_stops_the_rationale_there():
+    """The inner step's arithmetic slip (3 - 2 = 0) leaves 6 / 0: the teacher stops, as a truncated generation
+    does, instead of the sample failing as a label it "cannot read"."""
+    from qcrd_ray.teacher.backends.synthetic import synthetic_sample
+
+    text, mistake = synthetic_sample("( 6.0 / ( 3.0 - 2.0 ) )", 0, 0.7, "q", noise=1.0)
+    assert (text, mistake) == ("<Explanation>: Step by step: 3 - 2 = 0. So the answer", "malformed")

@@ -65,7 +65,7 @@ def load_config_from_args(args: argparse.Namespace, config=None, **flags: str):
 # the arguments of each command that name a run location, checked by check_locations before the command runs
 LOCATION_ARGS: dict[str, tuple[str, ...]] = {
     "run": ("out",), "teach": ("out",), "train": ("out", "teacher"), "eval": ("model", "out"),
-    "report": ("out",), "serve": ("model",),
+    "report": ("out",), "serve": ("model",), "sweep": ("out",),
 }
 
 

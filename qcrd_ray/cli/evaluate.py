@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DIR", help="dataset folder (DSS layout) or file; sets data.data_dir "
                         "(default: the config's, else the built-in synthetic task)")
     parser.add_argument("--task", help="task name (svamp, cqa, anli1, esnli, synthetic, or a user task); sets data.task")
-    parser.add_argument("--split", help="split to score (default: data.eval_split, i.e. test)")
+    parser.add_argument("--split", help="split to score (default: the config's data.eval_split: test, "
+                        "unless the config sets another, as a sweep trial's sets valid)")
     parser.add_argument("--mode", choices=("predict", "explain"), default="predict",
                         help="predict: decode the label directly (default); explain: write a rationale and parse "
                              "its answer")

@@ -185,8 +185,7 @@ class StudentFamily(ABC):
         sample = temperature > 0
         if sample and seed is not None:
             torch.manual_seed(seed)  # generate() samples with the global generator
-        eos = model.generation_config.eos_token_id
-        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
+        eos_ids = torch.tensor(_eos_ids(model), device=device)
         kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if sample else {"do_sample": False}
 
         def run(batch: list[str]) -> list[tuple[str, bool]]:
@@ -262,8 +261,7 @@ class StudentFamily(ABC):
         if errors:
             raise errors[0]
         if cut_off is not None:
-            eos = model.generation_config.eos_token_id
-            cut_off.append(not last_token or last_token[0] not in (eos if isinstance(eos, list) else [eos]))
+            cut_off.append(not last_token or last_token[0] not in _eos_ids(model))
 
     # ------------------------------------------------------------------------------------------ discriminator
 
@@ -276,6 +274,12 @@ class StudentFamily(ABC):
     def question_encoder(self, model) -> nn.Module:
         """The student's own module whose states of a prompt D pools under ``share_question_states``: the same
         states :meth:`encode_prompt` leaves in ``PromptStates.hidden``."""
+
+
+def _eos_ids(model) -> list[int]:
+    """The model's end-of-sequence token ids (its generation config holds one id or a list)."""
+    eos = model.generation_config.eos_token_id
+    return eos if isinstance(eos, list) else [eos]
 
 
 def labels_to_ids(labels: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep import ledger
 from qcrd_ray.sweep.output import (plot_accuracy, plot_differences, rationale_tables, summary_legend, summary_table,
                                    verdict_section, write_csv)
-from qcrd_ray.sweep.spec import SPLITS, SweepSpec, axes, rationale_scores, trial_config
+from qcrd_ray.sweep.spec import SPLITS, TRIAL_FIELDS, SweepSpec, axes, check_recorded, rationale_scores, trial_config
 
 
 def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | None = None) -> list[dict]:
@@ -40,6 +40,8 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | No
     results = os.path.join(out, "results.csv")
     if not os.path.exists(results):
         raise ConfigError(f"{out}: no results.csv (run the sweep first; every run of it writes one)")
+    # a trial not here is looked up in the ledger by its config from this spec, and scores go in under it
+    check_recorded(spec, out, TRIAL_FIELDS, "give the --set options the sweep ran with")
     column = f"valid{eval_size}_predict"
     rows = []
     with open(results, newline="") as f:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -26,6 +26,7 @@ SPLITS = ("valid", "test")  # valid chooses, test reports
 RANDOM_KINDS = ("uniform", "loguniform", "choice")
 METRICS = ("predict", "explain")
 _DOTTED_FIELDS = ("grid", "random", "variants")  # their keys are "section.key" strings, not nested sections
+_MAPPING_FIELDS = ("base", "grid", "random", "variants", "decision")
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,17 @@ def _set(raw: dict, dotted: str, value) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """``qcrd sweep --set``: ``grid.teacher.noise=[0.3]`` (a grid, random or variants entry: the field, then the
-    config key), ``base.train.rounds=4`` (a base config value), ``max_concurrent_trials=2`` (a sweep field).
-    Parsed as ``--set`` of the other commands (``config.parse_override``: values are YAML)."""
+    """``qcrd sweep --set``: ``grid.teacher.noise=[0.3]`` (a grid or random entry: the field, then the config
+    key), ``variants.qcrd.loss.delta=2`` (one key of a variant: the field, the variant's name, the config key;
+    ``variants.plain={train.method: dss}`` sets a whole variant), ``base.train.rounds=4`` (a base config value),
+    ``max_concurrent_trials=2`` (a sweep field). Parsed as ``--set`` of the other commands
+    (``config.parse_override``: values are YAML)."""
     for text in overrides:
         keys, value = parse_override(text, "field[.section.key]=value (e.g. grid.teacher.noise=[0.3])", least=1)
         head, rest = keys[0], keys[1:]
-        if head in _DOTTED_FIELDS and rest:
+        if head == "variants" and len(rest) > 1:
+            keys = [head, rest[0], ".".join(rest[1:])]
+        elif head in _DOTTED_FIELDS and rest:
             keys = [head, ".".join(rest)]
         elif head == "base" and len(rest) < 2:
             raise ConfigError(f"--set {text!r}: expected base.section.key=value")
@@ -72,8 +77,9 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
-    """A sweep file (with ``--set`` overrides), validated: every key and every value it may give a trial is
-    checked as config now, so a typo fails before anything runs, naming the key."""
+    """A sweep file (with ``--set`` overrides), validated: every trial's config (each grid point, each random
+    key's range ends) is built now, so a typo or a combination the config refuses fails before anything runs,
+    naming the key."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {p}")
@@ -84,7 +90,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     unknown = sorted(set(raw) - allowed - {"config"})
     if unknown:
         raise ConfigError(f"{p}: unknown sweep key {unknown[0]!r}; allowed: {', '.join(sorted(allowed | {'config'}))}")
-    base = raw.get("base") or {}
+    for name in _MAPPING_FIELDS:  # `grid:` with nothing under it is YAML's null
+        if raw.get(name) is None:
+            raw[name] = {}
+        elif not isinstance(raw[name], dict):
+            raise ConfigError(f"{p}: {name}: expected a mapping, got {raw[name]!r}")
+    base = raw["base"]
     if raw.get("config"):  # a config file the base overrides, relative to the sweep file
         base_file = (p.parent / raw["config"]).resolve()
         if not base_file.is_file():
@@ -111,18 +122,48 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         for value in values:
             from_dict(_set(base, key, value))  # raises ConfigError naming section.key
     for key, dist in spec.random.items():
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in RANDOM_KINDS:
-            raise ConfigError(f"{p}: random.{key}: expected one of {{{', '.join(RANDOM_KINDS)}: ...}}")
-        kind, args = next(iter(dist.items()))
-        for value in (args if kind == "choice" else args[:2]):
-            from_dict(_set(base, key, value))
+        _check_random(p, base, key, dist)
+    for point in grid_points(spec):  # values that pass alone may not together (or with a variant's overrides)
+        try:
+            trial_config(spec, point)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: trial {trial_name(point)}: {e}") from None
     if spec.metric not in METRICS:
         raise ConfigError(f"{p}: metric {spec.metric!r}: choose one of {', '.join(METRICS)}")
     if spec.num_samples < 1 or spec.max_concurrent_trials < 1:
         raise ConfigError(f"{p}: num_samples and max_concurrent_trials must be >= 1")
+    if spec.num_samples > 1 and not spec.random:
+        raise ConfigError(f"{p}: num_samples {spec.num_samples} draws random keys, and there are none: the samples "
+                          f"would be one trial (one directory) run {spec.num_samples} times; to repeat a trial, "
+                          f"put seeds in grid.train.seed")
     if spec.decision:
         _check_decision(spec, p)
     return spec
+
+
+def _check_random(p: Path, base: dict, key: str, dist) -> None:
+    """A random key's distribution: ``{choice: [values]}``, or ``{uniform|loguniform: [lo, hi]}`` with lo < hi
+    (and lo > 0 for loguniform) on a float key: both ends are checked as that key's value."""
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in RANDOM_KINDS:
+        raise ConfigError(f"{p}: random.{key}: expected one of {{{', '.join(RANDOM_KINDS)}: ...}}")
+    kind, args = next(iter(dist.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{p}: random.{key}: choice: expected a non-empty list of values")
+        for value in args:
+            from_dict(_set(base, key, value))
+        return
+    numbers = isinstance(args, list) and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if not numbers or len(args) != 2 or not args[0] < args[1]:
+        raise ConfigError(f"{p}: random.{key}: {kind}: expected [lo, hi], two numbers with lo < hi; got {args!r}")
+    if kind == "loguniform" and args[0] <= 0:
+        raise ConfigError(f"{p}: random.{key}: loguniform: lo must be > 0; got {args[0]!r}")
+    for value in args:
+        try:
+            from_dict(_set(base, key, float(value)))  # Tune draws floats: an integer key refuses them
+        except ConfigError as e:
+            raise ConfigError(f"{p}: random.{key}: {kind} draws numbers between the ends ({e}); for an integer "
+                              f"key use {{choice: [...]}}") from None
 
 
 DECISION_KEYS = ("control", "methods", "min_effect")
@@ -146,6 +187,28 @@ def _check_decision(spec: SweepSpec, p: Path) -> None:
     min_effect = d.get("min_effect", 0.02)
     if not isinstance(min_effect, (int, float)) or not 0 < min_effect < 1:
         raise ConfigError(f"{p}: decision.min_effect: expected an accuracy difference in (0, 1), e.g. 0.02")
+
+
+SWEEP_FILE = "sweep.yaml"  # the sweep directory's record of its spec
+TRIAL_FIELDS = ("name", "base", "grid", "random", "variants", "num_samples")  # what the trials and their configs are
+
+
+def spec_record(spec: SweepSpec) -> dict:
+    """The spec as ``SWEEP_FILE`` records it (plain YAML types)."""
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def check_recorded(spec: SweepSpec, out: str | Path, fields: tuple[str, ...], what: str) -> None:
+    """Refuse ``out`` when its ``SWEEP_FILE`` records other values for ``fields`` than ``spec`` has (``what``
+    says what would go wrong); a directory without one records nothing yet."""
+    spec_file = Path(out, SWEEP_FILE)
+    if not spec_file.exists():
+        return
+    before, now = yaml.safe_load(spec_file.read_text()) or {}, spec_record(spec)
+    differ = [f for f in fields if before.get(f) != now.get(f)]
+    if differ:
+        raise ConfigError(f"{out} holds another sweep: {spec_file} records other {', '.join(differ)} than this "
+                          f"sweep file with its --set options; {what}")
 
 
 def search_grid(spec: SweepSpec) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import json
 import logging
 import os
 import time
@@ -33,8 +32,9 @@ from qcrd_ray import console, storage
 from qcrd_ray.config import Config, ConfigError
 from qcrd_ray.sweep import ledger
 from qcrd_ray.sweep.output import percent, write_outputs
-from qcrd_ray.sweep.spec import (METRICS, SPLITS, SweepSpec, grid_points, rationale_scores, row_keys, search_grid,
-                                 teacher_key, trial_config, trial_count, trial_name)
+from qcrd_ray.sweep.spec import (METRICS, SPLITS, SWEEP_FILE, SweepSpec, check_recorded, grid_points, rationale_scores,
+                                 row_keys, search_grid, spec_record, teacher_key, trial_config, trial_count,
+                                 trial_name)
 
 
 def _teach_once(cfg: Config, shared: str) -> None:
@@ -105,20 +105,14 @@ def _param_space(spec: SweepSpec) -> dict:
     return {"point": point}
 
 
-def _plain(obj):
-    return json.loads(json.dumps(obj))
-
-
 def record_sweep(spec: SweepSpec, out: str) -> None:
-    """Write ``out/sweep.yaml``, refusing a directory that holds another sweep. Only the fields that make the
-    trials count: ``decision`` reads their results, so a sweep started before its file named a rule continues."""
-    spec_file = os.path.join(out, "sweep.yaml")
-    now = _plain(asdict(spec))
-    if os.path.exists(spec_file):
-        before = yaml.safe_load(Path(spec_file).read_text())
-        if {k: v for k, v in before.items() if k != "decision"} != {k: v for k, v in now.items() if k != "decision"}:
-            raise ConfigError(f"{out} holds another sweep ({spec_file} differs); choose a new --out")
-    Path(spec_file).write_text(yaml.safe_dump(now, sort_keys=False))
+    """Write ``out/sweep.yaml``, refusing a directory that holds another sweep: one that records any field but
+    ``decision`` otherwise (a sweep started before its file named a rule continues). The scheduling
+    and table fields count too: ``Tuner.restore`` keeps the run's stored settings, and results.csv's rows are
+    the trials of one spec."""
+    check_recorded(spec, out, tuple(f for f in SweepSpec.__dataclass_fields__ if f != "decision"),
+                   "give the same --set options to continue it, or choose a new --out")
+    Path(out, SWEEP_FILE).write_text(yaml.safe_dump(spec_record(spec), sort_keys=False))
 
 
 def _from_ledger(spec: SweepSpec, location: str) -> dict:

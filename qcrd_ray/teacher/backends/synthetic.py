@@ -109,6 +109,10 @@ def synthetic_sample(label: str, seed: int, temperature: float, question: str = 
     return f"{explanation} <Answer>: {_fmt(value) if mistake == 'arithmetic' else steps}", mistake
 
 
+class _Stuck(Exception):
+    """A multi-step rationale cannot go on: a carried mistake made a divisor zero."""
+
+
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 
 
@@ -143,13 +147,18 @@ def _multi_step(tokens: list[str], ops: list[int], rng: random.Random, mistake: 
         if mistake == "operator" and step == where:
             wrong = [o for o in OPERATORS if o != op and not (o == "/" and b == 0)]
             op = misconception if misconception in wrong else rng.choice(wrong)
+        if op == "/" and b == 0:
+            raise _Stuck  # an earlier step's mistake made this divisor zero
         value = _APPLY[op](a, b)
         if mistake == "arithmetic" and step == where:
             value += slip
         lines.append(f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(value)}.")
         return value, f"( {a_text} {op} {b_text} )"
 
-    value, text = walk(tree)
+    try:
+        value, text = walk(tree)
+    except _Stuck:  # the teacher stops where its slip leads to dividing by zero, like a truncated generation
+        mistake = "malformed"
     explanation = "<Explanation>: Step by step: " + " ".join(lines)
     if mistake == "malformed":
         return explanation + " So the answer", mistake
