@@ -22,7 +22,8 @@ import yaml
 
 from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep.decision import FAILS, INCONCLUSIVE, NO_HEADROOM, SUCCEEDS, decide, judge
-from qcrd_ray.sweep.output import levels_and_pooled, plot_accuracy, summary_table, verdict_section, write_outputs
+from qcrd_ray.sweep.output import (format_difference, levels_and_pooled, plot_accuracy, summary_table, verdict_section,
+                                   write_outputs)
 from qcrd_ray.sweep.rescore import rescore_valid
 from qcrd_ray.sweep.spec import grid_points, load_sweep, rationale_scores, teacher_key, trial_config, trial_name
 from qcrd_ray.sweep.stats import (cell_table, difference_series, mean_interval, mean_sd, paired_difference,
@@ -200,6 +201,19 @@ def test_cell_table_pairs_each_method_with_the_baseline_of_the_same_noise():
     assert high["n"] == 3 and high["mean"] == pytest.approx(0.53)
     assert high["diff"]["mean"] == pytest.approx(0.11) and high["diff"]["lo"] > 0
     assert by_cell[("qcrd", 0.1)]["diff"]["mean"] == pytest.approx(0.03)
+
+
+def test_a_difference_says_how_many_of_its_pairs_trained_on_unlike_machines():
+    """The follow-ups' seed 2: its switch arms trained on another machine than its DSS (the same config and seed
+    gave 86.0 there and 90.7 here), so those pairs mix the method with the machine, and the tables say so."""
+    avx2, avx512 = "AMD EPYC · AVX2 · 1 threads", "AMD EPYC · AVX512 · 1 threads"
+    rows = [{"variant": v, "train.seed": seed, "valid_predict": 0.8 + 0.01 * seed,
+             "machine": avx512 if (v == "margin_sum" and seed == 2) else avx2 if seed != 1 else None}
+            for v in ("dss", "margin_sum") for seed in range(3)]
+    diff = cell_table(rows, ["variant", "train.seed"], "train.seed", "dss", "valid_predict", "variant")[1]["diff"]
+    assert (diff["n"], diff["across_machines"]) == (3, 1)  # seed 1 recorded no machine: not counted as unlike
+    assert format_difference(diff) == "+0.0 [+0.0, +0.0] (n=3, 1 across machines)"
+    assert format_difference({**diff, "across_machines": 0}) == "+0.0 [+0.0, +0.0] (n=3)"
 
 
 SWEEP = """
@@ -467,7 +481,7 @@ def test_decide_judges_each_method_per_level_and_pooled_from_the_paired_differen
     low = by_level[0.3]
     assert low.verdict == INCONCLUSIVE and low.headroom["mean"] == pytest.approx(0.04)
     expected = paired_difference({0: 0.42, 1: 0.47, 2: 0.43}, {0: 0.40, 1: 0.46, 2: 0.43})
-    assert {k: pytest.approx(v) for k, v in expected.items()} == low.effect
+    assert {k: pytest.approx(v) for k, v in {**expected, "across_machines": 0}.items()} == low.effect
     # at 0.6: QCRD − DSS = +6 [+3.5, +8.5] recovers 60 % of H = +10
     assert by_level[0.6].verdict == SUCCEEDS and "60%" in by_level[0.6].why
     assert by_level["pooled"].headroom["n"] == 6

@@ -78,11 +78,13 @@ def write_outputs(spec: SweepSpec, out: str, rows: list[dict]) -> None:
 
 
 def format_difference(d: dict | None) -> str:
-    """A paired difference in points: ``+2.1 [-0.4, +4.6] (n=8)``; "-" when there is none."""
+    """A paired difference in points: ``+2.1 [-0.4, +4.6] (n=8)``, ``(n=8, 1 across machines)`` when some pairs
+    trained on unlike machines; "-" when there is none."""
     if not d or d.get("mean") is None:
         return "-"
     interval = f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] is not None else ""
-    return f"{100 * d['mean']:+.1f}{interval} (n={d['n']})"
+    across = f", {d['across_machines']} across machines" if d.get("across_machines") else ""
+    return f"{100 * d['mean']:+.1f}{interval} (n={d['n']}{across})"
 
 
 def _trials(n: int) -> str:
@@ -98,8 +100,9 @@ def machines_note(rows: list[dict]) -> list[str]:
         return []
     unknown = sum(1 for r in rows if not r.get("machine"))
     lines = [f"**The trials trained on {len(kinds)} unlike machines** (results.csv, `machine`): the same seed gives "
-             f"another student on each, so a paired difference mixes the method with the machine. Rerun the "
-             f"sweep's trials on one kind of machine to compare arms.\n"]
+             f"another student on each, so a paired difference mixes the method with the machine; each Δ says how "
+             f"many of its pairs do (\"across machines\"). Rerun those trials on one kind of machine to compare "
+             f"arms.\n"]
     lines += [f"- {_trials(n)}: {kind}" for kind, n in kinds.most_common()]
     lines += [f"- {_trials(unknown)}: not recorded"] if unknown else []
     return lines + [""]

@@ -11,8 +11,8 @@ import yaml
 
 from qcrd_ray.config import ConfigError
 from qcrd_ray.sweep import ledger
-from qcrd_ray.sweep.output import (plot_accuracy, plot_differences, rationale_tables, summary_legend, summary_table,
-                                   verdict_section, write_csv)
+from qcrd_ray.sweep.output import (machines_note, plot_accuracy, plot_differences, rationale_tables, summary_legend,
+                                   summary_table, verdict_section, write_csv)
 from qcrd_ray.sweep.spec import SPLITS, TRIAL_FIELDS, SweepSpec, axes, check_recorded, rationale_scores, trial_config
 
 
@@ -78,7 +78,7 @@ def rescore_valid(spec: SweepSpec, out: str, eval_size: int, ledger_at: str | No
     write_csv(os.path.join(out, f"rescored-valid-{eval_size}.csv"), ["trial", *axes(spec), "valid_predict", column],
               rows)
     lines = [f"# Sweep {spec.name}: valid predict on {eval_size} problems, {len(rows)} trials\n",
-             summary_legend(spec)]
+             summary_legend(spec), *machines_note(rows)]
     lines += summary_table(spec, rows, "valid_predict", "valid predict (the sweep's own valid split)")
     lines += summary_table(spec, rows, column, f"valid predict, {eval_size} fresh problems")
     lines += verdict_section(spec, rows, column, f"valid predict, {eval_size} fresh problems")

@@ -58,10 +58,13 @@ def cell_table(rows: list[dict], grid_keys: list[str], pair_by: str, baseline: s
     difference to the cell with ``compare_on = baseline`` and the same other keys."""
     cell_keys = [k for k in grid_keys if k != pair_by]
     cells: dict[tuple, dict] = {}
+    machines: dict[tuple, dict] = {}  # each trial's machine, by cell and pairing value
     for row in rows:
         if row.get(column) is None:
             continue
-        cells.setdefault(tuple(row[k] for k in cell_keys), {})[row.get(pair_by)] = row[column]
+        cell = tuple(row[k] for k in cell_keys)
+        cells.setdefault(cell, {})[row.get(pair_by)] = row[column]
+        machines.setdefault(cell, {})[row.get(pair_by)] = row.get("machine")
     out = []
     for cell, by_pair in cells.items():
         mean, sd = mean_sd(list(by_pair.values()))
@@ -69,9 +72,16 @@ def cell_table(rows: list[dict], grid_keys: list[str], pair_by: str, baseline: s
         if compare_on in cell_keys:
             base_cell = tuple(baseline if k == compare_on else v for k, v in zip(cell_keys, cell))
             if base_cell != cell and base_cell in cells:
-                line["diff"] = paired_difference(by_pair, cells[base_cell])
+                line["diff"] = {**paired_difference(by_pair, cells[base_cell]),
+                                "across_machines": across_machines(machines[cell], machines[base_cell])}
         out.append(line)
     return out
+
+
+def across_machines(method: dict, baseline: dict) -> int:
+    """How many pairs (pairing values both have) trained their two trials on unlike recorded machines: there the
+    same seed is another draw, so the pair's difference mixes the method with the machine."""
+    return sum(1 for k in set(method) & set(baseline) if method[k] and baseline[k] and method[k] != baseline[k])
 
 
 POOLED = "pooled"
