@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -247,9 +248,34 @@ def multinode_cluster(request, s3_server):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    check_the_package_is_this_checkouts()
     # pytest-timeout's per-test limit is a wait bound like any other: scaled by $QCRD_TEST_PATIENCE
     if config.option.timeout:
         config.option.timeout = patience(float(config.option.timeout))
+
+
+def foreign_package_message(package_file: str, root: Path) -> str | None:
+    """Why the suite would test another copy of qcrd_ray than the checkout it belongs to; None when it does not."""
+    if Path(package_file).resolve().is_relative_to(root):
+        return None
+    return (f"qcrd_ray is imported from {Path(package_file).parent}, not from this checkout ({root}): the suite's "
+            f"Ray workers and Serve replicas would run that copy beside this checkout's tests and serve/ "
+            f"(PYTHONPATH={os.environ.get('PYTHONPATH', '')!r}). Unset PYTHONPATH, or install this checkout "
+            f"(pip install -e .).")
+
+
+def check_the_package_is_this_checkouts() -> None:
+    """Refuse to start when Ray's workers would import another qcrd_ray than this checkout's: they import it as a
+    fresh process in this environment does (PYTHONPATH first), not through pytest's sys.path."""
+    found = subprocess.run([sys.executable, "-c", "import qcrd_ray; print(qcrd_ray.__file__)"], capture_output=True,
+                           text=True, cwd=tempfile.gettempdir(), timeout=120)
+    root = Path(__file__).resolve().parents[1]
+    if found.returncode != 0:
+        raise pytest.UsageError(f"qcrd_ray cannot be imported outside {root}, as Ray's workers import it: install "
+                                f"this checkout (pip install -e .)\n{found.stderr[-2000:]}")
+    message = foreign_package_message(found.stdout.strip(), root)
+    if message:
+        raise pytest.UsageError(message)
 
 
 def pytest_collection_modifyitems(session, config, items):

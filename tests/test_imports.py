@@ -155,3 +155,14 @@ def test_every_third_party_import_comes_with_the_declared_dependencies():
         wanted = Requirement(requirement)
         assert any((r.name, r.extras) == (wanted.name, wanted.extras) for r in map(Requirement, extras[extra])), \
             (module, extra)
+
+
+def test_a_suite_that_would_test_another_copy_of_the_package_names_it():
+    """A PYTHONPATH left pointing at another checkout (a pinned worktree, say) made the suite import that copy's
+    qcrd_ray beside this one's tests and serve/: 34 confusing failures instead of one line. conftest refuses it."""
+    from tests.conftest import foreign_package_message
+
+    root = PACKAGE.parent
+    assert foreign_package_message(str(PACKAGE / "__init__.py"), root) is None
+    message = foreign_package_message("/work/study/qcrd_ray/__init__.py", root)
+    assert message.startswith(f"qcrd_ray is imported from /work/study/qcrd_ray, not from this checkout ({root})")
