@@ -401,10 +401,10 @@ def download_dir(src: Location, cache: Location | None = None) -> Path:
     (it removes the marker first) may have replaced some of them, so that copy is dropped and the new upload
     fetched, up to ``DOWNLOAD_ATTEMPTS`` times.
     """
-    fs, _ = resolve(src)
+    fs, path = resolve(src)
     if _is_local(fs):
         _marker(src)
-        return Path(resolve(src)[1])
+        return Path(path)
     root = Path(cache) if cache is not None else cache_dir("downloads")
     for _ in range(DOWNLOAD_ATTEMPTS):
         marker = _marker(src)
